@@ -1,0 +1,54 @@
+"""Callbacks: throughput accounting and text samples at validation."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class Throughput(L.Callback):
+    """Tokens per second of training, validation time excluded.
+
+    Each interval runs from the end of one update to the end of the next, so data loading,
+    logging and Lightning's own overhead count against seqtrain, as a user would see it.
+    """
+
+    def __init__(self) -> None:
+        self.train_seconds = 0.0
+        self.tokens = 0
+        self._mark: float | None = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._mark is None:  # first update, or the first after a validation pass
+            self._mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        seconds, self._mark = now - self._mark, now
+        self.train_seconds += seconds
+        self.tokens += outputs["tokens"]
+        module.log("perf/tokens_per_s", outputs["tokens"] / seconds, prog_bar=True)
+
+    def on_validation_start(self, trainer, module) -> None:
+        self._mark = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class TextSamples(L.Callback):
+    """Generate text after each validation pass and log it to TensorBoard."""
+
+    def __init__(self, prompt: bytes, length: int) -> None:
+        self.prompt, self.length = prompt, length
+
+    def on_validation_end(self, trainer, module) -> None:
+        if self.length == 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        text = module.sample(self.prompt, self.length, seed=trainer.global_step)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                # Markdown collapses whitespace; a code block shows the text as generated.
+                logger.experiment.add_text("samples", f"```\n{text}\n```", trainer.global_step)

@@ -1,0 +1,230 @@
+"""The configuration schema and its validation.
+
+Hydra composes YAML from conf/; this module checks the result against dataclasses (types and
+key names) and against the rules that tie values together, so a typo or an impossible value is a
+one-line error before any work starts. Each group's dataclass lives in the file that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from seqtrain import cells
+from seqtrain.data import DataConfig
+from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig
+from seqtrain.model import ModelConfig
+from seqtrain.tbptt import TbpttConfig
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; str() is the one line shown to the user."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW moment decays
+    grad_clip: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio at trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2000  # optimizer updates
+    val_check_interval: int = 500  # validate (over the whole val split) every this many updates
+    accelerator: str = "auto"  # cpu | gpu | auto (Lightning)
+    devices: int = 1  # devices on this node
+    precision: str = "32-true"  # 32-true | bf16-mixed (carried state stays float32)
+    log_every_n_steps: int = 10  # TensorBoard scalar interval
+    progress_bar: bool | None = None  # None: only when stderr is a terminal
+    sample_length: int = 300  # bytes of text generated at each validation (0 = none)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tbptt: TbpttConfig = field(default_factory=TbpttConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 1234  # seeds torch, numpy and python; same seed + config = same losses on CPU
+
+
+def group_keys(group: str) -> list[str]:
+    """Field names of a config group ([] for a top-level scalar such as seed)."""
+    factory = Config.__dataclass_fields__[group].default_factory
+    return (
+        [f.name for f in dataclasses.fields(factory)] if dataclasses.is_dataclass(factory) else []
+    )
+
+
+def _unknown_key(full_key: str) -> ConfigError:
+    group, _, _ = full_key.partition(".")
+    if group in Config.__dataclass_fields__ and "." in full_key:
+        return ConfigError(
+            f"{full_key} is not a key; '{group}' takes: {', '.join(group_keys(group))}"
+        )
+    top = ", ".join(Config.__dataclass_fields__)
+    return ConfigError(f"{full_key} is not a key; the top level takes: {top}")
+
+
+def check_overrides(overrides: list[str], conf_dir: Path) -> None:
+    """Reject a misspelt key or group option on the command line before Hydra composes.
+
+    Hydra's own message for these spans several lines and does not list what is valid.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fields = Config.__dataclass_fields__
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        group, _, rest = key.partition(".")
+        if group == "hydra" or override.is_delete():
+            continue
+        if rest:  # a value inside a group: the field must exist
+            if group not in fields or rest.split(".")[0] not in group_keys(group):
+                raise _unknown_key(key)
+        elif (conf_dir / group).is_dir():  # a group choice: it must name a file in conf/GROUP/
+            options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+            if override.is_sweep_override():
+                values = list(override.sweep_string_iterator())
+            else:
+                values = [override.get_value_element_as_str()]
+            for value in values:
+                if value not in options:
+                    raise ConfigError(
+                        f"{key}={value}: no such option; choose from {', '.join(options)}"
+                    )
+        elif group not in fields:
+            raise _unknown_key(key)
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {allowed}")
+
+
+def validate(raw: DictConfig | dict) -> Config:
+    """Typed, checked config; raises ConfigError with one line naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = err.full_key or "config"
+        if "not in" in str(err) or "Key '" in str(err):
+            raise _unknown_key(key) from None
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    d, m, t, mem, o, tr = cfg.data, cfg.model, cfg.tbptt, cfg.memory, cfg.optim, cfg.trainer
+    positive = "must be a positive integer"
+    _require(d.batch_size > 0, "data.batch_size", d.batch_size, positive)
+    _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)
+    _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
+    _require(
+        len(d.split) == 3 and all(f >= 0 for f in d.split) and min(d.split) > 0,
+        "data.split",
+        d.split,
+        "must be three positive fractions [train, val, test]",
+    )
+    _require(
+        m.backend in cells.BACKENDS,
+        "model.backend",
+        m.backend,
+        f"choose from {', '.join(cells.BACKENDS)}",
+    )
+    _require(m.cell in cells.CELLS, "model.cell", m.cell, f"choose from {', '.join(cells.CELLS)}")
+    for key in ("embedding_size", "hidden_size", "num_layers"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), positive)
+    for key in (
+        "dropout",
+        "input_dropout",
+        "embedding_dropout",
+        "recurrent_dropout",
+        "weight_drop",
+        "zoneout",
+    ):
+        p = getattr(m, key)
+        _require(0.0 <= p < 1.0, f"model.{key}", p, "must be a probability in [0, 1)")
+    _require(
+        0 <= m.proj_size < m.hidden_size,
+        "model.proj_size",
+        m.proj_size,
+        f"must be 0 (off) or in 1..{m.hidden_size - 1} (below model.hidden_size)",
+    )
+    _require(
+        m.cell_clip is None or m.cell_clip > 0,
+        "model.cell_clip",
+        m.cell_clip,
+        "must be > 0 or null",
+    )
+    try:
+        cells.check_options(m.backend, m.cell, m.num_layers, **m.cell_options())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _require(t.window > 0, "tbptt.window", t.window, positive)
+    _require(
+        t.stride is None or 0 < t.stride <= t.window,
+        "tbptt.stride",
+        t.stride,
+        f"must be in 1..tbptt.window ({t.window}), or null for stride = window",
+    )
+    _require(
+        mem.checkpoint in CHECKPOINT_MODES,
+        "memory.checkpoint",
+        mem.checkpoint,
+        f"choose from {', '.join(CHECKPOINT_MODES)}",
+    )
+    _require(
+        mem.checkpoint != "chunk" or (mem.chunk is not None and mem.chunk > 0),
+        "memory.chunk",
+        mem.chunk,
+        "memory.checkpoint=chunk needs a positive chunk length",
+    )
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        o.betas,
+        "must be two numbers in [0, 1)",
+    )
+    _require(
+        o.grad_clip is None or o.grad_clip > 0,
+        "optim.grad_clip",
+        o.grad_clip,
+        "must be > 0 or null",
+    )
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(tr.max_steps > 0, "trainer.max_steps", tr.max_steps, positive)
+    _require(
+        tr.val_check_interval > 0, "trainer.val_check_interval", tr.val_check_interval, positive
+    )
+    _require(tr.devices > 0, "trainer.devices", tr.devices, positive)
+    _require(
+        tr.precision in PRECISIONS,
+        "trainer.precision",
+        tr.precision,
+        f"choose from {', '.join(PRECISIONS)}",
+    )
+    _require(tr.log_every_n_steps > 0, "trainer.log_every_n_steps", tr.log_every_n_steps, positive)
+    _require(tr.sample_length >= 0, "trainer.sample_length", tr.sample_length, "must be >= 0")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain containers, for checkpoints and logs."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    return validate(OmegaConf.create(d))

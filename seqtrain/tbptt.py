@@ -1,0 +1,173 @@
+"""The truncated-BPTT engine: windows, detached state carry, TBPTT(k1, k2), chunk checkpoints.
+
+No Lightning here: the engine takes a model and a `backward` callable, so it is tested with a
+plain `loss.backward` and driven by the LightningModule with `manual_backward`.
+
+TBPTT(k1, k2) (Williams & Peng 1990): each update sees k1 new steps per stream and backpropagates
+k2 steps. The engine keeps the last k2 - k1 steps it has seen (the "history") and the detached
+state at the start of that history; an update re-runs history + new steps from that state and puts
+the loss on the new steps only, so every prediction gets at least k2 - k1 steps of gradient
+history. With k1 == k2 there is no history and this is plain TBPTT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from seqtrain.data import Window
+
+State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (num_layers, B, H)
+
+
+@dataclass
+class TbpttConfig:
+    window: int = 128  # k2: steps of backpropagation per update
+    stride: int | None = None  # k1: new steps per update; None = window (plain TBPTT)
+    carry: bool = True  # carry the (detached) state across windows and batches; false = reset
+
+
+@dataclass
+class UpdateResult:
+    loss: float  # mean cross-entropy (nats) over the new positions
+    tokens: int  # new positions trained on (B * k1)
+
+
+def detach(state: State | None) -> State | None:
+    """Cut the graph and keep carried state in float32, whatever precision ran the window."""
+    return None if state is None else tuple(s.detach().float() for s in state)
+
+
+def reset(state: State | None, keep: Tensor) -> State | None:
+    """Zero the state of the streams where keep is False; the others are untouched."""
+    if state is None:
+        return None
+    mask = keep.to(state[0].dtype).view(1, -1, 1)  # (1, B, 1)
+    return tuple(s * mask for s in state)
+
+
+def segment_bounds(length: int, resets: Tensor, cuts: list[int], chunk: int | None) -> list[int]:
+    """Start positions of segments: every reset step, every forced cut, every chunk boundary.
+
+    A fused kernel cannot zero one stream mid-sequence, so a window is run as segments that
+    start wherever any stream resets; the state is masked between segments.
+    """
+    starts = {0, *cuts, *torch.nonzero(resets.any(dim=0)).flatten().tolist()}
+    if chunk is not None:
+        starts.update(range(0, length, chunk))
+    return sorted(s for s in starts if 0 <= s < length)
+
+
+class Engine:
+    """Runs windows through a model, carrying state; one `train_update` = one optimizer step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        window: int,
+        stride: int | None = None,
+        carry: bool = True,
+        chunk: int | None = None,
+    ) -> None:
+        stride = window if stride is None else stride
+        if not 0 < stride <= window:
+            raise ValueError(f"tbptt.stride={stride}: must be in 1..tbptt.window ({window})")
+        self.model = model
+        self.window, self.stride, self.carry = window, stride, carry
+        self.chunk = chunk  # None: no checkpointing; else recompute every `chunk` steps in backward
+        self.state: State | None = None  # detached state at the start of `history`
+        self.history: tuple[Tensor, Tensor, Tensor] | None = None  # inputs, targets, resets
+        self.eval_state: State | None = None
+
+    @property
+    def history_length(self) -> int:
+        return self.window - self.stride
+
+    def _segment(self, x: Tensor, y: Tensor, state: State | None, with_loss: bool):
+        h, state = self.model.features(x, state)  # (B, t, H)
+        if not with_loss:
+            return h.new_zeros(()), state
+        logits = self.model.logits(h)  # (B, t, V): lives only inside this segment
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), state
+
+    def run(
+        self,
+        x: Tensor,
+        y: Tensor,
+        resets: Tensor,
+        state: State | None,
+        loss_from: int = 0,
+        capture_at: int | None = None,
+        chunk: int | None = None,
+    ) -> tuple[Tensor, State | None, State | None]:
+        """Run (B, T) inputs from `state`; return summed loss over positions >= loss_from, the
+        final state, and the state at position `capture_at` (before the reset there)."""
+        cuts = [loss_from] + ([capture_at] if capture_at is not None else [])
+        bounds = segment_bounds(x.shape[1], resets, cuts, chunk)
+        total = x.new_zeros((), dtype=torch.float32)
+        captured = None
+        for a, b in zip(bounds, [*bounds[1:], x.shape[1]], strict=True):
+            if a == capture_at:
+                captured = state
+            keep = ~resets[:, a]
+            if state is not None and not bool(keep.all()):
+                state = reset(state, keep)
+            args = (x[:, a:b], y[:, a:b], state, a >= loss_from)
+            if chunk is not None and torch.is_grad_enabled():
+                loss, state = checkpoint(self._segment, *args, use_reentrant=False)
+            else:
+                loss, state = self._segment(*args)
+            total = total + loss
+        if capture_at is not None and capture_at >= x.shape[1]:
+            captured = state
+        return total, state, captured
+
+    def train_update(self, window: Window, backward: Callable[[Tensor], None]) -> UpdateResult:
+        """Forward history + new steps from the carried state, backward once, carry detached."""
+        x, y, r = window.inputs, window.targets, window.resets
+        if window.index == 0:  # a new epoch: history from the previous epoch is not context
+            self.state, self.history = None, None
+        if not self.carry:
+            self.state = None
+        if self.history is not None:
+            hx, hy, hr = self.history
+            x, y, r = torch.cat([hx, x], 1), torch.cat([hy, y], 1), torch.cat([hr, r], 1)
+        new = window.inputs.shape[1]
+        loss_from = x.shape[1] - new
+        keep = min(self.history_length, x.shape[1])
+        capture_at = x.shape[1] - keep
+        loss_sum, _, captured = self.run(x, y, r, self.state, loss_from, capture_at, self.chunk)
+        tokens = new * x.shape[0]
+        loss = loss_sum / tokens  # mean over the new positions only; history carries no loss
+        backward(loss)
+        self.state = detach(captured)  # with k1 == k2 this is the final state
+        self.history = (
+            (x[:, capture_at:], y[:, capture_at:], r[:, capture_at:]) if keep > 0 else None
+        )
+        return UpdateResult(loss=float(loss.detach()), tokens=tokens)
+
+    @torch.no_grad()
+    def eval_window(self, window: Window) -> tuple[float, int]:
+        """Stateful evaluation: summed loss (nats) and token count; state carried across calls."""
+        if window.index == 0:
+            self.eval_state = None
+        loss, state, _ = self.run(window.inputs, window.targets, window.resets, self.eval_state)
+        self.eval_state = detach(state)
+        return float(loss), window.targets.numel()
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "history": self.history}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state, self.history = sd["state"], sd["history"]
+
+
+def bits(nats: float) -> float:
+    """bits per token from nats per token: bpc = loss / ln 2."""
+    return nats / math.log(2)
