@@ -15,6 +15,10 @@ All modules are batch-first, ``forward(x: (B, T, I), state: State | None) -> (y,
 
 from __future__ import annotations
 
+import math
+import warnings
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,7 +47,7 @@ SUPPORT: dict[str, tuple[str, ...]] = {
     "dropout": ("cudnn", "jit", "modular", "compile"),
     "layernorm": ("modular", "compile"),
     "recurrent_dropout": ("modular", "compile"),
-    "variational": ("modular", "compile"),
+    "variational": ("jit", "modular", "compile"),
     "weight_drop": ("cudnn", "jit", "modular", "compile"),
     "zoneout": ("modular", "compile"),
     "forget_bias": ("cudnn", "jit", "modular", "compile"),
@@ -211,6 +215,458 @@ def _build_cudnn(
     return module
 
 
+# ---------------------------------------------------------------------------------------------
+# Fused time loops with a hand-written backward (modular and jit backends, options that allow it).
+#
+# Why: autograd through a Python time loop records ~10 nodes per step and accumulates dW_hh with T
+# small matrix products that each read and write the whole (G*H, H) gradient. Here the forward
+# keeps only activated gates and cell states, the backward computes every factor that does not
+# depend on the recurrence for all steps at once, loops over time with ~5 ops per step, and forms
+# dW_hh, dW_ih and the biases after the loop as single (T*B)-deep matrix products.
+# The loops are TorchScript-compatible so the jit backend scripts the very same code.
+# ---------------------------------------------------------------------------------------------
+
+
+def _lstm_forward_loop(
+    gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Run the recurrence in place: gates (T, B, 4H) holds x W_ih^T + b on entry, i f g o after.
+
+    Returns the cell states C and outputs Hs, both (T, B, H).
+    """
+    T, B = gates.shape[0], gates.shape[1]
+    H = c0.shape[1]
+    cs = gates.new_empty((T, B, H))
+    hs = gates.new_empty((T, B, H))
+    w_t = w_hh.t()  # (H, 4H)
+    h, c = h0, c0
+    for t in range(T):
+        g = gates[t]  # (B, 4H)
+        g.addmm_(h, w_t)
+        g[:, : 2 * H].sigmoid_()
+        g[:, 2 * H : 3 * H].tanh_()
+        g[:, 3 * H :].sigmoid_()
+        c_t, h_t = cs[t], hs[t]
+        torch.mul(g[:, H : 2 * H], c, out=c_t)
+        c_t.addcmul_(g[:, :H], g[:, 2 * H : 3 * H])
+        torch.tanh(c_t, out=h_t)
+        h_t.mul_(g[:, 3 * H :])
+        h, c = h_t, c_t
+    return cs, hs
+
+
+def _lstm_backward_loop(
+    gates: Tensor, cs: Tensor, c0: Tensor, w_hh: Tensor, dy: Tensor, dh_n: Tensor, dc_n: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of _lstm_forward_loop: returns d(pre-activation gates) (T, B, 4H), dh0, dc0."""
+    T, B = gates.shape[0], gates.shape[1]
+    H = c0.shape[1]
+    i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
+    tc = torch.tanh(cs)
+    c_prev = torch.cat([c0.unsqueeze(0), cs[:-1]])
+    # Factors that do not depend on the recurrence, for all steps at once.
+    k_c = o * (1 - tc * tc)  # dc += dh * k_c
+    k_o = tc * o * (1 - o)  # da_o = dh * k_o
+    k_ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (T,B,3,H)
+    d_gates = torch.empty_like(gates)
+    d4 = d_gates.view(T, B, 4, H)
+    dh = dh_n + dy[T - 1]
+    dc = dc_n
+    for t in range(T - 1, -1, -1):
+        dc = torch.addcmul(dc, dh, k_c[t])
+        torch.mul(dc.unsqueeze(1), k_ifg[t], out=d4[t, :, :3])
+        torch.mul(dh, k_o[t], out=d4[t, :, 3])
+        dc = dc * f[t]
+        dh = torch.mm(d_gates[t], w_hh) if t == 0 else torch.addmm(dy[t - 1], d_gates[t], w_hh)
+    return d_gates, dh, dc
+
+
+def _gru_forward_loop(
+    gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Run the recurrence in place: gates (T, B, 3H) holds x W_ih^T + b_ih on entry, r z n after.
+
+    Returns W_hn h + b_hn (needed by backward) and the outputs Hs, both (T, B, H).
+    """
+    T, B = gates.shape[0], gates.shape[1]
+    H = h0.shape[1]
+    hn = gates.new_empty((T, B, H))
+    hs = gates.new_empty((T, B, H))
+    w_t = w_hh.t()  # (H, 3H)
+    h = h0
+    for t in range(T):
+        g = gates[t]  # (B, 3H)
+        hp = torch.addmm(b_hh, h, w_t)  # (B, 3H)
+        rz = g[:, : 2 * H]
+        rz.add_(hp[:, : 2 * H]).sigmoid_()
+        hn[t].copy_(hp[:, 2 * H :])
+        n = g[:, 2 * H :]
+        n.addcmul_(rz[:, :H], hn[t]).tanh_()
+        h_t = hs[t]
+        torch.sub(h, n, out=h_t)
+        h_t.mul_(rz[:, H:]).add_(n)  # h' = n + z (h - n)
+        h = h_t
+    return hn, hs
+
+
+def _gru_backward_loop(
+    gates: Tensor, hn: Tensor, h_prev: Tensor, w_hh: Tensor, dy: Tensor, dh_n: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of _gru_forward_loop: d(x-side pre-activations), d(h-side ones), both (T, B, 3H)."""
+    T, B = gates.shape[0], gates.shape[1]
+    H = hn.shape[2]
+    r, z, n = gates.chunk(3, 2)  # each (T, B, H)
+    k_n = (1 - z) * (1 - n * n)  # d a_n = dh * k_n
+    k_r = k_n * hn * r * (1 - r)
+    k_z = (h_prev - n) * z * (1 - z)
+    k_x = torch.stack([k_r, k_z, k_n], 2)  # (T, B, 3, H)
+    k_h = torch.stack([k_r, k_z, k_n * r], 2)  # r gates the h-side n pre-activation
+    d_x = torch.empty_like(gates)
+    d_h = torch.empty_like(gates)
+    dx4, dh4 = d_x.view(T, B, 3, H), d_h.view(T, B, 3, H)
+    dh = dh_n + dy[T - 1]
+    for t in range(T - 1, -1, -1):
+        dh1 = dh.unsqueeze(1)
+        torch.mul(dh1, k_x[t], out=dx4[t])
+        torch.mul(dh1, k_h[t], out=dh4[t])
+        direct = dh * z[t] if t == 0 else torch.addcmul(dy[t - 1], dh, z[t])
+        dh = torch.addmm(direct, d_h[t], w_hh)
+    return d_x, d_h, dh
+
+
+class _Loops:
+    """The four time loops a fused layer calls: eager Python, or the same code under TorchScript."""
+
+    def __init__(self, script: bool) -> None:
+        fns = (_lstm_forward_loop, _lstm_backward_loop, _gru_forward_loop, _gru_backward_loop)
+        if script:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns per scripted function; we warn once
+                fns = tuple(torch.jit.script(fn) for fn in fns)
+            warnings.warn(
+                "backend 'jit' uses torch.jit.script, which PyTorch deprecates; "
+                "prefer backend 'compile' on new setups",
+                FutureWarning,
+                stacklevel=3,
+            )
+        self.lstm_forward, self.lstm_backward, self.gru_forward, self.gru_backward = fns
+
+
+_LOOPS: dict[bool, _Loops] = {}
+
+
+def _loops(script: bool) -> _Loops:
+    """Script at most once per process (it is slow and warns)."""
+    if script not in _LOOPS:
+        _LOOPS[script] = _Loops(script)
+    return _LOOPS[script]
+
+
+class _FusedLSTMLayer(torch.autograd.Function):
+    """One LSTM layer over a window, time-major x (T, B, I) -> (hs (T, B, H), h_T, c_T)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, loops):  # noqa: ANN001, ANN205
+        T, B, _ = x.shape
+        x2 = x.reshape(T * B, -1)  # (T*B, I)
+        gates = torch.addmm(b_ih + b_hh, x2, w_ih.t()).view(T, B, -1)  # (T, B, 4H)
+        cs, hs = loops.lstm_forward(gates, h0, c0, w_hh)
+        ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, gates, cs, hs)
+        ctx.loops = loops
+        return hs, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):  # noqa: ANN001, ANN205
+        x2, h0, c0, w_ih, w_hh, gates, cs, hs = ctx.saved_tensors
+        T, B, G = gates.shape
+        d_gates, dh0, dc0 = ctx.loops.lstm_backward(gates, cs, c0, w_hh, dy, dh_n, dc_n)
+        d2 = d_gates.view(T * B, G)  # (T*B, 4H)
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
+        dx = d2.mm(w_ih).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        db = d2.sum(0)
+        return dx, dh0, dc0, d2.t().mm(x2), d2.t().mm(h_prev), db, db, None
+
+
+class _FusedGRULayer(torch.autograd.Function):
+    """One GRU layer over a window, time-major x (T, B, I) -> (hs (T, B, H), h_T)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, loops):  # noqa: ANN001, ANN205
+        T, B, _ = x.shape
+        x2 = x.reshape(T * B, -1)  # (T*B, I)
+        gates = torch.addmm(b_ih, x2, w_ih.t()).view(T, B, -1)  # (T, B, 3H)
+        hn, hs = loops.gru_forward(gates, h0, w_hh, b_hh)
+        ctx.save_for_backward(x2, h0, w_ih, w_hh, gates, hn, hs)
+        ctx.loops = loops
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dh_n):  # noqa: ANN001, ANN205
+        x2, h0, w_ih, w_hh, gates, hn, hs = ctx.saved_tensors
+        T, B, G = gates.shape
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # (T, B, H)
+        d_x, d_h, dh0 = ctx.loops.gru_backward(gates, hn, h_prev, w_hh, dy, dh_n)
+        dx2, dh2 = d_x.view(T * B, G), d_h.view(T * B, G)  # (T*B, 3H)
+        dx = dx2.mm(w_ih).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        h2 = h_prev.view(T * B, -1)
+        return dx, dh0, dx2.t().mm(x2), dh2.t().mm(h2), dx2.sum(0), dh2.sum(0), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Cell -> layer -> stack through autograd: the reference, and home of every option.
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerWeights(NamedTuple):
+    """What one layer's step needs besides its input; None where an option is off."""
+
+    w_hh: Tensor  # (G*H, H_out), weight-dropped in training when weight_drop > 0
+    b_hh: Tensor | None  # (G*H,) GRU only: LSTM folds it into the hoisted input projection
+    w_hr: Tensor | None  # (H_out, H) LSTM projection
+    ln_hh: Tensor | None  # (G*H,) gain of the layer norm on h W_hh^T
+    ln_c_w: Tensor | None  # (H,) gain and bias of the layer norm on c
+    ln_c_b: Tensor | None
+    w_ci: Tensor | None  # (H,) peephole weights (diagonal)
+    w_cf: Tensor | None
+    w_co: Tensor | None
+
+
+class StepOptions(NamedTuple):
+    """Per-window constants of the step: masks and probabilities."""
+
+    training: bool
+    zoneout: float
+    recurrent_dropout: float
+    recurrent_mask: Tensor | None  # (B, H_out) variational mask, scaled; None: fresh per step
+    cell_clip: float | None
+
+
+def _recurrent_input(h: Tensor, opt: StepOptions) -> Tensor:
+    """h as seen by W_hh: dropped on the hidden-to-hidden path in training."""
+    if opt.recurrent_mask is not None:
+        return h * opt.recurrent_mask
+    if opt.training and opt.recurrent_dropout > 0:
+        return F.dropout(h, opt.recurrent_dropout, training=True)
+    return h
+
+
+def _zoneout(prev: Tensor, new: Tensor, opt: StepOptions) -> Tensor:
+    """Keep each unit's previous value with probability p in training; the expectation at eval."""
+    if opt.zoneout <= 0:
+        return new
+    if opt.training:
+        keep = torch.rand_like(new, dtype=torch.float32) < opt.zoneout
+        return torch.where(keep, prev, new)
+    return torch.lerp(new, prev.to(new.dtype), opt.zoneout)
+
+
+def lstm_cell(
+    xp: Tensor, state: tuple[Tensor, Tensor], w: LayerWeights, opt: StepOptions
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step; xp (B, 4H) is the precomputed x W_ih^T + b_ih + b_hh (layer-normed if on)."""
+    h, c = state  # (B, H_out), (B, H)
+    hp = _recurrent_input(h, opt).matmul(w.w_hh.t())  # (B, 4H)
+    if w.ln_hh is not None:
+        hp = F.layer_norm(hp, hp.shape[-1:], w.ln_hh)
+    i, f, g, o = (xp + hp).chunk(4, 1)
+    if w.w_ci is not None:
+        i, f = i + c * w.w_ci, f + c * w.w_cf
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    if opt.cell_clip is not None:
+        c_new = c_new.clamp(-opt.cell_clip, opt.cell_clip)
+    if w.w_co is not None:
+        o = o + c_new * w.w_co
+    c_out = c_new if w.ln_c_w is None else F.layer_norm(c_new, c_new.shape[-1:], w.ln_c_w, w.ln_c_b)
+    h_new = torch.sigmoid(o) * torch.tanh(c_out)
+    if w.w_hr is not None:
+        h_new = h_new.matmul(w.w_hr.t())  # (B, H_out)
+    return _zoneout(h, h_new, opt), _zoneout(c, c_new, opt)
+
+
+def gru_cell(xp: Tensor, state: tuple[Tensor], w: LayerWeights, opt: StepOptions) -> tuple[Tensor]:
+    """One GRU step; xp (B, 3H) is the precomputed x W_ih^T + b_ih (layer-normed if on)."""
+    (h,) = state  # (B, H)
+    hp = _recurrent_input(h, opt).matmul(w.w_hh.t())  # (B, 3H)
+    if w.ln_hh is not None:
+        hp = F.layer_norm(hp, hp.shape[-1:], w.ln_hh)
+    hp = hp + w.b_hh
+    x_r, x_z, x_n = xp.chunk(3, 1)
+    h_r, h_z, h_n = hp.chunk(3, 1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (_zoneout(h, n + z * (h - n), opt),)
+
+
+def run_layer(cell_fn, xp: Tensor, state: State, w: LayerWeights, opt: StepOptions):  # noqa: ANN001, ANN201
+    """The loop over time: xp (T, B, G*H) -> outputs (T, B, H_out) and the final state.
+
+    ``unbind`` hands each step a separate view; indexing ``xp[t]`` instead would make backward
+    accumulate into a full (T, B, G*H) gradient at every step (quadratic in T).
+    """
+    ys = []
+    for xp_t in xp.unbind(0):
+        state = cell_fn(xp_t, state, w, opt)
+        ys.append(state[0])
+    return torch.stack(ys), state
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class RecurrentStack(nn.Module):
+    """Cell -> layer -> stack over nn.LSTM / nn.GRU's parameter layout (modular, jit, compile).
+
+    Layers run time-major internally so every per-step slice is contiguous. A layer whose options
+    need no per-step autograd (weight_drop and between-layer dropout act outside the loop) runs
+    the fused loop with its hand-written backward; any other runs the autograd cell.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        opts: dict[str, object],
+    ) -> None:
+        super().__init__()
+        self.backend, self.cell = backend, cell
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.proj_size = int(opts["proj_size"])
+        self.dropout = float(opts["dropout"])
+        self.layernorm = bool(opts["layernorm"])
+        self.recurrent_dropout = float(opts["recurrent_dropout"])
+        self.variational = bool(opts["variational"])
+        self.weight_drop = float(opts["weight_drop"])
+        self.zoneout = float(opts["zoneout"])
+        self.cell_clip = None if opts["cell_clip"] is None else float(opts["cell_clip"])
+        self.peephole = bool(opts["peephole"])
+        self.fused = not (
+            self.layernorm
+            or self.recurrent_dropout
+            or self.zoneout
+            or self.cell_clip is not None
+            or self.peephole
+            or self.proj_size
+        )
+        self.state_size = 2 if cell == "lstm" else 1
+        gh = (4 if cell == "lstm" else 3) * hidden_size
+        h_out = self.proj_size or hidden_size
+        # Same registration order as nn.LSTM, so state_dict keys come out in the same order.
+        for k in range(num_layers):
+            in_k = input_size if k == 0 else h_out
+            self._param(f"weight_ih_l{k}", gh, in_k)
+            self._param(f"weight_hh_l{k}", gh, h_out)
+            self._param(f"bias_ih_l{k}", gh)
+            self._param(f"bias_hh_l{k}", gh)
+            if self.proj_size:
+                self._param(f"weight_hr_l{k}", h_out, hidden_size)
+        for k in range(num_layers):
+            if self.layernorm:
+                self._param(f"layernorm_ih_weight_l{k}", gh)
+                self._param(f"layernorm_hh_weight_l{k}", gh)
+                if cell == "lstm":
+                    self._param(f"layernorm_c_weight_l{k}", hidden_size)
+                    self._param(f"layernorm_c_bias_l{k}", hidden_size)
+            if self.peephole:
+                for gate in "cfo":
+                    self._param(f"weight_c{gate}_l{k}", hidden_size)
+        self.reset_parameters(float(opts["forget_bias"]))
+        self._step = self._compile_step() if backend == "compile" else None
+        self._loops = _loops(script=backend == "jit")
+
+    def _param(self, name: str, *shape: int) -> None:
+        self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+
+    def reset_parameters(self, forget_bias: float = 0.0) -> None:
+        """nn.LSTM's init (uniform +-1/sqrt(H)); layer-norm gains 1 and biases 0."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("layernorm_"):
+                    p.fill_(0.0 if "_bias_" in name else 1.0)
+                else:
+                    p.uniform_(-bound, bound)
+        _add_forget_bias(self, self.num_layers, self.hidden_size, forget_bias)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        B = x.shape[0]
+        L, H = self.num_layers, self.hidden_size
+        shapes = [(L, B, self.proj_size or H), (L, B, H)][: self.state_size]
+        _check_state(x, state, self.state_size, shapes)
+        if state is None:
+            state = tuple(x.new_zeros(s, dtype=_compute_dtype(x)) for s in shapes)
+        seq = x.transpose(0, 1)  # (T, B, I) time-major
+        finals: list[State] = []
+        for k in range(L):
+            if k > 0:
+                seq = self._between_layers(seq)
+            seq, final = self._layer(k, seq, tuple(s[k] for s in state))
+            finals.append(final)
+        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
+        return seq.transpose(0, 1), new_state  # (B, T, H_out)
+
+    def _between_layers(self, seq: Tensor) -> Tensor:
+        """Dropout on a lower layer's output; one mask per window when variational."""
+        if not (self.training and self.dropout > 0):
+            return seq
+        if not self.variational:
+            return F.dropout(seq, self.dropout, training=True)
+        keep = 1.0 - self.dropout
+        mask = seq.new_empty(seq.shape[1:]).bernoulli_(keep).div_(keep)  # (B, H_out)
+        return seq * mask
+
+    def _layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
+        w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
+        b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+        if self.training and self.weight_drop > 0:
+            w_hh = F.dropout(w_hh, self.weight_drop, training=True)  # one mask per window
+        if self.fused:
+            return self._fused_layer(seq, state, w_ih, w_hh, b_ih, b_hh)
+        xp = F.linear(seq, w_ih)  # (T, B, G*H): the input projection hoisted out of the loop
+        if self.layernorm:
+            xp = F.layer_norm(xp, xp.shape[-1:], getattr(self, f"layernorm_ih_weight_l{k}"))
+        xp = xp + (b_ih + b_hh if self.cell == "lstm" else b_ih)
+        w = LayerWeights(
+            w_hh=w_hh,
+            b_hh=b_hh if self.cell == "gru" else None,
+            w_hr=getattr(self, f"weight_hr_l{k}", None),
+            ln_hh=getattr(self, f"layernorm_hh_weight_l{k}", None),
+            ln_c_w=getattr(self, f"layernorm_c_weight_l{k}", None),
+            ln_c_b=getattr(self, f"layernorm_c_bias_l{k}", None),
+            w_ci=getattr(self, f"weight_ci_l{k}", None),
+            w_cf=getattr(self, f"weight_cf_l{k}", None),
+            w_co=getattr(self, f"weight_co_l{k}", None),
+        )
+        mask = None
+        if self.training and self.recurrent_dropout > 0 and self.variational:
+            keep = 1.0 - self.recurrent_dropout
+            mask = state[0].new_empty(state[0].shape).bernoulli_(keep).div_(keep)  # (B, H_out)
+        opt = StepOptions(self.training, self.zoneout, self.recurrent_dropout, mask, self.cell_clip)
+        step = self._step or (lstm_cell if self.cell == "lstm" else gru_cell)
+        return run_layer(step, xp, state, w, opt)
+
+    def _fused_layer(
+        self, seq: Tensor, state: State, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
+    ) -> tuple[Tensor, State]:
+        """Run the hand-differentiated loop in one dtype (autocast does not reach inside it)."""
+        dtype = _compute_dtype(seq)
+        args = [t.to(dtype) for t in (seq, *state, w_ih, w_hh, b_ih, b_hh)]
+        with torch.autocast(seq.device.type, enabled=False):
+            if self.cell == "lstm":
+                hs, h, c = _FusedLSTMLayer.apply(*args, self._loops)
+                return hs, (h, c)
+            hs, h = _FusedGRULayer.apply(*args, self._loops)
+            return hs, (h,)
+
+    def _compile_step(self):  # noqa: ANN202
+        raise NotImplementedError
+
+
 def build_recurrent(
     backend: str, cell: str, input_size: int, hidden_size: int, num_layers: int, **options: object
 ) -> nn.Module:
@@ -219,7 +675,7 @@ def build_recurrent(
     opts = _options(options)
     if backend == "cudnn":
         return _build_cudnn(cell, input_size, hidden_size, num_layers, opts)
-    raise NotImplementedError(f"backend {backend!r} is not built yet")
+    return RecurrentStack(backend, cell, input_size, hidden_size, num_layers, opts)
 
 
 def kernel_name(module: nn.Module, device: torch.device) -> str:
