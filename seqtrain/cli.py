@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seqtrain.config import ConfigError, check_overrides, validate
 from seqtrain.data import DataError
@@ -27,6 +29,34 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
+
+
+def parse_key_values(argv: list[str], schema: type, passthrough: tuple[str, ...] = ()) -> tuple:
+    """key=value arguments for the checkpoint tools (sample, evaluate), checked against a
+    dataclass. Keys under a `passthrough` prefix (e.g. `model.`) are returned as config overrides.
+    Values stay verbatim, so prompt="def " keeps its space."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    known, overrides = {}, {}
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            raise ConfigError(f"{arg!r}: arguments are key=value; keys: {', '.join(fields)}")
+        if key.split(".")[0] in passthrough:
+            overrides[key] = value
+        elif key in fields:
+            known[key] = None if value in ("null", "None") else value
+        else:
+            allowed = ", ".join([*fields, *(f"{p}.*" for p in passthrough)])
+            raise ConfigError(f"{key} is not a key; this command takes: {allowed}")
+    try:
+        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), known))
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required: {err.full_key}=...") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err.full_key}: {str(err).splitlines()[0]}") from None
+    return args, OmegaConf.to_container(
+        OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()])
+    )
 
 
 def fail(message: str) -> None:

@@ -1,0 +1,52 @@
+"""python -m seqtrain.sample ckpt=PATH prompt="def " length=400: text from a checkpoint alone."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from omegaconf import MISSING
+
+from seqtrain.checkpoint import CheckpointError, config_of, load_model, read
+from seqtrain.cli import fail, parse_key_values
+from seqtrain.config import ConfigError
+
+
+@dataclass
+class SampleArgs:
+    ckpt: str = MISSING  # a checkpoint written by training (checkpoints/last.ckpt, best.ckpt)
+    prompt: str = "\n"  # text the model continues (bytes of its UTF-8 encoding)
+    length: int = 400  # bytes to generate
+    temperature: float = 0.8  # < 1 sharpens, > 1 flattens the distribution
+    top_k: int | None = None  # sample only among the k most likely bytes; null = all
+    seed: int = 0  # the same seed gives the same text
+    device: str = "cpu"  # cpu | cuda
+
+
+def sample(args: SampleArgs, overrides: dict) -> str:
+    ckpt = read(args.ckpt)
+    model = load_model(ckpt, config_of(ckpt, overrides)).to(args.device)
+    prompt = args.prompt.encode()
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    x = torch.tensor(list(prompt), dtype=torch.long, device=args.device)
+    out = model.generate(x, args.length, args.temperature, args.top_k, generator)
+    return (prompt + bytes(out.tolist())).decode("utf-8", errors="replace")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args, overrides = parse_key_values(
+            sys.argv[1:] if argv is None else argv, SampleArgs, ("model",)
+        )
+        if args.length < 0 or args.temperature <= 0 or (args.top_k is not None and args.top_k < 1):
+            raise ConfigError("length must be >= 0, temperature > 0 and top_k >= 1 (or null)")
+        if not args.prompt:
+            raise ConfigError("prompt must not be empty; the model needs one byte to start from")
+        print(sample(args, overrides))
+    except (ConfigError, CheckpointError) as err:
+        fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

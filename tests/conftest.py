@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models and corpora, so every test runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seqtrain.data import Corpus
+from seqtrain.model import ModelConfig, RecurrentLM
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def tiny_model() -> RecurrentLM:
+    torch.manual_seed(0)
+    return RecurrentLM(ModelConfig(embedding_size=8, hidden_size=12, num_layers=2), 256)
+
+
+def counting_corpus(n: int, doc_starts: list[int] | None = None) -> Corpus:
+    """Token i is i % 256: a position is readable from its token."""
+    tokens = (np.arange(n) % 256).astype(np.uint8)
+    return Corpus(tokens, np.array(doc_starts or [0], dtype=np.int64), "counting")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    """assert_allclose that reports the max and mean difference."""
+    diff = (actual.double() - expected.double()).abs()
+    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g} > {atol}"

@@ -1,0 +1,78 @@
+"""Configs: the YAML and the schema agree, and bad values are one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from seqtrain.cli import CONF_DIR
+from seqtrain.config import Config, ConfigError, check_overrides, to_dict, validate
+from seqtrain.module import lr_factor
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_yaml_defaults_equal_the_schema_defaults() -> None:
+    assert to_dict(validate(composed())) == to_dict(Config())
+
+
+def test_char_lm_experiment_composes() -> None:
+    cfg = validate(composed("+experiment=char_lm"))
+    assert cfg.model.hidden_size == 512 and cfg.data.max_bytes is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["tbptt.window=0"], "tbptt.window=0: must be a positive integer"),
+        (["tbptt.stride=300"], r"tbptt.stride=300: must be in 1..tbptt.window \(128\)"),
+        (
+            ["model.backend=cudnnn"],
+            "model.backend=cudnnn: choose from cudnn, jit, modular, compile",
+        ),
+        (["model.dropout=1.5"], r"model.dropout=1.5: must be a probability in \[0, 1\)"),
+        (["model.hidden_size=abc"], "model.hidden_size"),
+        (["trainer.precision=16"], "trainer.precision=16: choose from"),
+        (["memory.checkpoint=chunk"], "memory.chunk=None: memory.checkpoint=chunk needs"),
+    ],
+)
+def test_impossible_values_are_one_line_errors(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(composed(*overrides))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hiden_size=3"], "model.hiden_size is not a key; 'model' takes: backend, cell,"),
+        (["sed=3"], "sed is not a key; the top level takes: data, model"),
+        (["data=nope"], "data=nope: no such option; choose from stdlib, tinyshakespeare"),
+        (["+experiment=char_llm"], "experiment=char_llm: no such option; choose from char_lm"),
+        (["model.backend=cudnn,modular", "tbptt.windoww=3"], "tbptt.windoww is not a key"),
+    ],
+)
+def test_typos_are_caught_before_hydra(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_overrides(overrides, CONF_DIR)
+
+
+def test_valid_overrides_pass() -> None:
+    check_overrides(
+        ["+experiment=char_lm", "model.backend=cudnn,modular", "seed=3", "hydra.run.dir=x"],
+        CONF_DIR,
+    )
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    optim = Config().optim
+    factors = [lr_factor(s, optim, 1000) for s in range(1001)]
+    assert factors[0] == pytest.approx(1 / optim.warmup_steps)
+    assert factors[optim.warmup_steps - 1] == pytest.approx(1.0)
+    assert max(factors) == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(optim.min_lr_ratio)
+    after = factors[optim.warmup_steps :]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
