@@ -15,7 +15,10 @@ All modules are batch-first, ``forward(x: (B, T, I), state: State | None) -> (y,
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import time
 import warnings
 from typing import NamedTuple
 
@@ -26,6 +29,8 @@ from torch import Tensor, nn
 BACKENDS = ("cudnn", "jit", "modular", "compile")
 CELLS = ("lstm", "gru")
 State = tuple[Tensor, ...]
+
+log = logging.getLogger(__name__)
 
 # Option name -> value meaning "off". Every option defaults to off so that all backends build the
 # same network as nn.LSTM / nn.GRU (forget_bias 0.0, not TF's 1.0, keeps the init identical).
@@ -229,10 +234,10 @@ def _build_cudnn(
 
 def _lstm_forward_loop(
     gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Run the recurrence in place: gates (T, B, 4H) holds x W_ih^T + b on entry, i f g o after.
 
-    Returns the cell states C and outputs Hs, both (T, B, H).
+    Returns the gates, the cell states C and the outputs Hs, both (T, B, H).
     """
     T, B = gates.shape[0], gates.shape[1]
     H = c0.shape[1]
@@ -252,7 +257,7 @@ def _lstm_forward_loop(
         torch.tanh(c_t, out=h_t)
         h_t.mul_(g[:, 3 * H :])
         h, c = h_t, c_t
-    return cs, hs
+    return gates, cs, hs
 
 
 def _lstm_backward_loop(
@@ -283,10 +288,10 @@ def _lstm_backward_loop(
 
 def _gru_forward_loop(
     gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Run the recurrence in place: gates (T, B, 3H) holds x W_ih^T + b_ih on entry, r z n after.
 
-    Returns W_hn h + b_hn (needed by backward) and the outputs Hs, both (T, B, H).
+    Returns the gates, W_hn h + b_hn (needed by backward) and the outputs Hs, both (T, B, H).
     """
     T, B = gates.shape[0], gates.shape[1]
     H = h0.shape[1]
@@ -306,7 +311,7 @@ def _gru_forward_loop(
         torch.sub(h, n, out=h_t)
         h_t.mul_(rz[:, H:]).add_(n)  # h' = n + z (h - n)
         h = h_t
-    return hn, hs
+    return gates, hn, hs
 
 
 def _gru_backward_loop(
@@ -334,32 +339,108 @@ def _gru_backward_loop(
     return d_x, d_h, dh
 
 
-class _Loops:
-    """The four time loops a fused layer calls: eager Python, or the same code under TorchScript."""
+def _lstm_pointwise(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """LSTM gate math of one step (the compile backend fuses it): pre (B, 4H) -> gates, c, h."""
+    i, f, g, o = pre.chunk(4, 1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    c = f * c + i * g
+    return torch.cat([i, f, g, o], 1), c, o * torch.tanh(c)
 
-    def __init__(self, script: bool) -> None:
-        fns = (_lstm_forward_loop, _lstm_backward_loop, _gru_forward_loop, _gru_backward_loop)
-        if script:
+
+def _gru_pointwise(xp: Tensor, hp: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """GRU gate math of one step (the compile backend fuses it): -> gates r z n (B, 3H), h."""
+    x_r, x_z, x_n = xp.chunk(3, 1)
+    h_r, h_z, h_n = hp.chunk(3, 1)
+    r, z = (x_r + h_r).sigmoid(), (x_z + h_z).sigmoid()
+    n = (x_n + r * h_n).tanh()
+    return torch.cat([r, z, n], 1), n + z * (h - n)
+
+
+def _lstm_forward_stepwise(step, gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):  # noqa: ANN001, ANN201
+    """_lstm_forward_loop with the gate math in a separate (compiled) step function."""
+    w_t = w_hh.t()  # (H, 4H)
+    acts, cs, hs = [], [], []
+    h, c = h0, c0
+    for pre in gates.unbind(0):
+        a, c, h = step(torch.addmm(pre, h, w_t), c)
+        acts.append(a), cs.append(c), hs.append(h)
+    return torch.stack(acts), torch.stack(cs), torch.stack(hs)
+
+
+def _gru_forward_stepwise(step, gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor):  # noqa: ANN001, ANN201
+    """_gru_forward_loop with the gate math in a separate (compiled) step function."""
+    w_t = w_hh.t()  # (H, 3H)
+    H = h0.shape[1]
+    acts, hns, hs = [], [], []
+    h = h0
+    for xp in gates.unbind(0):
+        hp = torch.addmm(b_hh, h, w_t)  # (B, 3H)
+        a, h = step(xp, hp, h)
+        acts.append(a), hns.append(hp[:, 2 * H :]), hs.append(h)
+    return torch.stack(acts), torch.stack(hns), torch.stack(hs)
+
+
+class _FirstCallTimer:
+    """Log how long the first call took: for a compiled function that is the compile time."""
+
+    def __init__(self, fn, what: str) -> None:  # noqa: ANN001
+        self.fn, self.what, self.done = fn, what, False
+
+    def __call__(self, *args):  # noqa: ANN002, ANN204
+        if self.done:
+            return self.fn(*args)
+        start = time.perf_counter()
+        out = self.fn(*args)
+        self.done = True
+        log.info("torch.compile: %s ready in %.1f s", self.what, time.perf_counter() - start)
+        return out
+
+
+class _Loops:
+    """The time loops and steps one backend runs: eager, TorchScript, or torch.compile steps.
+
+    jit scripts the whole fused loops; compile compiles only the per-step gate math (and the
+    autograd cells), so compilation stays a few seconds instead of unrolling T steps.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.lstm_forward, self.gru_forward = _lstm_forward_loop, _gru_forward_loop
+        self.lstm_backward, self.gru_backward = _lstm_backward_loop, _gru_backward_loop
+        self.lstm_cell, self.gru_cell = lstm_cell, gru_cell
+        if kind == "jit":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns per scripted function; we warn once
-                fns = tuple(torch.jit.script(fn) for fn in fns)
+                self.lstm_forward = torch.jit.script(_lstm_forward_loop)
+                self.gru_forward = torch.jit.script(_gru_forward_loop)
+                self.lstm_backward = torch.jit.script(_lstm_backward_loop)
+                self.gru_backward = torch.jit.script(_gru_backward_loop)
             warnings.warn(
                 "backend 'jit' uses torch.jit.script, which PyTorch deprecates; "
                 "prefer backend 'compile' on new setups",
                 FutureWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
-        self.lstm_forward, self.lstm_backward, self.gru_forward, self.gru_backward = fns
+        elif kind == "compile":
+
+            def compiled(fn, what: str):  # noqa: ANN001, ANN202
+                return _FirstCallTimer(torch.compile(fn, dynamic=False, fullgraph=True), what)
+
+            lstm_step = compiled(_lstm_pointwise, "LSTM step")
+            gru_step = compiled(_gru_pointwise, "GRU step")
+            self.lstm_forward = functools.partial(_lstm_forward_stepwise, lstm_step)
+            self.gru_forward = functools.partial(_gru_forward_stepwise, gru_step)
+            self.lstm_cell = compiled(lstm_cell, "LSTM cell with options")
+            self.gru_cell = compiled(gru_cell, "GRU cell with options")
 
 
-_LOOPS: dict[bool, _Loops] = {}
+_LOOPS: dict[str, _Loops] = {}
 
 
-def _loops(script: bool) -> _Loops:
-    """Script at most once per process (it is slow and warns)."""
-    if script not in _LOOPS:
-        _LOOPS[script] = _Loops(script)
-    return _LOOPS[script]
+def _loops(kind: str) -> _Loops:
+    """Build each kind once per process: scripting is slow and warns, compiled steps are cached."""
+    if kind not in _LOOPS:
+        _LOOPS[kind] = _Loops(kind)
+    return _LOOPS[kind]
 
 
 class _FusedLSTMLayer(torch.autograd.Function):
@@ -370,7 +451,7 @@ class _FusedLSTMLayer(torch.autograd.Function):
         T, B, _ = x.shape
         x2 = x.reshape(T * B, -1)  # (T*B, I)
         gates = torch.addmm(b_ih + b_hh, x2, w_ih.t()).view(T, B, -1)  # (T, B, 4H)
-        cs, hs = loops.lstm_forward(gates, h0, c0, w_hh)
+        gates, cs, hs = loops.lstm_forward(gates, h0, c0, w_hh)
         ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, gates, cs, hs)
         ctx.loops = loops
         return hs, hs[-1].clone(), cs[-1].clone()
@@ -395,7 +476,7 @@ class _FusedGRULayer(torch.autograd.Function):
         T, B, _ = x.shape
         x2 = x.reshape(T * B, -1)  # (T*B, I)
         gates = torch.addmm(b_ih, x2, w_ih.t()).view(T, B, -1)  # (T, B, 3H)
-        hn, hs = loops.gru_forward(gates, h0, w_hh, b_hh)
+        gates, hn, hs = loops.gru_forward(gates, h0, w_hh, b_hh)
         ctx.save_for_backward(x2, h0, w_ih, w_hh, gates, hn, hs)
         ctx.loops = loops
         return hs, hs[-1].clone()
@@ -576,8 +657,7 @@ class RecurrentStack(nn.Module):
                 for gate in "cfo":
                     self._param(f"weight_c{gate}_l{k}", hidden_size)
         self.reset_parameters(float(opts["forget_bias"]))
-        self._step = self._compile_step() if backend == "compile" else None
-        self._loops = _loops(script=backend == "jit")
+        self._loops = _loops(backend)
 
     def _param(self, name: str, *shape: int) -> None:
         self.register_parameter(name, nn.Parameter(torch.empty(shape)))
@@ -647,7 +727,7 @@ class RecurrentStack(nn.Module):
             keep = 1.0 - self.recurrent_dropout
             mask = state[0].new_empty(state[0].shape).bernoulli_(keep).div_(keep)  # (B, H_out)
         opt = StepOptions(self.training, self.zoneout, self.recurrent_dropout, mask, self.cell_clip)
-        step = self._step or (lstm_cell if self.cell == "lstm" else gru_cell)
+        step = self._loops.lstm_cell if self.cell == "lstm" else self._loops.gru_cell
         return run_layer(step, xp, state, w, opt)
 
     def _fused_layer(
@@ -662,9 +742,6 @@ class RecurrentStack(nn.Module):
                 return hs, (h, c)
             hs, h = _FusedGRULayer.apply(*args, self._loops)
             return hs, (h,)
-
-    def _compile_step(self):  # noqa: ANN202
-        raise NotImplementedError
 
 
 def build_recurrent(
