@@ -654,7 +654,7 @@ class RecurrentStack(nn.Module):
                     self._param(f"layernorm_c_weight_l{k}", hidden_size)
                     self._param(f"layernorm_c_bias_l{k}", hidden_size)
             if self.peephole:
-                for gate in "cfo":
+                for gate in "ifo":
                     self._param(f"weight_c{gate}_l{k}", hidden_size)
         self.reset_parameters(float(opts["forget_bias"]))
         self._loops = _loops(backend)
@@ -762,4 +762,8 @@ def kernel_name(module: nn.Module, device: torch.device) -> str:
         if device.type == "cuda":
             return "cuDNN" if torch.backends.cudnn.is_available() else "native fused"
         return "oneDNN/native fused"
+    if isinstance(module, RecurrentStack):
+        return {"jit": "TorchScript", "compile": "torch.compile (inductor)"}.get(
+            module.backend, "python"
+        )
     return "python"

@@ -1,0 +1,326 @@
+"""Every backend computes nn.LSTM / nn.GRU exactly, shares its parameter layout, and each option
+does what its name says. Tiny sizes: the whole file runs in well under a minute on two CPU cores."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqtrain import cells
+from seqtrain.cells import BACKENDS, CELLS, build_recurrent, check_options, kernel_name
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IN, H, B, T = 5, 7, 3, 6  # input, hidden, batch, time: small enough for every loop to be quick
+
+
+def assert_close(a: Tensor, b: Tensor, what: str, atol: float = 1e-5) -> None:
+    """Report max and mean difference, not just a boolean."""
+    diff = (a.float() - b.float()).abs()
+    assert diff.max() <= atol, f"{what}: max diff {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+def reference(cell: str, num_layers: int, **kwargs: int) -> nn.Module:
+    rnn = nn.LSTM if cell == "lstm" else nn.GRU
+    return rnn(IN, H, num_layers, batch_first=True, **kwargs)
+
+
+def random_state(cell: str, num_layers: int, h_out: int = H, device: str = "cpu") -> tuple:
+    h = torch.randn(num_layers, B, h_out, device=device)
+    return (h, torch.randn(num_layers, B, H, device=device)) if cell == "lstm" else (h,)
+
+
+def as_tuple(state: Tensor | tuple) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_outputs_states_and_gradients(
+    backend: str, cell: str, num_layers: int, device: str
+) -> None:
+    torch.manual_seed(0)
+    ref = reference(cell, num_layers).to(device)
+    module = build_recurrent(backend, cell, IN, H, num_layers).to(device)
+    module.load_state_dict(ref.state_dict())
+    x = torch.randn(B, T, IN, device=device)
+    state = random_state(cell, num_layers, device=device)
+    x_ref, x_mod = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, s_ref = ref(x_ref, state if cell == "lstm" else state[0])
+    y_mod, s_mod = module(x_mod, state)
+    s_ref = as_tuple(s_ref)
+    assert isinstance(s_mod, tuple) and len(s_mod) == len(s_ref)
+    # A loss that weighs every output and final-state entry differently.
+    weights = [torch.randn_like(t) for t in (y_ref, *s_ref)]
+    sum(((t * w).sum() for t, w in zip((y_ref, *s_ref), weights, strict=True))).backward()
+    sum(((t * w).sum() for t, w in zip((y_mod, *s_mod), weights, strict=True))).backward()
+    assert_close(y_mod, y_ref, "output")
+    for k, (a, b) in enumerate(zip(s_mod, s_ref, strict=True)):
+        assert_close(a, b, f"final state[{k}]")
+    assert_close(x_mod.grad, x_ref.grad, "input gradient")
+    for (name, p), (ref_name, p_ref) in zip(
+        module.named_parameters(), ref.named_parameters(), strict=True
+    ):
+        assert name == ref_name
+        assert_close(p.grad, p_ref.grad, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["modular", "compile", "cudnn"])
+def test_projection_matches_torch(backend: str) -> None:
+    torch.manual_seed(0)
+    ref = reference("lstm", 2, proj_size=4)
+    module = build_recurrent(backend, "lstm", IN, H, 2, proj_size=4)
+    module.load_state_dict(ref.state_dict())
+    x = torch.randn(B, T, IN)
+    state = random_state("lstm", 2, h_out=4)
+    y_ref, s_ref = ref(x, state)
+    y_mod, s_mod = module(x, state)
+    assert_close(y_mod, y_ref, "output")
+    (y_ref.sum() + s_ref[1].sum()).backward()
+    (y_mod.sum() + s_mod[1].sum()).backward()
+    assert_close(module.weight_hr_l1.grad, ref.weight_hr_l1.grad, "gradient of weight_hr_l1")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_checkpoint_moves_between_backends(cell: str) -> None:
+    torch.manual_seed(0)
+    trained = build_recurrent("cudnn", cell, IN, H, 2)
+    x = torch.randn(B, T, IN)
+    y_ref, _ = trained.eval()(x)
+    keys = list(trained.state_dict())
+    assert keys == list(reference(cell, 2).state_dict())
+    for backend in BACKENDS:
+        module = build_recurrent(backend, cell, IN, H, 2)
+        assert list(module.state_dict()) == keys
+        module.load_state_dict(trained.state_dict())
+        assert_close(module.eval()(x)[0], y_ref, f"{backend} output from a cudnn checkpoint")
+
+
+def test_option_checkpoint_moves_between_modular_and_compile() -> None:
+    torch.manual_seed(0)
+    opts = dict(layernorm=True, peephole=True, zoneout=0.2, cell_clip=3.0, proj_size=4)
+    a = build_recurrent("modular", "lstm", IN, H, 2, **opts).eval()
+    b = build_recurrent("compile", "lstm", IN, H, 2, **opts).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(B, T, IN)
+    assert_close(b(x)[0], a(x)[0], "compile output from a modular checkpoint")
+
+
+def test_extra_parameters_have_their_own_names() -> None:
+    module = build_recurrent("modular", "lstm", IN, H, 1, layernorm=True, peephole=True)
+    extra = set(module.state_dict()) - set(reference("lstm", 1).state_dict())
+    assert extra == {
+        "layernorm_ih_weight_l0",
+        "layernorm_hh_weight_l0",
+        "layernorm_c_weight_l0",
+        "layernorm_c_bias_l0",
+        "weight_ci_l0",
+        "weight_cf_l0",
+        "weight_co_l0",
+    }
+
+
+@pytest.mark.parametrize(
+    ("backend", "cell", "layers", "options", "message"),
+    [
+        ("cudnn", "lstm", 2, {"layernorm": True}, "backends that support it: modular, compile"),
+        ("jit", "lstm", 2, {"zoneout": 0.1}, "not supported by backend 'jit'"),
+        ("modular", "lstm", 1, {"dropout": 0.3}, "num_layers=1"),
+        ("modular", "gru", 2, {"peephole": True}, "cell 'lstm' only"),
+        ("modular", "lstm", 2, {"variational": True}, "has no effect"),
+        ("modular", "lstm", 2, {"zoneout": 1.0}, "must be in [0, 1)"),
+        ("modular", "lstm", 2, {"dropuot": 0.1}, "not a cell option"),
+        ("tpu", "lstm", 2, {}, "choose one of cudnn, jit, modular, compile"),
+    ],
+)
+def test_check_options_names_the_problem(
+    backend: str, cell: str, layers: int, options: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_options(backend, cell, layers, **options)
+    with pytest.raises(ValueError):
+        build_recurrent(backend, cell, IN, H, layers, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_with_wrong_batch_names_the_dimension(backend: str) -> None:
+    module = build_recurrent(backend, "lstm", IN, H, 2)
+    x = torch.randn(B, T, IN)
+    wrong = (torch.zeros(2, T, H), torch.zeros(2, T, H))  # time where batch should be
+    with pytest.raises(ValueError, match=r"dimension 1 \(batch\) is 6 but should be 3"):
+        module(x, wrong)
+
+
+def test_zoneout_eval_is_deterministic_expectation_and_train_keeps_or_updates() -> None:
+    torch.manual_seed(0)
+    plain = build_recurrent("modular", "lstm", IN, H, 1).eval()
+    zoned = build_recurrent("modular", "lstm", IN, H, 1, zoneout=0.3)
+    zoned.load_state_dict(plain.state_dict())
+    x, (h0, c0) = torch.randn(B, 1, IN), random_state("lstm", 1)
+    _, (h_new, c_new) = plain(x, (h0, c0))
+    zoned.eval()
+    _, (h1, c1) = zoned(x, (h0, c0))
+    _, (h2, c2) = zoned(x, (h0, c0))
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    assert_close(h1, 0.3 * h0 + 0.7 * h_new, "eval h = expectation")
+    assert_close(c1, 0.3 * c0 + 0.7 * c_new, "eval c = expectation")
+    zoned.train()
+    _, (h_t, _) = zoned(x, (h0, c0))
+    kept, updated = h_t == h0, (h_t - h_new).abs() < 1e-6
+    assert torch.all(kept | updated) and kept.any() and updated.any()
+
+
+def test_variational_masks_are_constant_across_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    seen: list[Tensor] = []
+    original = cells._recurrent_input
+
+    def record(h: Tensor, opt: cells.StepOptions) -> Tensor:
+        out = original(h, opt)
+        seen.append((out == 0) & (h != 0))  # (B, H) units dropped at this step
+        return out
+
+    monkeypatch.setattr(cells, "_recurrent_input", record)
+    for variational in (True, False):
+        seen.clear()
+        module = build_recurrent(
+            "modular", "gru", IN, H, 2, dropout=0.5, recurrent_dropout=0.5, variational=variational
+        ).train()
+        module(torch.randn(B, T, IN), (torch.randn(2, B, H),))
+        per_layer = [seen[:T], seen[T:]]
+        constant = all(torch.equal(steps[0], s) for steps in per_layer for s in steps)
+        assert constant == variational
+    # Between layers: one (B, H) mask for the whole window.
+    module = build_recurrent("modular", "lstm", IN, H, 2, dropout=0.5, variational=True).train()
+    dropped = module._between_layers(torch.ones(T, B, H)) == 0  # (T, B, H)
+    assert dropped.any() and torch.equal(dropped, dropped[:1].expand_as(dropped))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_drop_touches_weight_hh_only_in_training(backend: str) -> None:
+    torch.manual_seed(0)
+    plain = build_recurrent(backend, "lstm", IN, H, 2)
+    dropped = build_recurrent(backend, "lstm", IN, H, 2, weight_drop=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    before = {k: v.clone() for k, v in dropped.state_dict().items()}
+    x = torch.randn(B, T, IN)
+    assert_close(dropped.eval()(x)[0], plain.eval()(x)[0], "eval output")
+    y_train, _ = dropped.train()(x)
+    # From a zero state the first step never sees weight_hh, later steps do.
+    assert_close(y_train[:, 0], plain(x)[0][:, 0], "first step, zero state")
+    assert (y_train[:, 1:] - plain(x)[0][:, 1:]).abs().max() > 1e-4
+    for k, v in dropped.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} was modified by the forward pass"
+
+
+def test_layernorm_statistics_make_the_cell_scale_invariant() -> None:
+    """Ba et al.: LN(x W_ih) and LN(h W_hh) ignore the scale of the weights; LN(c) its own."""
+    torch.manual_seed(0)
+    for cell in CELLS:
+        module = build_recurrent("modular", cell, IN, H, 1, layernorm=True).eval()
+        x, state = torch.randn(B, T, IN), random_state(cell, 1)
+        y, _ = module(x, state)
+        with torch.no_grad():
+            module.weight_ih_l0.mul_(3.0)
+            module.weight_hh_l0.mul_(2.0)
+        assert_close(module(x, state)[0], y, f"{cell} output after rescaling weights", atol=5e-4)
+    # The normalised projection itself has zero mean and unit variance per row.
+    xp = F.linear(torch.randn(T, B, IN), module.weight_ih_l0)
+    normed = F.layer_norm(xp, xp.shape[-1:], module.layernorm_ih_weight_l0)
+    assert_close(normed.mean(-1), torch.zeros(T, B), "row mean")
+    assert_close(normed.var(-1, unbiased=False), torch.ones(T, B), "row variance", atol=1e-3)
+
+
+def test_peephole_forget_bias_and_cell_clip() -> None:
+    torch.manual_seed(0)
+    plain = build_recurrent("modular", "lstm", IN, H, 1)
+    peep = build_recurrent("modular", "lstm", IN, H, 1, peephole=True)
+    peep.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(B, T, IN)
+    with torch.no_grad():
+        for name in ("weight_ci_l0", "weight_cf_l0", "weight_co_l0"):
+            getattr(peep, name).zero_()
+    assert_close(peep(x)[0], plain(x)[0], "peephole with zero weights = plain LSTM")
+    biased = build_recurrent("cudnn", "lstm", IN, H, 1, forget_bias=1.0)
+    f_slice = biased.bias_ih_l0[H : 2 * H]
+    assert f_slice.min() > 1.0 - 1 / H**0.5 - 1e-6 and f_slice.max() < 1.0 + 1 / H**0.5
+    clipped = build_recurrent("modular", "lstm", IN, H, 1, cell_clip=0.05)
+    _, (_, c) = clipped(10 * x)
+    assert c.abs().max() <= 0.05 + 1e-7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_between_layer_dropout_only_in_training(backend: str) -> None:
+    module = build_recurrent(backend, "gru", IN, H, 2, dropout=0.5)
+    x = torch.randn(B, T, IN)
+    assert torch.equal(module.eval()(x)[0], module(x)[0])
+    torch.manual_seed(1)
+    a = module.train()(x)[0]
+    assert not torch.equal(a, module(x)[0])
+
+
+def full_options(backend: str, cell: str) -> dict:
+    """Every option the backend supports for this cell, switched on."""
+    on = dict(
+        dropout=0.2,
+        layernorm=True,
+        recurrent_dropout=0.2,
+        variational=True,
+        weight_drop=0.2,
+        zoneout=0.1,
+        forget_bias=1.0,
+        cell_clip=5.0,
+        peephole=True,
+        proj_size=4,
+    )
+    return {
+        k: v
+        for k, v in on.items()
+        if backend in cells.SUPPORT[k] and not (cell == "gru" and k in cells.LSTM_ONLY)
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_autocast_runs_and_state_carries(backend: str, cell: str, device: str) -> None:
+    """The TBPTT engine runs under autocast and carries the state as float32 between windows."""
+    torch.manual_seed(0)
+    for options in ({}, full_options(backend, cell)):
+        module = build_recurrent(backend, cell, IN, H, 2, **options).to(device).train()
+        x = torch.randn(B, T, IN, device=device)
+        state = None
+        for _ in range(2):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                y, state = module(x, state)
+            assert torch.isfinite(y.float()).all()
+            y.float().sum().backward()
+            state = tuple(s.detach().float() for s in state)
+        assert all(p.grad is not None for p in module.parameters())
+
+
+def test_jit_warns_about_deprecation_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cells, "_LOOPS", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_recurrent("jit", "lstm", IN, H, 1)
+        build_recurrent("jit", "gru", IN, H, 1)
+    deprecations = [w for w in caught if "deprecat" in str(w.message).lower()]
+    assert len(deprecations) == 1 and "compile" in str(deprecations[0].message)
+
+
+def test_kernel_name_says_what_runs() -> None:
+    cpu = torch.device("cpu")
+    names = {b: kernel_name(build_recurrent(b, "lstm", IN, H, 1), cpu) for b in BACKENDS}
+    assert names["cudnn"] == "oneDNN/native fused"
+    assert names["jit"] == "TorchScript"
+    assert names["compile"] == "torch.compile (inductor)"
+    assert names["modular"] == "python"
+    on_gpu = kernel_name(build_recurrent("cudnn", "gru", IN, H, 1), torch.device("cuda"))
+    assert on_gpu in ("cuDNN", "native fused")
