@@ -1,0 +1,289 @@
+"""python -m seqtrain.report SWEEP_DIR: one table and two plots for a sweep.
+
+Every job directory under SWEEP_DIR (any depth: Hydra's `multirun/DATE/TIME/N/`, an Optuna
+study, a SLURM sweep) that holds `.hydra/` or `summary.json` is one row. The columns are the
+overrides that differ between jobs, then the figures a user trades off: final val bpc, training
+tokens/s and peak memory. Jobs without a summary (still running, stopped by a signal, failed)
+are listed too, so a sweep's holes are visible.
+
+Writes SWEEP_DIR/report.md, report.csv, report_speed.png (val bpc against tokens/s) and
+report_memory.png (val bpc against peak memory; only when some summary has `peak_bytes`).
+Points on the Pareto front (no other job is both faster / smaller and better) are starred.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Overrides that say how a job ran, not what it trained: never sweep columns.
+NOT_SWEPT = ("hydra.", "resume", "ckpt_path")
+MIB = 2**20
+
+
+@dataclass
+class Job:
+    path: Path  # the job's directory
+    overrides: dict[str, str]  # key -> value, as typed on the command line
+    summary: dict | None  # summary.json, or None when the job has not finished
+
+    @property
+    def status(self) -> str:
+        if self.summary is None:
+            return "no summary"
+        return self.summary.get("stopped_by") or "done"
+
+    def figure(self, name: str) -> float | None:
+        """A numeric summary figure, or None when absent or not finite."""
+        if self.summary is None:
+            return None
+        value = self.summary.get(name)
+        if name == "peak_bytes" and value is None:  # accept memory/peak_bytes and {"memory": ..}
+            memory = self.summary.get("memory")
+            value = self.summary.get("memory/peak_bytes")
+            if value is None and isinstance(memory, dict):
+                value = memory.get("peak_bytes")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        return None
+
+
+@dataclass
+class Report:
+    jobs: list[Job]
+    swept: list[str]  # override keys whose values differ between jobs
+    common: dict[str, str] = field(default_factory=dict)  # overrides every job shares
+
+    def label(self, job: Job) -> str:
+        """Short point label: the swept values, keyed by their last name part."""
+        parts = [f"{k.split('.')[-1]}={job.overrides.get(k, '-')}" for k in self.swept]
+        return " ".join(parts) or job.path.name
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for job in self.jobs:
+            s = job.summary or {}
+            peak = job.figure("peak_bytes")
+            rows.append(
+                {
+                    "job": str(job.path),
+                    **{k: job.overrides.get(k, "") for k in self.swept},
+                    "val_bpc": job.figure("val_bpc"),
+                    "val_loss": job.figure("val_loss"),
+                    "tokens_per_s": job.figure("tokens_per_s"),
+                    "peak_bytes": None if peak is None else int(peak),
+                    "steps": s.get("steps"),
+                    "tokens": s.get("tokens"),
+                    "train_seconds": job.figure("train_seconds"),
+                    "backend": s.get("backend"),
+                    "device": s.get("device"),
+                    "status": job.status,
+                }
+            )
+        return rows
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """['+experiment=char_lm', 'model.backend=modular'] -> {'experiment': 'char_lm', ...}."""
+    out = {}
+    for line in lines:
+        key, eq, value = str(line).partition("=")
+        key = key.lstrip("+~")
+        if eq and not key.startswith(NOT_SWEPT):
+            out[key] = value
+    return out
+
+
+def find_jobs(root: Path) -> list[Job]:
+    """Job directories under root: those with .hydra/ or summary.json (Lightning DDP's children
+    and submitit's logs are skipped)."""
+    dirs = {p.parent for p in root.rglob("summary.json")}
+    dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    jobs = []
+    for d in sorted(dirs):
+        if ".submitit" in d.parts:
+            continue
+        overrides_file = d / ".hydra" / "overrides.yaml"
+        overrides = (
+            parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
+            if overrides_file.is_file()
+            else {}
+        )
+        summary_file = d / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        jobs.append(Job(d, overrides, summary))
+    return jobs
+
+
+def build(roots: list[Path]) -> Report:
+    jobs = [job for root in roots for job in find_jobs(root)]
+    keys = sorted({k for job in jobs for k in job.overrides})
+    swept = [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
+    common = {k: jobs[0].overrides[k] for k in keys if k not in swept} if jobs else {}
+
+    def order(job: Job) -> tuple:
+        bpc = job.figure("val_bpc")
+        return (bpc is None, bpc if bpc is not None else 0.0, str(job.path))
+
+    return Report(sorted(jobs, key=order), swept, common)
+
+
+def pareto(points: list[tuple[float, float]], more_is_better: bool) -> set[int]:
+    """Indices of points (x, bpc) that no other point beats on both axes (bpc: lower is better;
+    x: higher is better for tokens/s, lower for memory)."""
+    front = set()
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (ox >= x if more_is_better else ox <= x) and oy <= y and (ox != x or oy != y)
+            for j, (ox, oy) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.add(i)
+    return front
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
+    done = [j for j in report.jobs if j.figure("val_bpc") is not None]
+    speed = [(j.figure("tokens_per_s") or 0.0, j.figure("val_bpc")) for j in done]
+    starred = {done[i].path for i in pareto(speed, more_is_better=True)}
+    lines = [f"# Sweep report: {root}", ""]
+    lines.append(f"{len(report.jobs)} jobs, {len(done)} with a final val bpc.")
+    if report.common:
+        shared = " ".join(f"{k}={v}" for k, v in report.common.items())
+        lines.append(f"Shared overrides: `{shared}`.")
+    lines += ["★ = on the Pareto front of val bpc against tokens/s.", ""]
+    header = ["job", *report.swept, "val bpc", "tokens/s", "peak MiB", "steps", "status"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for job, row in zip(report.jobs, report.rows(), strict=True):
+        name = job.path.relative_to(root) if job.path.is_relative_to(root) else job.path
+        mark = " ★" if job.path in starred else ""
+        peak = row["peak_bytes"]
+        cells = [
+            f"{name}{mark}",
+            *(f"`{row[k]}`" for k in report.swept),
+            _fmt(row["val_bpc"], ".4f"),
+            _fmt(row["tokens_per_s"], ",.0f"),
+            _fmt(None if peak is None else peak / MIB, ",.1f"),
+            _fmt(row["steps"], "d"),
+            row["status"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for title, path in plots.items():
+        if path is None:
+            lines.append(f"No {title} plot: no summary.json records `peak_bytes`.")
+        else:
+            lines.append(f"![{title}]({path.name})")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(report: Report, path: Path) -> None:
+    rows = report.rows()
+    fields = list(rows[0]) if rows else ["job"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def plot(report: Report, x_figure: str, xlabel: str, scale: float, more_is_better: bool, path):
+    """Scatter of val bpc against one cost figure, coloured by the first swept key's value, with
+    the Pareto front drawn; returns the path, or None when no job has that figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [
+        j for j in report.jobs if j.figure("val_bpc") is not None and j.figure(x_figure) is not None
+    ]
+    if not jobs:
+        return None
+    points = [(j.figure(x_figure) / scale, j.figure("val_bpc")) for j in jobs]
+    colour_key = report.swept[0] if report.swept else None
+    values = sorted({j.overrides.get(colour_key, "") for j in jobs}) if colour_key else [""]
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for n, value in enumerate(values):
+        idx = [
+            i for i, j in enumerate(jobs) if not colour_key or j.overrides.get(colour_key) == value
+        ]
+        ax.scatter(
+            [points[i][0] for i in idx],
+            [points[i][1] for i in idx],
+            color=cmap(n % 10),
+            label=f"{colour_key.split('.')[-1]}={value}" if colour_key else None,
+            zorder=3,
+        )
+    front = sorted((points[i] for i in pareto(points, more_is_better)), key=lambda p: p[0])
+    ax.plot(*zip(*front, strict=True), color="0.5", linestyle="--", zorder=2, label="Pareto front")
+    for job, (x, y) in zip(jobs, points, strict=True):
+        ax.annotate(
+            report.label(job), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    ax.margins(x=0.15, y=0.1)  # room for the labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val bpc (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m seqtrain.report",
+        description="Collect a sweep's summary.json files into report.md, report.csv and plots.",
+    )
+    parser.add_argument("sweep_dir", nargs="+", type=Path, help="sweep or run directories")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first sweep_dir)")
+    args = parser.parse_args(argv)
+    for root in args.sweep_dir:
+        if not root.is_dir():
+            print(f"seqtrain.report: error: {root}: no such directory", file=sys.stderr)
+            return 2
+    report = build(args.sweep_dir)
+    if not report.jobs:
+        print(
+            f"seqtrain.report: error: no job directories (summary.json or .hydra/) under "
+            f"{' '.join(map(str, args.sweep_dir))}",
+            file=sys.stderr,
+        )
+        return 2
+    out = args.out or args.sweep_dir[0]
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "val bpc vs tokens/s": plot(
+            report, "tokens_per_s", "training tokens/s", 1.0, True, out / "report_speed.png"
+        ),
+        "val bpc vs peak memory": plot(
+            report, "peak_bytes", "peak memory (MiB)", MIB, False, out / "report_memory.png"
+        ),
+    }
+    text = markdown(report, args.sweep_dir[0], plots)
+    (out / "report.md").write_text(text)
+    write_csv(report, out / "report.csv")
+    print(text)
+    written = ["report.md", "report.csv", *(p.name for p in plots.values() if p is not None)]
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
