@@ -1,10 +1,13 @@
-"""Callbacks: throughput accounting and text samples at validation."""
+"""Callbacks: throughput accounting, text samples at validation, preemption, progress."""
 
 from __future__ import annotations
 
+import signal
 import time
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class Throughput(L.Callback):
@@ -52,3 +55,46 @@ class TextSamples(L.Callback):
             if hasattr(logger.experiment, "add_text"):
                 # Markdown collapses whitespace; a code block shows the text as generated.
                 logger.experiment.add_text("samples", f"```\n{text}\n```", trainer.global_step)
+
+
+class Preemption(L.Callback):
+    """SIGTERM, SIGINT and SIGUSR1 finish the current update, save a checkpoint and stop.
+
+    The handler only records the signal; the checkpoint is written between updates, where the
+    model, optimizer, data cursor and carried state agree with each other. All ranks stop at the
+    same update: any rank's signal stops every rank.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        trainer.save_checkpoint(self.checkpoint)
+        trainer.should_stop = True
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.received is None else signal.Signals(self.received).name
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Training is one endless pass over the streams, so the bar counts updates to max_steps."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        super().on_train_epoch_start(trainer, module)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.set_description("train")

@@ -3,14 +3,19 @@ is rebuilt from the path alone (sampling, evaluation, moving between backends)."
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
-from seqtrain.config import Config, ConfigError, from_dict
+from seqtrain.config import Config, ConfigError, from_dict, to_dict
+from seqtrain.data import VOCAB_SIZE
 from seqtrain.model import RecurrentLM
 
 
@@ -57,3 +62,57 @@ def load_model(ckpt: dict, cfg: Config) -> RecurrentLM:
             f"checkpoint weights do not fit the configured model: {detail}"
         ) from None
     return model.eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the same directory, fsync, then rename over the target.
+
+    A process killed at any moment, mid-save included, leaves either the previous complete file
+    or the new complete file, never a truncated one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    """The most advanced checkpoint in run_dir/checkpoints that loads; None if there is none."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        try:
+            found.append((read(path)["global_step"], path.stat().st_mtime, path))
+        except (CheckpointError, KeyError):
+            continue
+    return max(found)[2] if found else None
+
+
+def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
+    """Refuse to resume into a different model: every model option but the backend must match."""
+    vocab = ckpt["hyper_parameters"]["vocab_size"]
+    if vocab != VOCAB_SIZE:
+        raise CheckpointError(f"ckpt={path} has a vocabulary of {vocab}, this run {VOCAB_SIZE}")
+    saved = ckpt["hyper_parameters"]["config"]["model"]
+    current = to_dict(cfg)["model"]
+    changed = [k for k in current if k != "backend" and saved.get(k) != current[k]]
+    if changed:
+        diffs = ", ".join(f"model.{k}={saved.get(k)} (now {current[k]})" for k in changed)
+        raise CheckpointError(
+            f"ckpt={path} was trained with {diffs}; resume with the same model options "
+            "(only model.backend may change)"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -67,19 +68,47 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def record_config(raw: DictConfig, run_dir: Path) -> None:
+    """Hydra's .hydra/ record, written only once the run is known to start (hydra.output_subdir
+    is null so that a refused run leaves an earlier run's record untouched)."""
+    record = run_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    OmegaConf.save(raw, record / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+
+
+def resume_command(run_dir: Path) -> str:
+    overrides = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if not o.startswith(("resume=", "ckpt_path=", "hydra.run.dir="))
+    ]
+    return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
     from seqtrain import train  # heavy imports (Lightning) only once the config is known good
+    from seqtrain.checkpoint import CheckpointError
+    from seqtrain.module import NonFiniteError
 
-    try:
-        cfg = validate(raw)
-    except ConfigError as err:
-        fail(str(err))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = train.run(cfg, run_dir)
-    except (DataError, ConfigError) as err:
+        job = train.prepare(validate(raw), run_dir)
+    except (ConfigError, DataError, CheckpointError) as err:
         fail(str(err))
+    record_config(raw, run_dir)
+    try:
+        summary = train.fit(job)
+    except NonFiniteError as err:
+        fail(str(err))
+    if "stopped_by" in summary:
+        stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
+        print(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
+        print(f"resume with: {resume_command(run_dir)}")
+        sys.exit(128 + int(getattr(signal, stopped)))  # as if the signal had killed it
     print(f"\nrun directory: {run_dir}")
     print(f"val/bpc: {summary['val_bpc']:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
     print(f"tensorboard --logdir {run_dir}")

@@ -35,6 +35,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # clip the global gradient norm; None = no clipping
     warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio at trainer.max_steps
+    max_skipped: int = 10  # stop after this many consecutive non-finite updates (skipped)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10  # TensorBoard scalar interval
     progress_bar: bool | None = None  # None: only when stderr is a terminal
     sample_length: int = 300  # bytes of text generated at each validation (0 = none)
+    checkpoint_every: int = 100  # write checkpoints/last.ckpt every this many updates
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 1234  # seeds torch, numpy and python; same seed + config = same losses on CPU
+    ckpt_path: str | None = None  # resume exactly from this checkpoint
+    resume: str | None = None  # auto: resume from the newest complete checkpoint in the run dir
 
 
 def group_keys(group: str) -> list[str]:
@@ -217,6 +221,14 @@ def validate(raw: DictConfig | dict) -> Config:
         f"choose from {', '.join(PRECISIONS)}",
     )
     _require(tr.log_every_n_steps > 0, "trainer.log_every_n_steps", tr.log_every_n_steps, positive)
+    _require(tr.checkpoint_every > 0, "trainer.checkpoint_every", tr.checkpoint_every, positive)
+    _require(cfg.resume in (None, "auto"), "resume", cfg.resume, "must be auto or null")
+    _require(
+        cfg.resume is None or cfg.ckpt_path is None,
+        "resume",
+        cfg.resume,
+        "give either resume=auto or ckpt_path=PATH, not both",
+    )
     _require(tr.sample_length >= 0, "trainer.sample_length", tr.sample_length, "must be >= 0")
     return cfg
 

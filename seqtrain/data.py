@@ -200,10 +200,40 @@ class Streams(torch.utils.data.Dataset):
         )
 
 
-def window_loader(streams: Streams) -> torch.utils.data.DataLoader:
-    """Windows in stream order, one per step, no shuffling (order *is* the recurrence)."""
+class WindowSampler(torch.utils.data.Sampler[int]):
+    """Endless window indices in stream order from a cursor, wrapping into the next epoch.
+
+    The cursor counts windows served since training began, so a resumed run continues with the
+    very window the interrupted one would have read next. Training ends at trainer.max_steps.
+    """
+
+    def __init__(self, windows: int, start: int = 0) -> None:
+        self.windows, self.start = windows, start
+
+    def __iter__(self):
+        cursor = self.start
+        while True:
+            yield cursor % self.windows
+            cursor += 1
+
+
+def train_loader(streams: Streams, start: int = 0) -> torch.utils.data.DataLoader:
+    """Windows in stream order, one per update, from window `start` on (no shuffling: the order
+    *is* the recurrence). Its own generator: making its iterator must not draw from the global
+    RNG, or a resumed run's dropout masks would drift from the uninterrupted run's."""
     return torch.utils.data.DataLoader(
-        streams, batch_size=None, shuffle=False, collate_fn=_identity
+        streams,
+        batch_size=None,
+        sampler=WindowSampler(len(streams), start),
+        collate_fn=_identity,
+        generator=torch.Generator(),
+    )
+
+
+def eval_loader(streams: Streams) -> torch.utils.data.DataLoader:
+    """One pass over the windows, in order."""
+    return torch.utils.data.DataLoader(
+        streams, batch_size=None, collate_fn=_identity, generator=torch.Generator()
     )
 
 

@@ -7,9 +7,13 @@ window, clip, optimizer step, LR schedule step.
 
 from __future__ import annotations
 
+import logging
 import math
+import random
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,6 +22,32 @@ from seqtrain.data import Window
 from seqtrain.memory import plan_chunk
 from seqtrain.model import RecurrentLM
 from seqtrain.tbptt import Engine, bits
+
+log = logging.getLogger("seqtrain")
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged: too many consecutive non-finite updates."""
+
+
+def rng_state() -> dict:
+    """Every generator a step can draw from, in checkpoint-safe types (no numpy arrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -42,6 +72,10 @@ class LanguageModelModule(L.LightningModule):
         self.engine = Engine(self.model, t.window, t.stride, t.carry, chunk)
         self.automatic_optimization = False
         self.tokens_seen = 0
+        self.windows_seen = 0  # the data cursor: windows trained on since the run began
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.restored_rng: dict | None = None
         self.val_sums = (0.0, 0)  # (summed nats, tokens) over the running validation pass
         self.last_val_step = -1
         self.last_val: dict[str, float] = {}
@@ -74,19 +108,50 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch: Window, batch_idx: int) -> dict:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         result = self.engine.train_update(batch, self.manual_backward)
+        self.windows_seen += 1
+        self.tokens_seen += result.tokens
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip is not None else math.inf
         )
-        optimizer.step()
+        finite = math.isfinite(result.loss) and bool(torch.isfinite(grad_norm))
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            optimizer.step()
+            schedule.step()
+            self.consecutive_skips = 0
+        else:
+            self.skip_update(result.loss, float(grad_norm))
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        self.tokens_seen += result.tokens
         self.log("train/loss", result.loss, prog_bar=True)
         self.log("train/bpc", bits(result.loss))
         self.log("optim/lr", schedule.get_last_lr()[0])
         self.log("optim/grad_norm", grad_norm)
+        self.log("optim/skipped_steps", float(self.skipped_steps))
         return {"tokens": result.tokens}
+
+    def skip_update(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient: no optimizer step, and the carried state (which may be
+        poisoned) starts again from zero. Too many in a row stop the run, keeping the weights
+        from before the first one (skipped updates never touched them)."""
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.engine.reset_state()
+        log.warning(
+            "non-finite update skipped at step %d (loss %s, grad norm %s); %d in a row",
+            self.global_step,
+            loss,
+            grad_norm,
+            self.consecutive_skips,
+        )
+        limit = self.cfg.optim.max_skipped
+        if self.consecutive_skips >= limit:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteError(
+                f"{limit} consecutive non-finite updates (optim.max_skipped) at step "
+                f"{self.global_step}; weights from before the first one saved to {path}; "
+                "lower optim.lr or tighten optim.grad_clip"
+            )
 
     def on_validation_epoch_start(self) -> None:
         self.val_sums = (0.0, 0)
@@ -105,13 +170,28 @@ class LanguageModelModule(L.LightningModule):
         self.log_dict(self.last_val, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["seqtrain"] = {"engine": self.engine.state_dict(), "tokens": self.tokens_seen}
+        """What Lightning does not keep: the data cursor, the carried state and the RNGs."""
+        checkpoint["seqtrain"] = {
+            "engine": self.engine.state_dict(),
+            "windows": self.windows_seen,
+            "tokens": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "rng": rng_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        loop = checkpoint.get("seqtrain")
-        if loop is not None:
-            self.engine.load_state_dict(loop["engine"])
-            self.tokens_seen = loop["tokens"]
+        loop = checkpoint["seqtrain"]
+        self.engine.load_state_dict(loop["engine"])
+        self.windows_seen, self.tokens_seen = loop["windows"], loop["tokens"]
+        self.skipped_steps = loop["skipped_steps"]
+        self.restored_rng = loop["rng"]
+
+    def on_train_start(self) -> None:
+        # Applied here, right before the first update, so nothing in Lightning's start-up can
+        # draw from the restored generators first.
+        if self.restored_rng is not None:
+            set_rng_state(self.restored_rng)
+            self.restored_rng = None
 
     def sample(self, prompt: bytes, length: int, seed: int = 0) -> str:
         """Text generated from the current weights; train mode is restored afterwards."""

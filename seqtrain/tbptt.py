@@ -161,6 +161,10 @@ class Engine:
         self.eval_state = detach(state)
         return float(loss), window.targets.numel()
 
+    def reset_state(self) -> None:
+        """Forget the carried state and history (after a non-finite update)."""
+        self.state, self.history = None, None
+
     def state_dict(self) -> dict:
         return {"state": self.state, "history": self.history}
 

@@ -1,4 +1,8 @@
-"""run(cfg): data -> model -> module -> Lightning trainer -> fit -> summary.json."""
+"""prepare(cfg) checks everything that can fail cheaply; fit(job) trains and writes summary.json.
+
+The split lets the command line refuse bad input (a missing corpus, a foreign checkpoint, a run
+directory that holds another run) before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -14,16 +19,24 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from seqtrain import cells
-from seqtrain.callbacks import TextSamples, Throughput
+from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Throughput
+from seqtrain.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_resumable,
+    newest_complete,
+    read,
+)
 from seqtrain.config import Config, to_dict
 from seqtrain.data import (
     VOCAB_SIZE,
     Corpus,
     Streams,
+    eval_loader,
     load_corpus,
     require_tokens,
     split_corpus,
-    window_loader,
+    train_loader,
 )
 from seqtrain.module import LanguageModelModule
 
@@ -35,6 +48,8 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").handlers.clear()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Checkpoints are written after an update completes, which is what exact resume needs.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -49,21 +64,46 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_loaders(cfg: Config, splits: dict[str, Corpus]):
-    window, stride = cfg.tbptt.window, cfg.tbptt.stride or cfg.tbptt.window
-    require_tokens(splits, {"train": cfg.data.batch_size, "val": cfg.data.eval_batch_size}, window)
-    train = Streams(splits["train"], cfg.data.batch_size, stride)
-    val = Streams(splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window)
-    return window_loader(train), window_loader(val)
+@dataclass
+class Job:
+    """A checked run: config, run directory, data splits and where to resume from."""
+
+    cfg: Config
+    run_dir: Path
+    splits: dict[str, Corpus]
+    resume_from: Path | None
+    start_window: int  # the data cursor to continue from (0 for a fresh run)
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
-    """Train one model; return (and write) the run summary."""
-    quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None; a fresh run never overwrites an old one."""
+    if cfg.ckpt_path is not None:
+        return Path(cfg.ckpt_path).expanduser()
+    if cfg.resume == "auto":
+        found = newest_complete(run_dir)
+        if found is None:
+            log.info("resume=auto: no complete checkpoint in %s; starting fresh", run_dir)
+        return found
+    if list((run_dir / "checkpoints").glob("*.ckpt")):
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
+            "or choose another hydra.run.dir"
+        )
+    return None
+
+
+def prepare(cfg: Config, run_dir: Path) -> Job:
+    """Load and check the data and the resume checkpoint; writes nothing."""
+    resume_from = resume_point(cfg, run_dir)
+    start_window = 0
+    if resume_from is not None:
+        ckpt = read(resume_from)
+        check_resumable(ckpt, cfg, resume_from)
+        start_window = ckpt["seqtrain"]["windows"]
     corpus = load_corpus(cfg.data)
     splits = split_corpus(corpus, cfg.data.split)
-    train_loader, val_loader = build_loaders(cfg, splits)
+    streams = {"train": cfg.data.batch_size, "val": cfg.data.eval_batch_size}
+    require_tokens(splits, streams, cfg.tbptt.window)
     log.info(
         "corpus %s: %s bytes, %s documents; train/val/test %s",
         corpus.name,
@@ -71,20 +111,41 @@ def run(cfg: Config, run_dir: Path) -> dict:
         f"{len(corpus.doc_starts):,}",
         "/".join(f"{len(s.tokens):,}" for s in splits.values()),
     )
+    return Job(cfg, run_dir, splits, resume_from, start_window)
+
+
+def fit(job: Job) -> dict:
+    """Train one model; return (and write) the run summary."""
+    cfg, run_dir = job.cfg, job.run_dir
+    quiet_lightning()
+    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")  # handlers before any work
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    stride = cfg.tbptt.stride or cfg.tbptt.window
+    train = Streams(job.splits["train"], cfg.data.batch_size, stride)
+    val = Streams(job.splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window)
 
     module = LanguageModelModule.from_config(cfg, VOCAB_SIZE)
     params = sum(p.numel() for p in module.model.parameters())
     throughput = Throughput()
-    checkpoints = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/bpc",
         mode="min",
-        save_last=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.trainer.checkpoint_every,
+        enable_version_counter=False,
     )
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     progress = cfg.trainer.progress_bar
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    prompt = job.splits["val"].tokens[:48].tobytes()
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -97,10 +158,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
         logger=logger,
         callbacks=[
             throughput,
-            checkpoints,
-            TextSamples(splits["val"].tokens[:48].tobytes(), cfg.trainer.sample_length),
+            best,
+            last,
+            TextSamples(prompt, cfg.trainer.sample_length),
+            preemption,
+            *([StepProgressBar()] if show_progress else []),
         ],
-        enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the streams are split by rank already
+        enable_progress_bar=show_progress,
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
@@ -114,12 +180,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
         cells.kernel_name(module.model.rnn, trainer.strategy.root_device),
         trainer.strategy.root_device,
     )
+    if job.resume_from is not None:
+        log.info("resuming from %s at window %d", job.resume_from, job.start_window)
     start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
+    trainer.fit(
+        module,
+        train_loader(train, job.start_window),
+        eval_loader(val),
+        ckpt_path=job.resume_from,
+        weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
+    )
     wall = time.perf_counter() - start
-    if module.last_val_step != trainer.global_step:  # the last update was not validated yet
-        trainer.validate(module, val_loader, verbose=False)
-
     summary = {
         "steps": trainer.global_step,
         "tokens": module.tokens_seen,
@@ -127,14 +198,27 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "wall_seconds": round(wall, 3),
         "tokens_per_s": round(throughput.tokens_per_s, 1),
         "train_loss": float(trainer.callback_metrics["train/loss"]),
-        "val_loss": module.last_val["val/loss"],
-        "val_bpc": module.last_val["val/bpc"],
+        "skipped_steps": module.skipped_steps,
         "backend": cfg.model.backend,
         "cell": cfg.model.cell,
         "parameters": params,
         "device": str(trainer.strategy.root_device),
-        "best_checkpoint": checkpoints.best_model_path,
+        "resumed_from": None if job.resume_from is None else str(job.resume_from),
     }
+    if preemption.received is not None:
+        return {
+            **summary,
+            "stopped_by": preemption.signal_name,
+            "checkpoint": preemption.checkpoint,
+        }
+    if module.last_val_step != trainer.global_step:  # the last update was not validated yet
+        trainer.validate(module, eval_loader(val), verbose=False)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    summary.update(
+        val_loss=module.last_val["val/loss"],
+        val_bpc=module.last_val["val/bpc"],
+        best_checkpoint=best.best_model_path,
+    )
     if trainer.is_global_zero:
         metrics = {"hp/val_bpc": summary["val_bpc"], "hp/tokens_per_s": summary["tokens_per_s"]}
         logger.log_hyperparams(flatten(to_dict(cfg)), metrics)

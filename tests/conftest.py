@@ -31,3 +31,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
     """assert_allclose that reports the max and mean difference."""
     diff = (actual.double() - expected.double()).abs()
     assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g} > {atol}"
+
+
+def read_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of one TensorBoard scalar over every event file of a run (later wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload()
+        if tag in acc.Tags()["scalars"]:
+            events += acc.Scalars(tag)
+    return {e.step: e.value for e in sorted(events, key=lambda e: e.wall_time)}

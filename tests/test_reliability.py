@@ -1,0 +1,204 @@
+"""Exact resume, preemption by signal, kills mid-save, non-finite guards."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqtrain import model as model_module
+from seqtrain import train
+from seqtrain.checkpoint import AtomicCheckpointIO, newest_complete, read
+from seqtrain.module import NonFiniteError
+
+from .conftest import read_scalars
+from .test_cli import ENV
+from .test_config import composed
+
+# Dropout on, two layers: the RNG must be restored for the losses to match bit for bit.
+RUN = [
+    "+debug=tiny",
+    "model.num_layers=2",
+    "model.dropout=0.1",
+    "trainer.max_steps=150",
+    "trainer.val_check_interval=50",
+    "trainer.log_every_n_steps=1",
+    "trainer.sample_length=0",
+]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "seqtrain", *RUN, f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def wait_for_line(proc: subprocess.Popen, text: str) -> None:
+    """Read the log (stdout) until `text`: training is about to start, handlers installed."""
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never appeared")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = finish(start(run_dir))
+    assert code == 0, err[-2000:]
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    losses, expected = read_scalars(run_dir, "train/loss"), read_scalars(reference, "train/loss")
+    assert len(expected) == 150
+    assert losses == expected  # bit-identical, every step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    want = json.loads((reference / "summary.json").read_text())
+    assert summary["val_bpc"] == want["val_bpc"]
+    assert summary["tokens"] == want["tokens"] and summary["steps"] == want["steps"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_is_exact(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_line(proc, "model:")
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM: stopped after step" in out
+    command = out.split("resume with: ")[1].strip()
+    assert "resume=auto" in command and f"hydra.run.dir={run_dir}" in command
+    stopped_at = read(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < stopped_at < 150
+    code, _, err = finish(start(run_dir, "resume=auto"))
+    assert code == 0, err[-2000:]
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_a_resumable_checkpoint(
+    reference: Path, tmp_path: Path
+) -> None:
+    """A checkpoint every update makes most kills land during or near a save."""
+    rng = random.Random(0)
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        proc = start(run_dir, "trainer.checkpoint_every=1")
+        wait_for_line(proc, "model:")
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.kill()
+        proc.wait()
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            read(last)  # never truncated: a kill mid-save leaves the previous complete file
+        code, _, err = finish(start(run_dir, "trainer.checkpoint_every=1", "resume=auto"))
+        assert code == 0, err[-2000:]
+        assert_same_run(run_dir, reference)
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, target)
+
+    def dies_midway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # a signal or kill mid-write
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def poison_logits(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the head return NaN on the chosen training forward calls."""
+    original = model_module.RecurrentLM.logits
+    calls = {"n": 0}
+
+    def logits(self, h):
+        out = original(self, h)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(model_module.RecurrentLM, "logits", logits)
+
+
+def tiny_job(tmp_path: Path, *overrides: str) -> train.Job:
+    from seqtrain.config import validate
+
+    cfg = validate(composed("+debug=tiny", "trainer.sample_length=0", *overrides))
+    return train.prepare(cfg, tmp_path)
+
+
+def test_a_nonfinite_update_is_skipped_and_training_goes_on(tmp_path, monkeypatch) -> None:
+    poison_logits(monkeypatch, {3})
+    summary = train.fit(tiny_job(tmp_path, "trainer.max_steps=6"))
+    assert summary["skipped_steps"] == 1
+    assert summary["steps"] == 6  # skipped updates are not optimizer steps
+    assert all(v == v for v in read_scalars(tmp_path, "val/bpc").values())  # finite val
+    skipped = read_scalars(tmp_path, "optim/skipped_steps")
+    assert skipped[max(skipped)] == 1
+
+
+def test_too_many_nonfinite_updates_stop_with_the_weights_from_before(
+    tmp_path, monkeypatch
+) -> None:
+    poison_logits(monkeypatch, set(range(4, 100)))
+    job = tiny_job(
+        tmp_path, "trainer.max_steps=50", "trainer.checkpoint_every=1", "optim.max_skipped=3"
+    )
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite updates") as err:
+        train.fit(job)
+    assert "\n" not in str(err.value)
+    saved = read(tmp_path / "checkpoints" / "nonfinite.ckpt")
+    before = read(tmp_path / "checkpoints" / "last.ckpt")  # written after step 3, the last good one
+    assert before["global_step"] == saved["global_step"] == 3
+    for name, value in before["state_dict"].items():
+        assert torch.equal(saved["state_dict"][name], value), name
+        assert torch.isfinite(value).all(), name
+
+
+def test_same_seed_same_losses(tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        train.fit(tiny_job(tmp_path / name, "model.dropout=0.2", "model.num_layers=2"))
+        runs.append(read_scalars(tmp_path / name, "train/loss"))
+    assert runs[0] == runs[1] and len(runs[0]) == 6
+
+
+def test_resume_refuses_another_model(tmp_path: Path) -> None:
+    from seqtrain.checkpoint import CheckpointError
+
+    train.fit(tiny_job(tmp_path))
+    with pytest.raises(CheckpointError, match=r"model.hidden_size=16 \(now 32\)"):
+        tiny_job(tmp_path, "resume=auto", "model.hidden_size=32")
+    job = tiny_job(tmp_path, "resume=auto", "model.backend=modular")  # same layout: allowed
+    assert job.resume_from == tmp_path / "checkpoints" / "last.ckpt"
+
+
+def test_newest_complete_skips_truncated_files(tmp_path: Path) -> None:
+    train.fit(tiny_job(tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    (tmp_path / "checkpoints" / "zzz.ckpt").write_bytes(last.read_bytes()[:1000])
+    assert newest_complete(tmp_path) in (last, tmp_path / "checkpoints" / "best.ckpt")
