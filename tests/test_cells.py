@@ -18,6 +18,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IN, H, B, T = 5, 7, 3, 6  # input, hidden, batch, time: small enough for every loop to be quick
 
 
+@pytest.fixture(autouse=True)
+def exact_cuda_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TF32 would put 1e-3 differences between backends on a GPU; compare in true float32."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def assert_close(a: Tensor, b: Tensor, what: str, atol: float = 1e-5) -> None:
     """Report max and mean difference, not just a boolean."""
     diff = (a.float() - b.float()).abs()
