@@ -21,6 +21,8 @@ from seqtrain.model import ModelConfig
 from seqtrain.tbptt import TbpttConfig
 
 PRECISIONS = ("32-true", "bf16-mixed")
+# No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
+STRATEGIES = ("auto", "ddp")
 
 
 class ConfigError(ValueError):
@@ -43,7 +45,9 @@ class TrainerConfig:
     max_steps: int = 2000  # optimizer updates
     val_check_interval: int = 500  # validate (over the whole val split) every this many updates
     accelerator: str = "auto"  # cpu | gpu | auto (Lightning)
-    devices: int = 1  # devices on this node
+    devices: int = 1  # devices (processes) per node; > 1 trains with DDP, B streams per device
+    num_nodes: int = 1  # nodes (SLURM: one task per device on each node)
+    strategy: str = "auto"  # auto | ddp (auto picks ddp when devices x num_nodes > 1)
     precision: str = "32-true"  # 32-true | bf16-mixed (carried state stays float32)
     log_every_n_steps: int = 10  # TensorBoard scalar interval
     progress_bar: bool | None = None  # None: only when stderr is a terminal
@@ -214,6 +218,13 @@ def validate(raw: DictConfig | dict) -> Config:
         tr.val_check_interval > 0, "trainer.val_check_interval", tr.val_check_interval, positive
     )
     _require(tr.devices > 0, "trainer.devices", tr.devices, positive)
+    _require(tr.num_nodes > 0, "trainer.num_nodes", tr.num_nodes, positive)
+    _require(
+        tr.strategy in STRATEGIES,
+        "trainer.strategy",
+        tr.strategy,
+        f"choose from {', '.join(STRATEGIES)}",
+    )
     _require(
         tr.precision in PRECISIONS,
         "trainer.precision",
