@@ -15,6 +15,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from seqtrain.config import Config, OptimConfig, from_dict, to_dict
@@ -109,7 +111,12 @@ class LanguageModelModule(L.LightningModule):
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         result = self.engine.train_update(batch, self.manual_backward)
         self.windows_seen += 1
-        self.tokens_seen += result.tokens
+        # DDP: each rank's loss is the mean over its own B x k1 new tokens, and DDP averages the
+        # gradients over ranks. Every rank trains the same number of tokens, so the mean of the
+        # ranks' means is the mean over the global batch: the gradient of one process with
+        # world_size x B streams. The logged loss is averaged over ranks alike (sync_dist).
+        tokens = result.tokens * self.trainer.world_size  # this update's tokens, all ranks
+        self.tokens_seen += tokens
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip is not None else math.inf
@@ -122,12 +129,12 @@ class LanguageModelModule(L.LightningModule):
         else:
             self.skip_update(result.loss, float(grad_norm))
         optimizer.zero_grad(set_to_none=True)
-        self.log("train/loss", result.loss, prog_bar=True)
-        self.log("train/bpc", bits(result.loss))
+        self.log("train/loss", result.loss, prog_bar=True, sync_dist=True)
+        self.log("train/bpc", bits(result.loss), sync_dist=True)
         self.log("optim/lr", schedule.get_last_lr()[0])
         self.log("optim/grad_norm", grad_norm)
         self.log("optim/skipped_steps", float(self.skipped_steps))
-        return {"tokens": result.tokens}
+        return {"tokens": tokens}
 
     def skip_update(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient: no optimizer step, and the carried state (which may be
@@ -161,13 +168,16 @@ class LanguageModelModule(L.LightningModule):
         self.val_sums = (self.val_sums[0] + nats, self.val_sums[1] + tokens)
 
     def on_validation_epoch_end(self) -> None:
-        nats, tokens = self.val_sums
+        # Each rank read its own block of the val streams: the split's figure is all ranks' nats
+        # over all ranks' tokens (reduce is the identity on one device).
+        sums = torch.tensor(self.val_sums, dtype=torch.float64, device=self.device)
+        nats, tokens = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
         if tokens == 0:
             return
         loss = nats / tokens
         self.last_val = {"val/loss": loss, "val/bpc": bits(loss)}
         self.last_val_step = self.global_step
-        self.log_dict(self.last_val, prog_bar=True)
+        self.log_dict(self.last_val, prog_bar=True, sync_dist=True)  # already equal on all ranks
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What Lightning does not keep: the data cursor, the carried state and the RNGs."""
@@ -178,13 +188,32 @@ class LanguageModelModule(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "rng": rng_state(),
         }
+        if self.trainer.world_size > 1:
+            # Every rank carries its own streams' state, cursor and RNGs, but only rank 0 writes
+            # the file: all ranks' loop states go in, by global rank, and each takes its own back.
+            own = apply_to_collection(checkpoint["seqtrain"], Tensor, Tensor.cpu)
+            ranks: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(ranks, own)
+            checkpoint["seqtrain"]["ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         loop = checkpoint["seqtrain"]
+        if "ranks" in loop or self.trainer.world_size > 1:
+            loop = self._own_rank_state(loop.get("ranks", [loop]))
         self.engine.load_state_dict(loop["engine"])
         self.windows_seen, self.tokens_seen = loop["windows"], loop["tokens"]
         self.skipped_steps = loop["skipped_steps"]
         self.restored_rng = loop["rng"]
+
+    def _own_rank_state(self, ranks: list) -> dict:
+        """This rank's loop state (its streams exist only at the world size that wrote them)."""
+        world = self.trainer.world_size
+        if len(ranks) != world:
+            raise ValueError(
+                f"the checkpoint holds the streams of {len(ranks)} rank(s) but this run has {world}"
+                f" (trainer.devices x trainer.num_nodes); resume with {len(ranks)}"
+            )
+        return move_data_to_device(ranks[self.global_rank], self.device)
 
     def on_train_start(self) -> None:
         # Applied here, right before the first update, so nothing in Lightning's start-up can
