@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -17,6 +20,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from seqtrain import cells
 from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Throughput
@@ -96,13 +100,20 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     """Load and check the data and the resume checkpoint; writes nothing."""
     resume_from = resume_point(cfg, run_dir)
     start_window = 0
+    world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
     if resume_from is not None:
         ckpt = read(resume_from)
         check_resumable(ckpt, cfg, resume_from)
         start_window = ckpt["seqtrain"]["windows"]
+        ranks = len(ckpt["seqtrain"].get("ranks", [None]))
+        if ranks != world:
+            raise CheckpointError(
+                f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
+                f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
+            )
     corpus = load_corpus(cfg.data)
     splits = split_corpus(corpus, cfg.data.split)
-    streams = {"train": cfg.data.batch_size, "val": cfg.data.eval_batch_size}
+    streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
     require_tokens(splits, streams, cfg.tbptt.window)
     log.info(
         "corpus %s: %s bytes, %s documents; train/val/test %s",
@@ -114,15 +125,66 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     return Job(cfg, run_dir, splits, resume_from, start_window)
 
 
+def ranks_started_elsewhere() -> bool:
+    """SLURM tasks, torchrun, or Lightning's own ddp children: every rank's process exists."""
+    return (
+        SLURMEnvironment.detect() or TorchElasticEnvironment.detect() or "LOCAL_RANK" in os.environ
+    )
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def fit_in_own_process(job: Job) -> dict:
+    """Run one multirun job as `python -m seqtrain <its overrides> hydra.run.dir=<its dir>`.
+
+    Lightning's ddp starts ranks 1.. by re-running the command line, and under Hydra multirun
+    that command line is the whole sweep. In a plain run of the job's own overrides it is the
+    job, as in any single run; this process waits, forwarding signals, and returns the summary.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    hydra_cfg = HydraConfig.get()
+    command = [
+        sys.executable,
+        "-m",
+        "seqtrain",
+        f"--config-name={hydra_cfg.job.config_name}",
+        *hydra_cfg.overrides.task,
+        f'hydra.run.dir="{job.run_dir}"',
+        "hydra.mode=RUN",  # a search config may set MULTIRUN: the job itself is one run
+        "hydra.output_subdir=null",
+    ]
+    log.info("multirun job on %d devices: running it as %s", job.cfg.trainer.devices, command)
+    child = subprocess.Popen(command, cwd=get_original_cwd())
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # the child saves and stops
+    previous = {sig: signal.signal(sig, lambda sig, _: child.send_signal(sig)) for sig in forwarded}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code >= 128:  # stopped by a signal (its checkpoint is saved): stop the sweep as well
+        sys.exit(code)
+    if code != 0:
+        raise RuntimeError(f"multirun job {job.run_dir} failed (exit code {code})")
+    return json.loads((job.run_dir / "summary.json").read_text())
+
+
 def fit(job: Job) -> dict:
     """Train one model; return (and write) the run summary."""
     cfg, run_dir = job.cfg, job.run_dir
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    if world > 1 and in_multirun() and not ranks_started_elsewhere():
+        return fit_in_own_process(job)
     quiet_lightning()
     preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")  # handlers before any work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    stride = cfg.tbptt.stride or cfg.tbptt.window
-    train = Streams(job.splits["train"], cfg.data.batch_size, stride)
-    val = Streams(job.splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window)
 
     module = LanguageModelModule.from_config(cfg, VOCAB_SIZE)
     params = sum(p.numel() for p in module.model.parameters())
@@ -149,6 +211,8 @@ def fit(job: Job) -> dict:
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
         max_steps=cfg.trainer.max_steps,
         val_check_interval=cfg.trainer.val_check_interval,
@@ -164,12 +228,21 @@ def fit(job: Job) -> dict:
             preemption,
             *([StepProgressBar()] if show_progress else []),
         ],
-        plugins=[AtomicCheckpointIO()],
+        # Under SLURM, Lightning's auto-requeue is off: submitit requeues and seqtrain's
+        # Preemption owns SIGUSR1, so one party acts on each signal (docs/scaleout.md).
+        plugins=[AtomicCheckpointIO()]
+        + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []),
         use_distributed_sampler=False,  # the streams are split by rank already
         enable_progress_bar=show_progress,
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
+    # The rank is known once the Trainer exists (ddp children and SLURM tasks read it from the
+    # environment): each process builds only its own contiguous block of the streams.
+    rank, world = trainer.global_rank, trainer.world_size
+    stride = cfg.tbptt.stride or cfg.tbptt.window
+    train = Streams(job.splits["train"], cfg.data.batch_size, stride, rank, world)
+    val = Streams(job.splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window, rank, world)
     log.info(
         "model: %s %s, %d x %d, %s parameters; kernel: %s; device: %s",
         cfg.model.backend,
@@ -203,6 +276,7 @@ def fit(job: Job) -> dict:
         "cell": cfg.model.cell,
         "parameters": params,
         "device": str(trainer.strategy.root_device),
+        "world_size": trainer.world_size,  # ranks; steps, tokens and tokens_per_s are global
         "resumed_from": None if job.resume_from is None else str(job.resume_from),
     }
     if preemption.received is not None:
@@ -221,6 +295,8 @@ def fit(job: Job) -> dict:
     )
     if trainer.is_global_zero:
         metrics = {"hp/val_bpc": summary["val_bpc"], "hp/tokens_per_s": summary["tokens_per_s"]}
+        if summary.get("peak_bytes") is not None:
+            metrics["hp/peak_bytes"] = summary["peak_bytes"]
         logger.log_hyperparams(flatten(to_dict(cfg)), metrics)
         logger.finalize("success")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
