@@ -1,0 +1,124 @@
+"""DDP on CPU: 2 processes (gloo) against one process with the same global batch.
+
+Each rank reads its own contiguous block of streams, so 2 ranks x B streams must train exactly
+like 1 process x 2B streams: the same loss and gradient norm at every step, the same val bpc, and
+the carried state of the 2B streams split across the ranks' checkpoint entries.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seqtrain.checkpoint import read
+from seqtrain.data import Streams
+
+from .conftest import assert_close, counting_corpus, read_scalars
+from .test_cli import ENV
+
+pytestmark = pytest.mark.slow
+
+RUN = [
+    "+debug=tiny",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=24",
+    "trainer.val_check_interval=12",
+    "trainer.sample_length=0",
+]
+ONE = ["trainer.devices=1", "data.batch_size=4", "data.eval_batch_size=4"]
+TWO = ["trainer.devices=2", "data.batch_size=2", "data.eval_batch_size=2"]  # same global batch
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "seqtrain", *RUN, f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+def train(run_dir: Path, *extra: str) -> Path:
+    code, _, err = finish(start(run_dir, *extra))
+    assert code == 0, err[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    return {"one": train(root / "one", *ONE), "two": train(root / "two", *TWO)}
+
+
+def test_ranks_read_disjoint_blocks_that_cover_the_split() -> None:
+    corpus = counting_corpus(241)  # token value = its position (all < 256)
+    whole = Streams(corpus, batch_size=4, stride=16)
+    ranks = [Streams(corpus, 2, 16, rank=r, world_size=2) for r in range(2)]
+    # Rank r's streams are streams 2r, 2r+1 of one process with the global batch.
+    assert torch.equal(torch.cat([r.tokens for r in ranks]), whole.tokens)
+    assert torch.equal(torch.cat([r.resets for r in ranks]), whole.resets)
+    served = [
+        np.concatenate([r[i].targets.flatten().numpy() for i in range(len(r))]).tolist()
+        for r in ranks
+    ]
+    assert not set(served[0]) & set(served[1])  # disjoint
+    assert sorted(served[0] + served[1]) == list(range(1, 4 * whole.length + 1))  # each once
+
+
+def test_two_ranks_train_like_one_process_with_the_global_batch(runs) -> None:
+    one, two = runs["one"], runs["two"]
+    for tag in ("train/loss", "optim/grad_norm"):
+        a, b = read_scalars(one, tag), read_scalars(two, tag)
+        assert sorted(a) == sorted(b) and len(a) == 24, tag
+        diff = max(abs(a[s] - b[s]) for s in a)
+        assert diff < 1e-5, f"{tag}: max per-step diff {diff:.3g}"
+    s1 = json.loads((one / "summary.json").read_text())
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert s2["tokens"] == s1["tokens"] == 24 * 4 * 16  # global tokens
+    assert s2["steps"] == s1["steps"] == 24
+    assert s2["val_bpc"] == pytest.approx(s1["val_bpc"], abs=1e-5)
+
+
+def test_checkpoint_holds_every_ranks_carried_state_and_cursor(runs) -> None:
+    single = read(runs["one"] / "checkpoints" / "last.ckpt")["seqtrain"]
+    loop = read(runs["two"] / "checkpoints" / "last.ckpt")["seqtrain"]
+    ranks = loop["ranks"]
+    assert len(ranks) == 2 and "ranks" not in single
+    assert [r["windows"] for r in ranks] == [single["windows"]] * 2
+    # The 4 streams' carried (h, c): rank 0 holds streams 0-1, rank 1 streams 2-3.
+    for part, h_one in enumerate(single["engine"]["state"]):
+        h_two = [r["engine"]["state"][part] for r in ranks]
+        assert all(h.shape[1] == 2 for h in h_two)
+        assert_close(torch.cat(h_two, dim=1), h_one, 1e-5, f"carried state {part}")
+
+
+def test_resume_under_ddp_is_exact(runs, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *TWO)
+    for line in proc.stdout:  # rank 0 logs this right before it starts the other rank
+        if "model:" in line:
+            break
+    proc.send_signal(signal.SIGUSR1)  # one rank's signal stops both at the same update
+    code, out, err = finish(proc)
+    assert code == 128 + signal.SIGUSR1, err[-3000:]
+    stopped = read(run_dir / "checkpoints" / "last.ckpt")
+    assert 0 < stopped["global_step"] < 24 and len(stopped["seqtrain"]["ranks"]) == 2
+    train(run_dir, *TWO, "resume=auto")
+    assert read_scalars(run_dir, "train/loss") == read_scalars(runs["two"], "train/loss")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_bpc"] == json.loads((runs["two"] / "summary.json").read_text())["val_bpc"]
+
+    # Another world size cannot continue these streams: one line, before any work.
+    code, _, err = finish(start(run_dir, *ONE, "resume=auto"))
+    assert code != 0 and "holds the streams and state of 2 rank(s)" in err
