@@ -113,3 +113,42 @@ def test_bad_config_exits_nonzero_with_one_line(args, message, tmp_path: Path) -
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == done.stderr.strip()
     assert message in done.stderr
+
+
+def test_console_script_is_the_same_command(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "seqtrain"
+    if not exe.exists():
+        pytest.skip("the seqtrain console script is not installed (pip install -e .)")
+    done = subprocess.run(
+        [str(exe), "+debug=tiny", "tbptt.window=0"], capture_output=True, text=True, env=ENV
+    )
+    assert done.returncode == 2 and "tbptt.window=0: must be a positive integer" in done.stderr
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path: Path) -> None:
+    """conf/ sits at the top of the repo; a regular (non-editable) install must find it too."""
+    pytest.importorskip("hatchling")
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("seqtrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for config in ("train.yaml", "experiment/char_lm.yaml", "model/lstm.yaml", "debug/tiny.yaml"):
+        assert f"seqtrain/conf/{config}" in names, config
