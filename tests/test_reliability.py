@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -115,6 +116,9 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path: Path, monkey
     target = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 1}, target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
     def dies_midway(obj, f):
         f.write(b"PK\x03\x04 half a checkpoint")
