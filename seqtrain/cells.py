@@ -5,8 +5,12 @@ exactly like ``nn.LSTM`` / ``nn.GRU`` (``weight_ih_l{k}``, ``weight_hh_l{k}``, `
 ``bias_hh_l{k}``, ``weight_hr_l{k}``; gate order i, f, g, o for LSTM and r, z, n for GRU; every
 weight uniform in (-1/sqrt(H), 1/sqrt(H))), so a checkpoint moves between backends untouched.
 
-Backends:
-    cudnn    ``nn.LSTM`` / ``nn.GRU``: cuDNN on GPU, PyTorch's native fused kernel on CPU.
+Backends (docs/cells.md has the option matrix and the measured speed):
+    cudnn    ``nn.LSTM`` / ``nn.GRU``: cuDNN on GPU, oneDNN / PyTorch's native fused kernel on CPU.
+    jit      fused time loops with a hand-written backward, scripted by TorchScript (deprecated).
+    modular  plain PyTorch cell -> layer -> stack, every option; the fused loops when no option
+             needs per-step autograd.
+    compile  modular with the per-step cell math under torch.compile.
 
 All modules are batch-first, ``forward(x: (B, T, I), state: State | None) -> (y, State)`` with
 ``y: (B, T, H_out)``; ``State`` is ``(h, c)`` for LSTM and ``(h,)`` for GRU, a plain tuple with
@@ -20,7 +24,8 @@ import logging
 import math
 import time
 import warnings
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -356,7 +361,9 @@ def _gru_pointwise(xp: Tensor, hp: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([r, z, n], 1), n + z * (h - n)
 
 
-def _lstm_forward_stepwise(step, gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):  # noqa: ANN001, ANN201
+def _lstm_forward_stepwise(
+    step: Callable[..., tuple[Tensor, ...]], gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """_lstm_forward_loop with the gate math in a separate (compiled) step function."""
     w_t = w_hh.t()  # (H, 4H)
     acts, cs, hs = [], [], []
@@ -367,7 +374,9 @@ def _lstm_forward_stepwise(step, gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Te
     return torch.stack(acts), torch.stack(cs), torch.stack(hs)
 
 
-def _gru_forward_stepwise(step, gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor):  # noqa: ANN001, ANN201
+def _gru_forward_stepwise(
+    step: Callable[..., tuple[Tensor, ...]], gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """_gru_forward_loop with the gate math in a separate (compiled) step function."""
     w_t = w_hh.t()  # (H, 3H)
     H = h0.shape[1]
@@ -383,10 +392,10 @@ def _gru_forward_stepwise(step, gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: T
 class _FirstCallTimer:
     """Log how long the first call took: for a compiled function that is the compile time."""
 
-    def __init__(self, fn, what: str) -> None:  # noqa: ANN001
+    def __init__(self, fn: Callable[..., Any], what: str) -> None:
         self.fn, self.what, self.done = fn, what, False
 
-    def __call__(self, *args):  # noqa: ANN002, ANN204
+    def __call__(self, *args: Any) -> Any:
         if self.done:
             return self.fn(*args)
         start = time.perf_counter()
@@ -422,7 +431,7 @@ class _Loops:
             )
         elif kind == "compile":
 
-            def compiled(fn, what: str):  # noqa: ANN001, ANN202
+            def compiled(fn: Callable[..., Any], what: str) -> _FirstCallTimer:
                 return _FirstCallTimer(torch.compile(fn, dynamic=False, fullgraph=True), what)
 
             lstm_step = compiled(_lstm_pointwise, "LSTM step")
@@ -447,7 +456,17 @@ class _FusedLSTMLayer(torch.autograd.Function):
     """One LSTM layer over a window, time-major x (T, B, I) -> (hs (T, B, H), h_T, c_T)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, loops):  # noqa: ANN001, ANN205
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Tensor,
+        b_hh: Tensor,
+        loops: _Loops,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         T, B, _ = x.shape
         x2 = x.reshape(T * B, -1)  # (T*B, I)
         gates = torch.addmm(b_ih + b_hh, x2, w_ih.t()).view(T, B, -1)  # (T, B, 4H)
@@ -457,7 +476,7 @@ class _FusedLSTMLayer(torch.autograd.Function):
         return hs, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, dy: Tensor, dh_n: Tensor, dc_n: Tensor) -> tuple[Tensor | None, ...]:
         x2, h0, c0, w_ih, w_hh, gates, cs, hs = ctx.saved_tensors
         T, B, G = gates.shape
         d_gates, dh0, dc0 = ctx.loops.lstm_backward(gates, cs, c0, w_hh, dy, dh_n, dc_n)
@@ -472,7 +491,16 @@ class _FusedGRULayer(torch.autograd.Function):
     """One GRU layer over a window, time-major x (T, B, I) -> (hs (T, B, H), h_T)."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, loops):  # noqa: ANN001, ANN205
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        h0: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Tensor,
+        b_hh: Tensor,
+        loops: _Loops,
+    ) -> tuple[Tensor, Tensor]:
         T, B, _ = x.shape
         x2 = x.reshape(T * B, -1)  # (T*B, I)
         gates = torch.addmm(b_ih, x2, w_ih.t()).view(T, B, -1)  # (T, B, 3H)
@@ -482,7 +510,7 @@ class _FusedGRULayer(torch.autograd.Function):
         return hs, hs[-1].clone()
 
     @staticmethod
-    def backward(ctx, dy, dh_n):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, dy: Tensor, dh_n: Tensor) -> tuple[Tensor | None, ...]:
         x2, h0, w_ih, w_hh, gates, hn, hs = ctx.saved_tensors
         T, B, G = gates.shape
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # (T, B, H)
@@ -579,7 +607,9 @@ def gru_cell(xp: Tensor, state: tuple[Tensor], w: LayerWeights, opt: StepOptions
     return (_zoneout(h, n + z * (h - n), opt),)
 
 
-def run_layer(cell_fn, xp: Tensor, state: State, w: LayerWeights, opt: StepOptions):  # noqa: ANN001, ANN201
+def run_layer(
+    cell_fn: Callable[..., State], xp: Tensor, state: State, w: LayerWeights, opt: StepOptions
+) -> tuple[Tensor, State]:
     """The loop over time: xp (T, B, G*H) -> outputs (T, B, H_out) and the final state.
 
     ``unbind`` hands each step a separate view; indexing ``xp[t]`` instead would make backward
