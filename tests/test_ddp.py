@@ -34,6 +34,7 @@ RUN = [
 ]
 ONE = ["trainer.devices=1", "data.batch_size=4", "data.eval_batch_size=4"]
 TWO = ["trainer.devices=2", "data.batch_size=2", "data.eval_batch_size=2"]  # same global batch
+ENV = {**ENV, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
