@@ -243,6 +243,10 @@ def fit(job: Job) -> dict:
     stride = cfg.tbptt.stride or cfg.tbptt.window
     train = Streams(job.splits["train"], cfg.data.batch_size, stride, rank, world)
     val = Streams(job.splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window, rank, world)
+    if world > 1:
+        # The weights are already built (DDP copies rank 0's to every rank anyway); from here on
+        # each rank draws its own dropout masks, as the streams of one process do.
+        L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
     log.info(
         "model: %s %s, %d x %d, %s parameters; kernel: %s; device: %s",
         cfg.model.backend,
@@ -286,7 +290,7 @@ def fit(job: Job) -> dict:
             "checkpoint": preemption.checkpoint,
         }
     if module.last_val_step != trainer.global_step:  # the last update was not validated yet
-        trainer.validate(module, eval_loader(val), verbose=False)
+        trainer.validate(module, eval_loader(val), verbose=False, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     summary.update(
         val_loss=module.last_val["val/loss"],
