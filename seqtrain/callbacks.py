@@ -70,8 +70,7 @@ class Preemption(L.Callback):
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
         self.received: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
@@ -81,6 +80,10 @@ class Preemption(L.Callback):
             return
         trainer.save_checkpoint(self.checkpoint)
         trainer.should_stop = True
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        for sig, handler in self.previous.items():  # the caller's handlers again
+            signal.signal(sig, handler)
 
     @property
     def signal_name(self) -> str | None:

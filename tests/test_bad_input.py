@@ -189,3 +189,13 @@ def test_docs_table_lists_every_case() -> None:
     for name, _, message in CASES:
         assert f"| {name} |" in table, name
         assert message in table, message
+
+
+def test_full_traceback_only_when_asked(tmp_path, monkeypatch) -> None:
+    from seqtrain.config import ConfigError
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    argv = ["seqtrain", *TINY, "tbptt.window=0", f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(ConfigError, match="tbptt.window=0"):
+        cli.main()

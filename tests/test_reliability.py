@@ -183,6 +183,28 @@ def test_too_many_nonfinite_updates_stop_with_the_weights_from_before(
         assert torch.isfinite(value).all(), name
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
+def test_sigint_and_sigusr1_stop_after_the_update_with_a_checkpoint(sig, tmp_path, monkeypatch):
+    original = model_module.RecurrentLM.logits
+    calls = {"n": 0}
+
+    def logits(self, h):  # the signal lands in the middle of update 3
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), sig)
+        return original(self, h)
+
+    monkeypatch.setattr(model_module.RecurrentLM, "logits", logits)
+    before = signal.getsignal(sig)
+    summary = train.fit(tiny_job(tmp_path, "trainer.max_steps=6"))
+    assert summary["stopped_by"] == signal.Signals(sig).name
+    assert summary["steps"] == 3  # update 3 finished, then the run stopped
+    assert read(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert not (tmp_path / "summary.json").exists()  # a stopped run is not a finished one
+    assert signal.getsignal(sig) == before  # the handlers are handed back
+
+
 def test_same_seed_same_losses(tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
