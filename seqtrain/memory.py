@@ -1,9 +1,44 @@
-"""Memory: gradient checkpointing over time chunks, and how long a chunk is."""
+"""Memory: checkpointing over time chunks, activation accounting, and a budget -> chunk planner.
+
+The engine (tbptt.py) cuts a window into segments; with a chunk length set it runs every segment
+but the last under `checkpointed`, so only the states at segment boundaries outlive the forward
+pass and each segment is recomputed, one at a time, during backward. The last segment is not
+checkpointed: its backward runs first, so recomputing it would redo work for no memory gain.
+
+Two numbers describe one update's memory, and both are measured on every device:
+    saved bytes   what autograd holds for backward when the forward ends (saved_tensors_hooks,
+                  each storage once; parameters and the batch itself not counted);
+    peak bytes    the high-water mark of memory allocated during forward + backward, above what
+                  was allocated when the update began (torch.cuda.max_memory_allocated on CUDA,
+                  the profiler's memory events on CPU). Weights, optimizer state and the batch are
+                  outside it; the parameter gradients made by the backward are inside it.
+
+The planner predicts both for every chunk length from the shapes, calibrates the per-step term
+with one measured probe update, and picks the plan with the least recomputation whose predicted
+peak fits `memory.budget`:
+    saved(c) = n(c) * S + m(c) * a
+    peak(c)  = G + n(c) * S + m(c) * p
+with S the bytes of one boundary state (exact, from the shapes), n(c) = ceil(T / c) - 1 kept
+boundaries, m(c) = min(c, T) steps in the longest (and the last) segment, G the parameter
+gradients, a and p the saved and peak bytes per step (shape model, then the probe's values).
+Recomputation is T - m(c) steps, so the longest chunk that fits recomputes least.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from dataclasses import dataclass
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = ("none", "chunk", "auto")
 
@@ -12,16 +47,415 @@ CHECKPOINT_MODES = ("none", "chunk", "auto")
 class MemoryConfig:
     checkpoint: str = "none"  # none | chunk (recompute every `chunk` steps) | auto (pick the chunk)
     chunk: int | None = None  # steps per recomputed segment (checkpoint=chunk)
+    budget: str | None = None  # peak bytes of one update, e.g. 512MiB; auto fits the chunk to it
+    probe: bool = True  # measure one update before training and print predicted vs measured
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str | int, key: str = "memory.budget") -> int:
+    """'512MiB' -> 536870912; SI (kB, MB, GB) and binary (KiB, MiB, GiB) units, any case."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{key}={text}: not a size; write a number and a unit, e.g. 512MiB or 2GB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{key}={text}: must be more than 0 bytes")
+    return size
+
+
+def format_size(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def plan_chunk(cfg: MemoryConfig, window: int) -> int | None:
-    """Steps per checkpointed segment, or None for no checkpointing.
+    """Steps per checkpointed segment before any measurement, or None for no checkpointing.
 
     `auto` takes ceil(sqrt(window)): it keeps sqrt(T) boundary states plus one segment's
-    activations, the minimum of T/c + c, for one extra forward of recomputation.
+    activations, near the minimum of T/c + c, for about one extra forward of recomputation.
+    With a budget the planner (`plan_for_budget`) replaces this guess once it has measured.
     """
     if cfg.checkpoint == "none":
         return None
     if cfg.checkpoint == "chunk":
         return cfg.chunk
     return math.ceil(math.sqrt(window))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointing and accounting
+# ---------------------------------------------------------------------------------------------
+
+_ACTIVE: list[SavedBytes] = []  # the innermost accounting context sees checkpoint inputs
+
+
+def checkpointed(fn: Callable, *args: object) -> object:
+    """fn(*args), recomputed in backward instead of keeping what it saves.
+
+    Non-reentrant (the PyTorch default going forward), with the RNG state stashed and restored so
+    dropout and zoneout masks replay identically. A checkpoint keeps its tensor inputs alive for
+    the recomputation; they are counted as saved bytes here, since autograd's hooks never see them.
+    """
+    if _ACTIVE:
+        _ACTIVE[-1].keep(*(a for a in args if isinstance(a, Tensor)))
+        for a in args:  # the state is a tuple of tensors
+            if isinstance(a, tuple):
+                _ACTIVE[-1].keep(*(t for t in a if isinstance(t, Tensor)))
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward inside the block, each storage once.
+
+    Storages of `exclude` (parameters, the batch, the carried state: memory that exists whether
+    or not this update runs) are not counted. Inside a checkpointed segment the checkpoint's own
+    hooks take over, so what a checkpoint discards is, correctly, not counted either.
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self.excluded = {_storage_key(t) for t in exclude}
+        self.storages: dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def keep(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            key = _storage_key(t)
+            if key not in self.excluded:
+                self.storages[key] = t.untyped_storage().nbytes()
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.keep(t)
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+        self._hooks.__exit__(*exc)
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes allocated at the high-water mark while fn runs, above what was allocated before."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # allocations > 0, frees < 0
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            current += e.nbytes()
+            peak = max(peak, current)
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one update
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Usage:
+    saved_bytes: int
+    peak_bytes: int
+    seconds: float  # wall time of the measured update (the CPU profiler adds a little)
+
+
+@contextlib.contextmanager
+def _rng_kept(device: torch.device) -> Iterator[None]:
+    """A probe must not change the random stream training will see."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def measure_update(
+    engine,  # noqa: ANN001  (tbptt.Engine; not imported: tbptt imports this module)
+    batch_size: int,
+    window: int,
+    vocab_size: int,
+    chunk: int | None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> Usage:
+    """Run one forward + backward of a (batch_size, window) update with `chunk`, measured.
+
+    Random tokens, a zero start state and no resets: memory depends on shapes, not on text. The
+    model's gradients and the RNG state are restored afterwards, the optimizer is not touched.
+    """
+    model: nn.Module = engine.model
+    device = next(model.parameters()).device
+    x = torch.randint(0, vocab_size, (batch_size, window), device=device)  # (B, T)
+    y = torch.randint(0, vocab_size, (batch_size, window), device=device)  # (B, T)
+    resets = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    saved = SavedBytes(exclude=[*params, x, y, resets])
+
+    def update() -> None:
+        with autocast or contextlib.nullcontext(), saved:
+            loss, _, _ = engine.run(x, y, resets, None, chunk=chunk)
+        (loss / x.numel()).backward()
+
+    with _rng_kept(device):
+        start = time.perf_counter()
+        peak = measure_peak(update, device)
+        seconds = time.perf_counter() - start
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return Usage(saved.bytes, peak, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryModel:
+    """Predicted saved and peak bytes of one update of T steps, for any chunk length."""
+
+    window: int  # T
+    state_bytes: int  # S: one boundary state, all layers (exact)
+    grad_bytes: int  # G: the parameter gradients the backward allocates (exact)
+    fixed_bytes: float  # K: peak bytes that do not grow with the segment (G, backward scratch)
+    step_saved: float  # a: saved bytes per step of a kept segment
+    step_peak: float  # p: peak bytes per step of the live segment (saved + backward transients)
+
+    @classmethod
+    def from_shapes(cls, model: nn.Module, batch_size: int, window: int) -> MemoryModel:
+        """What backprop through the cells needs, per step: inputs, gates, cell and hidden
+        states of every layer, and the head's input and log-softmax; their gradients are the
+        backward's transients. Kernels keep more (oneDNN's and cuDNN's workspaces) or less: the
+        probe corrects the per-step terms."""
+        cfg = model.cfg  # RecurrentLM's ModelConfig
+        f = next(model.parameters()).element_size()
+        H, L, E, V = cfg.hidden_size, cfg.num_layers, cfg.embedding_size, model.head.out_features
+        out = cfg.output_size
+        lstm = cfg.cell == "lstm"
+        gates = 4 if lstm else 3
+        per_layer = [(E if k == 0 else out) + gates * H + H + out for k in range(L)]
+        step = batch_size * f * (sum(per_layer) + out + 2 * V)
+        state = L * batch_size * f * (out + (H if lstm else 0))
+        grads = sum(p.numel() * p.element_size() for p in model.parameters())
+        # scratch: one layer's weight gradients before they are added to the accumulated ones
+        layer = max(p.numel() * p.element_size() for p in model.rnn.parameters())
+        return cls(window, state, grads, float(grads + 2 * layer), float(step), float(2 * step))
+
+    def segments(self, chunk: int | None) -> tuple[int, int]:
+        """(kept boundary states, steps in the longest segment) for a chunk length."""
+        if chunk is None or chunk >= self.window:
+            return 0, self.window
+        return math.ceil(self.window / chunk) - 1, chunk
+
+    def saved(self, chunk: int | None) -> float:
+        n, m = self.segments(chunk)
+        return n * self.state_bytes + m * self.step_saved
+
+    def peak(self, chunk: int | None) -> float:
+        n, m = self.segments(chunk)
+        return self.fixed_bytes + n * self.state_bytes + m * self.step_peak
+
+    def recompute(self, chunk: int | None) -> float:
+        """Fraction of the forward that runs twice: every segment but the last."""
+        _, m = self.segments(chunk)
+        return (self.window - m) / self.window
+
+    def calibrated(self, measured: dict[int | None, Usage]) -> MemoryModel:
+        """The per-step terms fitted to measured updates: one measurement sets a and p (K stays
+        the shapes' estimate), two with different segment lengths set K and p as well."""
+        points = sorted({self.segments(c)[1]: (c, u) for c, u in measured.items()}.items())
+        m, (c, usage) = points[-1]
+        n = self.segments(c)[0]
+        step_saved = max(0.0, (usage.saved_bytes - n * self.state_bytes) / m)
+        fixed = self.fixed_bytes
+        if len(points) >= 2:  # the two longest segments measured: a line through both
+            m0, (c0, u0) = points[-2]
+            y0 = u0.peak_bytes - self.segments(c0)[0] * self.state_bytes
+            y1 = usage.peak_bytes - n * self.state_bytes
+            fixed = max(float(self.grad_bytes), y1 - (y1 - y0) / (m - m0) * m)
+        step_peak = max(step_saved, (usage.peak_bytes - fixed - n * self.state_bytes) / m)
+        return MemoryModel(
+            self.window, self.state_bytes, self.grad_bytes, fixed, step_saved, step_peak
+        )
+
+    def minimum(self) -> int:
+        """The chunk length with the smallest predicted peak."""
+        return min(range(1, self.window + 1), key=self.peak)
+
+    def fit(self, budget: int) -> int | None:
+        """The longest chunk (least recomputation) whose predicted peak fits; None when no
+        checkpointing fits. Raises ValueError stating the minimum when nothing fits."""
+        if self.peak(None) <= budget:
+            return None
+        feasible = [c for c in range(1, self.window) if self.peak(c) <= budget]
+        if feasible:
+            return max(feasible)
+        best = self.minimum()
+        raise ValueError(
+            f"memory.budget={format_size(budget)} is below the minimum of "
+            f"{format_size(self.peak(best))} for this model, batch and window (chunk {best}); "
+            "raise it, or lower data.batch_size or tbptt.window"
+        )
+
+
+@dataclass
+class Plan:
+    """What the run keeps to; goes into summary.json."""
+
+    checkpoint: str  # the mode asked for
+    chunk: int | None  # steps per recomputed segment; None = no checkpointing
+    recompute: float  # fraction of the forward run twice
+    budget_bytes: int | None
+    predicted_saved_bytes: int  # before this plan was measured
+    predicted_peak_bytes: int
+    saved_bytes: int | None  # measured on a probe update (None: memory.probe=false)
+    peak_bytes: int | None
+    probes: int  # measured updates the planner ran
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _describe(chunk: int | None) -> str:
+    return "no checkpointing" if chunk is None else f"chunk {chunk}"
+
+
+def plan_memory(
+    cfg: MemoryConfig,
+    engine,  # noqa: ANN001  (tbptt.Engine)
+    batch_size: int,
+    vocab_size: int,
+    autocast: contextlib.AbstractContextManager | None = None,
+    say: Callable[[str], None] = log.info,
+) -> Plan:
+    """Choose the chunk, measure it, say predicted vs measured, and set engine.chunk.
+
+    Without a budget the chunk is `plan_chunk`'s and one probe measures it (memory.probe). With
+    a budget and checkpoint=auto: a probe at ceil(sqrt(T)) calibrates the model, the longest
+    chunk predicted to fit is measured, the model is refitted through both measurements and, if
+    it now predicts a longer chunk fits, that one is measured too (at most four probes). The
+    longest measured chunk within the budget wins. With a budget and a fixed plan (none, chunk)
+    the plan is measured and must fit. Nothing fits: ValueError stating the minimum.
+    """
+    T = engine.window
+    budget = parse_size(cfg.budget) if cfg.budget is not None else None
+    model = MemoryModel.from_shapes(engine.model, batch_size, T)
+    measured: dict[int | None, Usage] = {}
+    predicted: dict[int | None, tuple[float, float]] = {}  # (saved, peak) before measuring
+
+    def measure(chunk: int | None) -> Usage:
+        if chunk not in measured:
+            predicted[chunk] = (model.saved(chunk), model.peak(chunk))
+            measured[chunk] = measure_update(engine, batch_size, T, vocab_size, chunk, autocast)
+        return measured[chunk]
+
+    chunk = plan_chunk(cfg, T)
+    if budget is not None and cfg.checkpoint == "auto":
+        probe = math.ceil(math.sqrt(T))
+        usage = measure(probe)
+        say(
+            f"memory probe at chunk {probe} (T={T}, B={batch_size}): saved "
+            f"{format_size(usage.saved_bytes)}, peak {format_size(usage.peak_bytes)} "
+            f"(shape model {format_size(model.saved(probe))}, {format_size(model.peak(probe))})"
+        )
+        model = model.calibrated(measured)
+        fits = [probe] if usage.peak_bytes <= budget else []
+        for _ in range(3):
+            chunk = model.fit(budget)
+            if chunk in measured:
+                break
+            usage = measure(chunk)
+            say(
+                f"memory: {_describe(chunk)} predicted peak {format_size(model.peak(chunk))}, "
+                f"measured {format_size(usage.peak_bytes)}"
+            )
+            if usage.peak_bytes <= budget:
+                fits.append(chunk)
+            model = model.calibrated(measured)
+        if not fits:
+            raise ValueError(
+                f"memory.budget={cfg.budget}: measured peaks exceed it (smallest "
+                f"{format_size(min(u.peak_bytes for u in measured.values()))}); raise it"
+            )
+        chunk = max(fits, key=lambda c: T if c is None else c)  # the least recomputation
+    elif cfg.probe or budget is not None:
+        usage = measure(chunk)
+        if budget is not None and usage.peak_bytes > budget:
+            raise ValueError(
+                f"memory.budget={cfg.budget}: {_describe(chunk)} needs a peak of "
+                f"{format_size(usage.peak_bytes)}; use memory.checkpoint=auto or a smaller chunk"
+            )
+    usage = measured.get(chunk)
+    saved, peak = predicted.get(chunk, (model.saved(chunk), model.peak(chunk)))
+    engine.chunk = chunk
+    plan = Plan(
+        checkpoint=cfg.checkpoint,
+        chunk=chunk,
+        recompute=round(model.recompute(chunk), 4),
+        budget_bytes=budget,
+        predicted_saved_bytes=round(saved),
+        predicted_peak_bytes=round(peak),
+        saved_bytes=usage.saved_bytes if usage else None,
+        peak_bytes=usage.peak_bytes if usage else None,
+        probes=len(measured),
+    )
+    if usage is not None:
+        within = f" (budget {format_size(budget)})" if budget is not None else ""
+        say(
+            f"memory plan: {_describe(chunk)}, recomputes {plan.recompute:.0%} of the forward; "
+            f"saved {format_size(plan.predicted_saved_bytes)} predicted, "
+            f"{format_size(usage.saved_bytes)} measured; peak "
+            f"{format_size(plan.predicted_peak_bytes)} predicted, "
+            f"{format_size(usage.peak_bytes)} measured{within}"
+        )
+    return plan
