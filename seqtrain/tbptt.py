@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from seqtrain.data import Window
+from seqtrain.memory import SavedBytes, checkpointed
 
 State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (num_layers, B, H)
 
@@ -56,11 +56,12 @@ def segment_bounds(length: int, resets: Tensor, cuts: list[int], chunk: int | No
     """Start positions of segments: every reset step, every forced cut, every chunk boundary.
 
     A fused kernel cannot zero one stream mid-sequence, so a window is run as segments that
-    start wherever any stream resets; the state is masked between segments.
+    start wherever any stream resets; the state is masked between segments. Chunk boundaries
+    count back from the end, so the last segment (never recomputed) is a whole chunk.
     """
     starts = {0, *cuts, *torch.nonzero(resets.any(dim=0)).flatten().tolist()}
     if chunk is not None:
-        starts.update(range(0, length, chunk))
+        starts.update(range(length % chunk, length, chunk))
     return sorted(s for s in starts if 0 <= s < length)
 
 
@@ -84,6 +85,7 @@ class Engine:
         self.state: State | None = None  # detached state at the start of `history`
         self.history: tuple[Tensor, Tensor, Tensor] | None = None  # inputs, targets, resets
         self.eval_state: State | None = None
+        self.saved_bytes = 0  # held for backward by the last train_update (memory.SavedBytes)
 
     @property
     def history_length(self) -> int:
@@ -119,8 +121,9 @@ class Engine:
             if state is not None and not bool(keep.all()):
                 state = reset(state, keep)
             args = (x[:, a:b], y[:, a:b], state, a >= loss_from)
-            if chunk is not None and torch.is_grad_enabled():
-                loss, state = checkpoint(self._segment, *args, use_reentrant=False)
+            # The last segment's backward runs first: recomputing it would save nothing.
+            if chunk is not None and b < x.shape[1] and torch.is_grad_enabled():
+                loss, state = checkpointed(self._segment, *args)
             else:
                 loss, state = self._segment(*args)
             total = total + loss
@@ -142,7 +145,10 @@ class Engine:
         loss_from = x.shape[1] - new
         keep = min(self.history_length, x.shape[1])
         capture_at = x.shape[1] - keep
-        loss_sum, _, captured = self.run(x, y, r, self.state, loss_from, capture_at, self.chunk)
+        batch = [*self.model.parameters(), x, y, r, *(self.state or ())]
+        with SavedBytes(exclude=batch) as saved:
+            loss_sum, _, captured = self.run(x, y, r, self.state, loss_from, capture_at, self.chunk)
+        self.saved_bytes = saved.bytes
         tokens = new * x.shape[0]
         loss = loss_sum / tokens  # mean over the new positions only; history carries no loss
         backward(loss)
