@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
@@ -75,9 +76,18 @@ class Preemption(L.Callback):
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
 
+    def on_train_start(self, trainer, module) -> None:
+        # Lightning wraps SIGTERM when fit starts (under DDP its handler kills the other ranks
+        # from inside the signal handler); take it back so every signal waits for the update.
+        signal.signal(signal.SIGTERM, self._handle)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        # The largest signal number any rank received: every rank stops, and names the signal.
+        mine = torch.tensor(self.received or 0, device=module.device)
+        signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
+        if not signum:
             return
+        self.received = signum
         trainer.save_checkpoint(self.checkpoint)
         trainer.should_stop = True
 

@@ -90,6 +90,8 @@ def resume_command(run_dir: Path) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from seqtrain import train  # heavy imports (Lightning) only once the config is known good
     from seqtrain.checkpoint import CheckpointError
     from seqtrain.module import NonFiniteError
@@ -99,19 +101,24 @@ def hydra_main(raw: DictConfig) -> float:
         job = train.prepare(validate(raw), run_dir)
     except (ConfigError, DataError, CheckpointError) as err:
         fail(str(err))
-    record_config(raw, run_dir)
+    # Under DDP every rank runs this function; one of them speaks and writes the record.
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    if rank_zero:
+        record_config(raw, run_dir)
     try:
         summary = train.fit(job)
     except NonFiniteError as err:
         fail(str(err))
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
-        print(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
-        print(f"resume with: {resume_command(run_dir)}")
+        if rank_zero:
+            print(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
+            print(f"resume with: {resume_command(run_dir)}")
         sys.exit(128 + int(getattr(signal, stopped)))  # as if the signal had killed it
-    print(f"\nrun directory: {run_dir}")
-    print(f"val/bpc: {summary['val_bpc']:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
-    print(f"tensorboard --logdir {run_dir}")
+    if rank_zero:
+        print(f"\nrun directory: {run_dir}")
+        print(f"val/bpc: {summary['val_bpc']:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
+        print(f"tensorboard --logdir {run_dir}")
     return summary["val_bpc"]  # the objective a Hydra sweeper minimises
 
 

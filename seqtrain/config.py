@@ -97,7 +97,7 @@ def check_overrides(overrides: list[str], conf_dir: Path) -> None:
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         group, _, rest = key.partition(".")
-        if group == "hydra" or override.is_delete():
+        if group == "hydra" or key.startswith("hydra/") or override.is_delete():
             continue
         if rest:  # a value inside a group: the field must exist
             if group not in fields or rest.split(".")[0] not in group_keys(group):
