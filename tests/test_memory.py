@@ -1,0 +1,260 @@
+"""Chunked checkpointing changes memory and time, never gradients; the accounting and the planner
+measure and predict what they claim. Tiny models: the whole file runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from seqtrain import cells, tbptt
+from seqtrain.memory import (
+    MemoryConfig,
+    MemoryModel,
+    SavedBytes,
+    format_size,
+    measure_update,
+    parse_size,
+    plan_chunk,
+    plan_memory,
+)
+from seqtrain.model import ModelConfig, RecurrentLM
+from seqtrain.tbptt import Engine
+
+from .conftest import assert_close
+
+V = 256
+
+
+def model(backend: str = "cudnn", **options: object) -> RecurrentLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backend=backend, embedding_size=8, hidden_size=12, num_layers=2, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notices
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return RecurrentLM(cfg, V)
+
+
+def batch(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (b, t), generator=g)  # (B, T)
+    y = torch.randint(0, V, (b, t), generator=g)  # (B, T)
+    return x, y, torch.zeros(b, t, dtype=torch.bool)
+
+
+def grads(m: RecurrentLM, chunk: int | None, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Gradients of one summed-loss update over a (3, 24) batch, RNG seeded the same each time."""
+    x, y, r = batch(3, 24)
+    torch.manual_seed(seed)
+    loss, _, _ = Engine(m, 24).run(x, y, r, None, chunk=chunk)
+    loss.backward()
+    out = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    return out
+
+
+def uncheckpointed(fn, *args):  # noqa: ANN001, ANN201
+    return fn(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and modes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5 kib", 1536), ("1000", 1000)],
+)
+def test_sizes_parse_in_si_and_binary_units(text, size) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "12XB", "-5MiB", "0GiB", ""])
+def test_bad_sizes_are_one_line_errors(text) -> None:
+    with pytest.raises(ValueError, match=r"^memory.budget=.*: ") as err:
+        parse_size(text)
+    assert "\n" not in str(err.value)
+
+
+def test_size_formatting() -> None:
+    assert format_size(512 * 2**20) == "512.0 MiB" and format_size(100) == "100 B"
+
+
+def test_auto_without_budget_takes_ceil_sqrt_window() -> None:
+    assert plan_chunk(MemoryConfig("auto"), 2048) == 46
+    assert plan_chunk(MemoryConfig("chunk", 32), 2048) == 32
+    assert plan_chunk(MemoryConfig("none"), 2048) is None
+
+
+def test_last_segment_is_a_whole_chunk() -> None:
+    no_resets = torch.zeros(1, 10, dtype=torch.bool)
+    assert tbptt.segment_bounds(10, no_resets, [0], 4) == [0, 2, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: recomputed == kept, every backend, dropout on
+# ---------------------------------------------------------------------------------------------
+
+
+def backends() -> list:
+    marks = {"compile": pytest.mark.slow}
+    return [pytest.param(b, marks=marks.get(b, ())) for b in cells.BACKENDS]
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_checkpointed_gradients_equal_kept_gradients(backend, monkeypatch) -> None:
+    """The same segments, once recomputed in backward and once kept: dropout masks must replay."""
+    try:
+        m = model(backend, dropout=0.3, input_dropout=0.2)
+    except NotImplementedError:
+        pytest.skip(f"backend {backend} is not available")
+    recomputed = grads(m, chunk=5)
+    monkeypatch.setattr(tbptt, "checkpointed", uncheckpointed)
+    kept = grads(m, chunk=5)
+    for name, g in kept.items():
+        assert_close(recomputed[name], g, 1e-6, f"{backend} {name}")
+
+
+def test_zoneout_and_recurrent_dropout_replay_under_checkpointing(monkeypatch) -> None:
+    m = model("modular", recurrent_dropout=0.3, zoneout=0.2, variational=True, dropout=0.2)
+    recomputed = grads(m, chunk=4)
+    monkeypatch.setattr(tbptt, "checkpointed", uncheckpointed)
+    kept = grads(m, chunk=4)
+    for name, g in kept.items():
+        assert_close(recomputed[name], g, 1e-6, name)
+
+
+def test_without_dropout_checkpointing_equals_one_pass() -> None:
+    m = model()
+    whole = grads(m, chunk=None)
+    for name, g in grads(m, chunk=7).items():
+        assert_close(g, whole[name], 1e-6, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recomputation really happens: about one forward more in backward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backward_flops_rise_by_the_recomputed_forward() -> None:
+    m = model("modular")
+    x, y, r = batch(3, 24)
+    engine = Engine(m, 24)
+
+    def flops(chunk: int | None) -> tuple[int, int]:
+        with FlopCounterMode(display=False) as fwd:
+            loss, _, _ = engine.run(x, y, r, None, chunk=chunk)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+        m.zero_grad(set_to_none=True)
+        return fwd.get_total_flops(), bwd.get_total_flops()
+
+    forward, backward = flops(None)
+    forward_chunked, backward_chunked = flops(6)
+    assert forward > 0 and forward_chunked == forward
+    # chunk 6 over 24 steps: 4 segments, the last (6 steps) is not recomputed -> 3/4 of a forward
+    extra = (backward_chunked - backward) / forward
+    assert extra == pytest.approx(18 / 24, rel=0.05), f"backward rose by {extra:.3f} forwards"
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting and the model
+# ---------------------------------------------------------------------------------------------
+
+
+def test_saved_bytes_count_each_storage_once_and_skip_parameters() -> None:
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(8, 4, requires_grad=True)
+    with SavedBytes(exclude=[w, x]) as saved:
+        h = x @ w  # saves x and w: both excluded
+        z = (h * h).sum()  # saves h twice: one storage
+    assert saved.bytes == h.numel() * 4
+    z.backward()
+
+
+def test_engine_reports_saved_bytes_per_update() -> None:
+    m = model()
+    x, y, r = batch(2, 32)
+    window = tbptt.Window(x, y, r, 0)
+    kept = Engine(m, 32)
+    kept.train_update(window, lambda loss: loss.backward())
+    chunked = Engine(m, 32, chunk=4)
+    chunked.train_update(window, lambda loss: loss.backward())
+    assert 0 < chunked.saved_bytes < kept.saved_bytes / 3
+
+
+@pytest.mark.parametrize("mode", ["none", "sqrt"])
+def test_saved_bytes_at_three_window_lengths_follow_the_prediction(mode) -> None:
+    """Calibrate at T = 16, predict T = 64 and 256: linear without checkpoints, ~sqrt with."""
+    m, B = model(), 16
+
+    def chunk(t: int) -> int | None:
+        return None if mode == "none" else math.ceil(math.sqrt(t))
+
+    def saved(t: int) -> int:
+        return measure_update(Engine(m, t), B, t, V, chunk(t)).saved_bytes
+
+    first = {chunk(16): measure_update(Engine(m, 16), B, 16, V, chunk(16))}
+    calibrated = MemoryModel.from_shapes(m, B, 16).calibrated(first)
+    for t in (64, 256):
+        predicted = MemoryModel.from_shapes(m, B, t)
+        predicted.step_saved = calibrated.step_saved
+        assert saved(t) == pytest.approx(predicted.saved(chunk(t)), rel=0.1), f"T={t}"
+    growth = math.log(saved(256) / saved(64), 4)  # the exponent of T
+    assert growth == pytest.approx(1.0 if mode == "none" else 0.5, abs=0.15)
+
+
+def test_probe_leaves_gradients_and_random_stream_untouched() -> None:
+    m = model(dropout=0.3)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    measure_update(Engine(m, 16), 2, 16, V, 4)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(p.grad is None for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------------------------
+
+
+def test_planner_keeps_to_several_budgets() -> None:
+    m = model()
+    T, B = 96, 4
+    engine = Engine(m, T)
+    none = measure_update(engine, B, T, V, None).peak_bytes
+    smallest = measure_update(engine, B, T, V, 8).peak_bytes
+    chunks = []
+    for fraction in (0.0, 0.3, 0.6, 1.2):  # from near the minimum to more than enough
+        budget = int(smallest * 1.05 + fraction * (none - smallest))
+        plan = plan_memory(MemoryConfig("auto", budget=str(budget)), engine, B, V, say=print)
+        assert plan.chunk == engine.chunk
+        assert plan.peak_bytes <= budget, f"budget {budget}: {plan}"
+        assert measure_update(engine, B, T, V, plan.chunk).peak_bytes <= budget
+        chunks.append(T if plan.chunk is None else plan.chunk)
+    assert chunks == sorted(chunks) and chunks[-1] == T  # more budget: less recomputation
+
+
+def test_budget_below_the_minimum_states_the_minimum() -> None:
+    m = model()
+    with pytest.raises(ValueError, match=r"below the minimum of [\d.]+ KiB .* \(chunk \d+\)"):
+        plan_memory(MemoryConfig("auto", budget="1KiB"), Engine(m, 64), 4, V)
+
+
+def test_fixed_plan_over_budget_is_refused() -> None:
+    m = model()
+    with pytest.raises(ValueError, match="no checkpointing needs a peak of"):
+        plan_memory(MemoryConfig("none", budget="20KiB"), Engine(m, 64), 4, V)
+
+
+def test_plan_without_budget_is_measured_once() -> None:
+    m = model()
+    engine = Engine(m, 64)
+    plan = plan_memory(MemoryConfig("auto"), engine, 4, V)
+    assert plan.chunk == 8 == engine.chunk and plan.probes == 1
+    assert plan.saved_bytes > 0 and plan.peak_bytes >= plan.saved_bytes
