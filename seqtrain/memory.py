@@ -17,10 +17,11 @@ The planner predicts both for every chunk length from the shapes, calibrates the
 with one measured probe update, and picks the plan with the least recomputation whose predicted
 peak fits `memory.budget`:
     saved(c) = n(c) * S + m(c) * a
-    peak(c)  = G + n(c) * S + m(c) * p
+    peak(c)  = K + n(c) * S + m(c) * p
 with S the bytes of one boundary state (exact, from the shapes), n(c) = ceil(T / c) - 1 kept
-boundaries, m(c) = min(c, T) steps in the longest (and the last) segment, G the parameter
-gradients, a and p the saved and peak bytes per step (shape model, then the probe's values).
+boundaries, m(c) = min(c, T) + 1 states in the longest (and the last) segment (fused kernels keep
+the start state with the steps), K the parameter gradients and backward scratch, a and p the
+saved and peak bytes per step (the shape model's, then the probe's).
 Recomputation is T - m(c) steps, so the longest chunk that fits recomputes least.
 """
 
@@ -234,8 +235,9 @@ def measure_update(
     """
     model: nn.Module = engine.model
     device = next(model.parameters()).device
-    x = torch.randint(0, vocab_size, (batch_size, window), device=device)  # (B, T)
-    y = torch.randint(0, vocab_size, (batch_size, window), device=device)  # (B, T)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch_size, window), device=device, generator=g)  # (B, T)
+    y = torch.randint(0, vocab_size, (batch_size, window), device=device, generator=g)  # (B, T)
     resets = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
     params = list(model.parameters())
     grads = [p.grad for p in params]
@@ -292,10 +294,10 @@ class MemoryModel:
         return cls(window, state, grads, float(grads + 2 * layer), float(step), float(2 * step))
 
     def segments(self, chunk: int | None) -> tuple[int, int]:
-        """(kept boundary states, steps in the longest segment) for a chunk length."""
+        """(kept boundary states, states in the longest segment: its steps + its start)."""
         if chunk is None or chunk >= self.window:
-            return 0, self.window
-        return math.ceil(self.window / chunk) - 1, chunk
+            return 0, self.window + 1
+        return math.ceil(self.window / chunk) - 1, chunk + 1
 
     def saved(self, chunk: int | None) -> float:
         n, m = self.segments(chunk)
@@ -308,7 +310,7 @@ class MemoryModel:
     def recompute(self, chunk: int | None) -> float:
         """Fraction of the forward that runs twice: every segment but the last."""
         _, m = self.segments(chunk)
-        return (self.window - m) / self.window
+        return (self.window - m + 1) / self.window
 
     def calibrated(self, measured: dict[int | None, Usage]) -> MemoryModel:
         """The per-step terms fitted to measured updates: one measurement sets a and p (K stays
