@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from seqtrain import cells
 from seqtrain.data import DataConfig
-from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig
+from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import ModelConfig
 from seqtrain.tbptt import TbpttConfig
 
@@ -197,6 +197,12 @@ def validate(raw: DictConfig | dict) -> Config:
         mem.chunk,
         "memory.checkpoint=chunk needs a positive chunk length",
     )
+    _require(mem.chunk is None or mem.chunk > 0, "memory.chunk", mem.chunk, positive)
+    if mem.budget is not None:
+        try:
+            parse_size(mem.budget)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(
