@@ -258,3 +258,36 @@ def test_plan_without_budget_is_measured_once() -> None:
     plan = plan_memory(MemoryConfig("auto"), engine, 4, V)
     assert plan.chunk == 8 == engine.chunk and plan.probes == 1
     assert plan.saved_bytes > 0 and plan.peak_bytes >= plan.saved_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        ({"budget": "12XB"}, "memory.budget=12XB: not a size; write a number and a unit"),
+        ({"budget": "0MiB"}, "memory.budget=0MiB: must be more than 0 bytes"),
+        ({"checkpoint": "chunk", "chunk": 0}, "memory.chunk=0: "),
+        ({"checkpoint": "sometimes"}, "memory.checkpoint=sometimes: choose from none, chunk, auto"),
+    ],
+)
+def test_bad_memory_settings_are_one_line_config_errors(memory, message) -> None:
+    from seqtrain.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message) as err:
+        validate({"memory": memory})
+    assert "\n" not in str(err.value)
+
+
+def test_memory_groups_compose() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from seqtrain.cli import CONF_DIR
+    from seqtrain.config import validate
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = validate(compose("train", overrides=["memory=auto", "memory.budget=64MiB"]))
+    assert cfg.memory.checkpoint == "auto" and parse_size(cfg.memory.budget) == 64 * 2**20
