@@ -461,3 +461,39 @@ def plan_memory(
             f"{format_size(usage.peak_bytes)} measured{within}"
         )
     return plan
+
+
+class PeakMeter:
+    """Peak bytes of the block above its start, from CUDA's allocator counters (cheap enough for
+    every update); `bytes` stays None on CPU, where only a profiled probe can tell."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+
+    def __enter__(self) -> PeakMeter:
+        if self.device.type == "cuda":
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+
+
+def plan_run(module: nn.Module, cfg, device: torch.device) -> Plan:  # noqa: ANN001  (Config)
+    """train.fit's call: plan the module's engine on the training device under its precision;
+    a budget that cannot be met is a one-line ConfigError."""
+    from seqtrain.config import ConfigError
+
+    device = torch.device(device)
+    module.to(device)
+    autocast = None
+    if cfg.trainer.precision == "bf16-mixed":
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    vocab_size = module.model.head.out_features
+    try:
+        return plan_memory(cfg.memory, module.engine, cfg.data.batch_size, vocab_size, autocast)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
