@@ -21,7 +21,7 @@ from torch import Tensor
 
 from seqtrain.config import Config, OptimConfig, from_dict, to_dict
 from seqtrain.data import Window
-from seqtrain.memory import plan_chunk
+from seqtrain.memory import PeakMeter, plan_chunk
 from seqtrain.model import RecurrentLM
 from seqtrain.tbptt import Engine, bits
 
@@ -72,6 +72,9 @@ class LanguageModelModule(L.LightningModule):
         t = self.cfg.tbptt
         chunk = plan_chunk(self.cfg.memory, t.window)
         self.engine = Engine(self.model, t.window, t.stride, t.carry, chunk)
+        self.memory_plan: dict | None = None  # memory.plan_run's measured plan (train.fit sets it)
+        self.saved_bytes = 0  # the most any update saved for backward
+        self.peak_bytes: int | None = None  # the highest update peak (CUDA) or the probe's (CPU)
         self.automatic_optimization = False
         self.tokens_seen = 0
         self.windows_seen = 0  # the data cursor: windows trained on since the run began
@@ -109,7 +112,9 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: Window, batch_idx: int) -> dict:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        result = self.engine.train_update(batch, self.manual_backward)
+        with PeakMeter(self.device) as peak:
+            result = self.engine.train_update(batch, self.manual_backward)
+        self.log_memory(peak.bytes)
         self.windows_seen += 1
         # DDP: each rank's loss is the mean over its own B x k1 new tokens, and DDP averages the
         # gradients over ranks. Every rank trains the same number of tokens, so the mean of the
@@ -135,6 +140,17 @@ class LanguageModelModule(L.LightningModule):
         self.log("optim/grad_norm", grad_norm)
         self.log("optim/skipped_steps", float(self.skipped_steps))
         return {"tokens": tokens}
+
+    def log_memory(self, peak: int | None) -> None:
+        """memory/saved_bytes of every update; memory/peak_bytes of every update on CUDA, and on
+        CPU the profiled probe's (the profiler is too slow to run on every update)."""
+        self.saved_bytes = max(self.saved_bytes, self.engine.saved_bytes)
+        self.log("memory/saved_bytes", float(self.engine.saved_bytes))
+        if peak is None and self.memory_plan is not None:
+            peak = self.memory_plan["peak_bytes"]
+        if peak is not None:
+            self.peak_bytes = max(self.peak_bytes or 0, peak)
+            self.log("memory/peak_bytes", float(peak))
 
     def skip_update(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient: no optimizer step, and the carried state (which may be
