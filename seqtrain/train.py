@@ -42,6 +42,7 @@ from seqtrain.data import (
     split_corpus,
     train_loader,
 )
+from seqtrain.memory import plan_run
 from seqtrain.module import LanguageModelModule
 
 log = logging.getLogger("seqtrain")
@@ -259,6 +260,8 @@ def fit(job: Job) -> dict:
     )
     if job.resume_from is not None:
         log.info("resuming from %s at window %d", job.resume_from, job.start_window)
+    # Before training: choose the checkpoint chunk (memory.budget) and measure one update.
+    module.memory_plan = plan_run(module, cfg, trainer.strategy.root_device).as_dict()
     start = time.perf_counter()
     trainer.fit(
         module,
@@ -282,6 +285,9 @@ def fit(job: Job) -> dict:
         "device": str(trainer.strategy.root_device),
         "world_size": trainer.world_size,  # ranks; steps, tokens and tokens_per_s are global
         "resumed_from": None if job.resume_from is None else str(job.resume_from),
+        "saved_bytes": module.saved_bytes,  # the most one update held for backward
+        "peak_bytes": module.peak_bytes,  # one update's high-water mark above the weights
+        "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
     if preemption.received is not None:
         return {
