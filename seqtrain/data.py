@@ -37,6 +37,8 @@ class DataConfig:
     batch_size: int = 32  # B: training streams, read in parallel
     eval_batch_size: int = 64  # streams for validation and test (no backward: wider is faster)
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/val/test
+    synthetic: str | None = None  # generate a task corpus of max_bytes instead: copy (synthetic.py)
+    lag: int = 300  # copy task: steps between a symbol and its recall
 
 
 @dataclass
@@ -116,6 +118,10 @@ def _sha256(raw: bytes) -> str:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.synthetic is not None:
+        from seqtrain.synthetic import load_synthetic
+
+        return load_synthetic(cfg.synthetic, cfg.max_bytes, cfg.lag)
     if cfg.path is not None:
         corpus = read_text_file(cfg.path)
     elif cfg.url is not None:
