@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = ("none", "chunk", "auto")
+HEADROOM = 0.03  # the planner aims this fraction under the budget, for the model's error
 
 
 @dataclass
@@ -334,14 +335,19 @@ class MemoryModel:
         """The chunk length with the smallest predicted peak."""
         return min(range(1, self.window + 1), key=self.peak)
 
-    def fit(self, budget: int) -> int | None:
-        """The longest chunk (least recomputation) whose predicted peak fits; None when no
-        checkpointing fits. Raises ValueError stating the minimum when nothing fits."""
-        if self.peak(None) <= budget:
-            return None
-        feasible = [c for c in range(1, self.window) if self.peak(c) <= budget]
-        if feasible:
-            return max(feasible)
+    def fit(self, budget: int, exclude: Iterable[int | None] = ()) -> int | None:
+        """The longest chunk (least recomputation) whose predicted peak fits, skipping chunks
+        measured not to; None when no checkpointing fits. Raises ValueError stating the minimum
+        when nothing fits. Aims 3% under the budget where it can: a margin for model error."""
+        exclude = set(exclude)
+        for target in (int(budget * (1 - HEADROOM)), budget):
+            if None not in exclude and self.peak(None) <= target:
+                return None
+            feasible = [
+                c for c in range(1, self.window) if c not in exclude and self.peak(c) <= target
+            ]
+            if feasible:
+                return max(feasible)
         best = self.minimum()
         raise ValueError(
             f"memory.budget={format_size(budget)} is below the minimum of "
@@ -379,6 +385,7 @@ def plan_memory(
     vocab_size: int,
     autocast: contextlib.AbstractContextManager | None = None,
     say: Callable[[str], None] = log.info,
+    measured: dict[int | None, Usage] | None = None,
 ) -> Plan:
     """Choose the chunk, measure it, say predicted vs measured, and set engine.chunk.
 
@@ -388,11 +395,12 @@ def plan_memory(
     it now predicts a longer chunk fits, that one is measured too (at most four probes). The
     longest measured chunk within the budget wins. With a budget and a fixed plan (none, chunk)
     the plan is measured and must fit. Nothing fits: ValueError stating the minimum.
+    `measured` holds (and receives) updates of this engine's shape already measured, by chunk.
     """
     T = engine.window
     budget = parse_size(cfg.budget) if cfg.budget is not None else None
     model = MemoryModel.from_shapes(engine.model, batch_size, T)
-    measured: dict[int | None, Usage] = {}
+    measured = {} if measured is None else measured
     predicted: dict[int | None, tuple[float, float]] = {}  # (saved, peak) before measuring
 
     def measure(chunk: int | None) -> Usage:
@@ -411,9 +419,9 @@ def plan_memory(
             f"(shape model {format_size(model.saved(probe))}, {format_size(model.peak(probe))})"
         )
         model = model.calibrated(measured)
-        fits = [probe] if usage.peak_bytes <= budget else []
+        fits = [c for c, u in measured.items() if u.peak_bytes <= budget]
         for _ in range(3):
-            chunk = model.fit(budget)
+            chunk = model.fit(budget, exclude=[c for c in measured if c not in fits])
             if chunk in measured:
                 break
             usage = measure(chunk)
@@ -425,9 +433,10 @@ def plan_memory(
                 fits.append(chunk)
             model = model.calibrated(measured)
         if not fits:
+            smallest = min(u.peak_bytes for u in measured.values())
             raise ValueError(
-                f"memory.budget={cfg.budget}: measured peaks exceed it (smallest "
-                f"{format_size(min(u.peak_bytes for u in measured.values()))}); raise it"
+                f"memory.budget={cfg.budget} ({budget:,} bytes): every plan measured exceeds it "
+                f"(the smallest peak: {smallest:,} bytes); raise it"
             )
         chunk = max(fits, key=lambda c: T if c is None else c)  # the least recomputation
     elif cfg.probe or budget is not None:
