@@ -13,7 +13,7 @@ At T >= --big the step time comes from the single profiled update (noted in the 
 
     python scripts/bench_memory.py            # ~8 minutes on 2 quiet CPU cores
     python scripts/bench_memory.py --quick    # ~1 minute: small model, T = 64 ... 512
-Writes docs/bench_memory.{md,png,json}.
+Writes docs/bench_memory.{md,png,json} (--quick: outputs/bench_memory/); --render JSON redraws.
 """
 
 from __future__ import annotations
@@ -219,16 +219,18 @@ def write_outputs(args: argparse.Namespace, results: list[dict], meta: dict) -> 
                 else "—"
             )
             seconds = "—" if extrapolated else f"{row['seconds']:.2f}"
+            faults = f"{row['faults']:,.0f}" if "faults" in row else "—"
             if not extrapolated and row.get("reps", 0) == 0:
                 seconds += " (profiled)"
             lines.append(
                 f"| {r['T']} | {p} | {row['chunk'] or '—'} | {format_size(row['saved_bytes'])}"
                 f"{mark} | {format_size(row['peak_bytes'])}{mark} | "
-                f"{row.get('saved_ratio', float('nan')):.2%} | "
-                f"{row.get('peak_ratio', float('nan')):.2%} | {seconds} | {ratio} | "
-                f"{row.get('faults', '—')} |"
+                f"{percent(row, 'saved_ratio', r)} | {percent(row, 'peak_ratio', r)} | "
+                f"{seconds} | {ratio} | {faults} |"
             )
     lines += [
+        "",
+        "\\* against `none`'s bytes extrapolated linearly from the largest T where it ran.",
         "",
         "Fitted exponent k of saved bytes ~ T^k over all T: "
         + ", ".join(f"{p} {k:.2f}" for p, k in slopes.items())
@@ -245,6 +247,14 @@ def write_outputs(args: argparse.Namespace, results: list[dict], meta: dict) -> 
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(results, slopes, stem.with_suffix(".png"), args)
     say(f"wrote {stem}.md, .png, .json")
+
+
+def percent(row: dict, key: str, result: dict) -> str:
+    """A ratio to none; marked when none's bytes were extrapolated, not measured."""
+    if row.get("extrapolated"):
+        return "—"
+    star = "*" if result["plans"]["none"].get("extrapolated") else ""
+    return f"{row[key]:.2%}{star}"
 
 
 def plot(results: list[dict], slopes: dict, path: Path, args: argparse.Namespace) -> None:
@@ -275,6 +285,9 @@ def plot(results: list[dict], slopes: dict, path: Path, args: argparse.Namespace
             ax_time.plot(*zip(*pts, strict=True), marker="o", color=colors[p], label=labels[p])
     ax_time.axhline(1.25, color="grey", lw=0.8, ls=":")
     ax_time.set(xscale="log", xlabel="T", ylabel="step time / none")
+    timed = [r["T"] for r in results if "time_ratio" in r["plans"]["auto"]]
+    ax_time.set_xticks(timed, [str(t) for t in timed])
+    ax_time.minorticks_off()
     ax_time.set_title("time (median of interleaved ratios)")
     ax_time.legend(fontsize=8)
     fig.tight_layout()
@@ -297,8 +310,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--quick", action="store_true", help="small model, T = 64 ... 512")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite md/png from a saved run")
     args = parser.parse_args()
-    if args.quick:
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        vars(args).update(saved["meta"]["args"])
+        write_outputs(args, saved["results"], saved["meta"])
+        return
+    if args.quick:  # a smoke run: its files go to outputs/, not over the committed ones
+        if args.out == str(ROOT / "docs"):
+            args.out = str(ROOT / "outputs" / "bench_memory")
         args.sizes, args.hidden, args.batch, args.budget = [64, 128, 256, 512], 128, 8, "6MiB"
         args.reps, args.target_reps = 2, 0
     torch.manual_seed(0)
@@ -325,6 +346,7 @@ def main() -> None:
         "started": started,
         "minutes": (time.perf_counter() - start) / 60,
         "argv": sys.argv[1:],
+        "args": {k: v for k, v in vars(args).items() if k not in ("render", "out")},
     }
     write_outputs(args, results, meta)
 
