@@ -1,6 +1,6 @@
 """The copy task: a corpus whose only hard byte depends on one shown `lag` steps earlier.
 
-Each example is one document of lag + 4 bytes:
+Examples of lag + 4 bytes follow one another:
 
     s . . . . . . . . . . . . . . . ? s \\n
     ^ shown    lag dots (filler)    ^ ^ recalled
@@ -50,14 +50,17 @@ def copy_examples(count: int, lag: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def copy_corpus(num_bytes: int, lag: int, seed: int = 0):  # noqa: ANN201  (data.Corpus)
-    """At least num_bytes of whole examples, each its own document (the state resets there)."""
+    """At least num_bytes of whole examples, back to back in one document.
+
+    Not one document per example: the B streams start at different phases of the examples, so
+    per-example resets would fall on a different step in every stream and the engine would cut
+    every window into ~lag segments. The model learns to overwrite its memory at each new symbol.
+    """
     from seqtrain.data import Corpus
 
-    length = example_length(lag)
-    count = max(1, math.ceil(num_bytes / length))
+    count = max(1, math.ceil(num_bytes / example_length(lag)))
     examples, _ = copy_examples(count, lag, seed)
-    starts = np.arange(count, dtype=np.int64) * length
-    return Corpus(examples.reshape(-1), starts, f"copy-lag{lag}")
+    return Corpus(examples.reshape(-1), np.zeros(1, dtype=np.int64), f"copy-lag{lag}")
 
 
 def load_synthetic(task: str, num_bytes: int | None, lag: int):  # noqa: ANN201  (data.Corpus)
@@ -74,14 +77,19 @@ def load_synthetic(task: str, num_bytes: int | None, lag: int):  # noqa: ANN201 
 
 @torch.no_grad()
 def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
-    """Accuracy and bits of the recalled symbol on fresh examples, prompted up to the cue."""
+    """Accuracy and bits of the recalled symbol on fresh examples, prompted up to the cue.
+
+    Each prompt is one whole example (the context training always has) and then the test
+    example up to its cue; the prediction after the cue is scored.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    examples, symbols = copy_examples(count, lag, seed)
-    x = torch.from_numpy(examples[:, :-2].astype(np.int64)).to(device)  # (N, lag + 2): s .. ?
-    target = torch.from_numpy(symbols.astype(np.int64)).to(device)  # (N,)
-    logits, _ = model(x)  # (N, lag + 2, V)
+    examples, symbols = copy_examples(2 * count, lag, seed)
+    prompts = np.concatenate([examples[:count], examples[count:, :-2]], axis=1)
+    x = torch.from_numpy(prompts.astype(np.int64)).to(device)  # (N, 2 lag + 6): ... s .. ?
+    target = torch.from_numpy(symbols[count:].astype(np.int64)).to(device)  # (N,)
+    logits, _ = model(x)  # (N, 2 lag + 6, V)
     last = logits[:, -1].float()  # (N, V): the prediction after the cue
     model.train(was_training)
     nats = F.cross_entropy(last, target).item()

@@ -291,3 +291,22 @@ def test_memory_groups_compose() -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = validate(compose("train", overrides=["memory=auto", "memory.budget=64MiB"]))
     assert cfg.memory.checkpoint == "auto" and parse_size(cfg.memory.budget) == 64 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# The copy task's corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
+    from seqtrain.data import DataConfig, DataError, load_corpus
+    from seqtrain.synthetic import ALPHABET, recall
+
+    corpus = load_corpus(DataConfig(synthetic="copy", lag=3, max_bytes=70))
+    examples = corpus.tokens.reshape(10, 7)  # 10 examples of lag + 4 bytes
+    assert bytes(examples[0, 1:]).startswith(b"...?")
+    assert (examples[:, 0] == examples[:, 5]).all() and set(examples[:, 0]) <= set(ALPHABET)
+    with pytest.raises(DataError, match="data.synthetic=adding: no such task"):
+        load_corpus(DataConfig(synthetic="adding", max_bytes=70))
+    result = recall(model(), lag=3, count=8)
+    assert 0 <= result["recall_accuracy"] <= 1 and result["chance_bits"] == 4.0
