@@ -1,6 +1,6 @@
 """The copy task: a corpus whose only hard byte depends on one shown `lag` steps earlier.
 
-Examples of lag + 4 bytes follow one another:
+Each example is one document of lag + 4 bytes:
 
     s . . . . . . . . . . . . . . . ? s \\n
     ^ shown    lag dots (filler)    ^ ^ recalled
@@ -49,30 +49,39 @@ def copy_examples(count: int, lag: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return out, symbols
 
 
-def copy_corpus(num_bytes: int, lag: int, seed: int = 0):  # noqa: ANN201  (data.Corpus)
-    """At least num_bytes of whole examples, back to back in one document.
+def copy_corpus(num_bytes: int, lag: int, streams: int = 1, split: tuple = (1.0,), seed: int = 0):  # noqa: ANN201  (data.Corpus)
+    """About num_bytes of examples, each one document (the state resets where it starts).
 
-    Not one document per example: the B streams start at different phases of the examples, so
-    per-example resets would fall on a different step in every stream and the engine would cut
-    every window into ~lag segments. The model learns to overwrite its memory at each new symbol.
+    Laid out for `streams` training streams: the training split is sized so that every stream
+    starts on an example. Otherwise each stream would reset on a different step, and the engine,
+    which cuts a window wherever any stream resets, would run every window as ~lag segments.
     """
     from seqtrain.data import Corpus
 
-    count = max(1, math.ceil(num_bytes / example_length(lag)))
-    examples, _ = copy_examples(count, lag, seed)
-    return Corpus(examples.reshape(-1), np.zeros(1, dtype=np.int64), f"copy-lag{lag}")
+    length = example_length(lag)
+    train = split[0] / sum(split)
+    per_stream = max(1, round(num_bytes * train / streams / length)) * length  # L, whole examples
+    train_bytes = streams * per_stream + 1  # a stream reads L inputs and one more target
+    total = round(train_bytes / train)
+    while round(total * train) != train_bytes:  # the split rounds: find the total that fits
+        total += 1 if round(total * train) < train_bytes else -1
+    examples, _ = copy_examples(math.ceil(total / length), lag, seed)
+    starts = np.arange(0, total, length, dtype=np.int64)
+    return Corpus(examples.reshape(-1)[:total], starts, f"copy-lag{lag}")
 
 
-def load_synthetic(task: str, num_bytes: int | None, lag: int):  # noqa: ANN201  (data.Corpus)
+def load_synthetic(cfg):  # noqa: ANN001, ANN201  (data.DataConfig -> data.Corpus)
     from seqtrain.data import DataError
 
-    if task not in TASKS:
-        raise DataError(f"data.synthetic={task}: no such task; choose from {', '.join(TASKS)}")
-    if lag < 1:
-        raise DataError(f"data.lag={lag}: must be a positive integer")
-    if num_bytes is None:
+    if cfg.synthetic not in TASKS:
+        raise DataError(
+            f"data.synthetic={cfg.synthetic}: no such task; choose from {', '.join(TASKS)}"
+        )
+    if cfg.lag < 1:
+        raise DataError(f"data.lag={cfg.lag}: must be a positive integer")
+    if cfg.max_bytes is None:
         raise DataError("data.synthetic needs data.max_bytes: the size of the generated corpus")
-    return copy_corpus(num_bytes, lag)
+    return copy_corpus(cfg.max_bytes, cfg.lag, cfg.batch_size, tuple(cfg.split))
 
 
 @torch.no_grad()

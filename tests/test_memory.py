@@ -299,13 +299,18 @@ def test_memory_groups_compose() -> None:
 
 
 def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
-    from seqtrain.data import DataConfig, DataError, load_corpus
+    from seqtrain.data import DataConfig, DataError, Streams, load_corpus, split_corpus
     from seqtrain.synthetic import ALPHABET, recall
 
-    corpus = load_corpus(DataConfig(synthetic="copy", lag=3, max_bytes=70))
-    examples = corpus.tokens.reshape(10, 7)  # 10 examples of lag + 4 bytes
+    cfg = DataConfig(synthetic="copy", lag=3, max_bytes=70, batch_size=2)
+    corpus = load_corpus(cfg)
+    examples = corpus.tokens.reshape(9, 7)  # 9 examples of lag + 4 bytes
     assert bytes(examples[0, 1:]).startswith(b"...?")
     assert (examples[:, 0] == examples[:, 5]).all() and set(examples[:, 0]) <= set(ALPHABET)
+    assert corpus.doc_starts.tolist() == list(range(0, 63, 7))
+    # every training stream starts on an example, so all streams reset on the same steps
+    streams = Streams(split_corpus(corpus, cfg.split)["train"], 2, 7)
+    assert streams.length % 7 == 0 and bool((streams.resets[0] == streams.resets[1]).all())
     with pytest.raises(DataError, match="data.synthetic=adding: no such task"):
         load_corpus(DataConfig(synthetic="adding", max_bytes=70))
     result = recall(model(), lag=3, count=8)
