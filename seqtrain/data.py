@@ -121,7 +121,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if cfg.synthetic is not None:
         from seqtrain.synthetic import load_synthetic
 
-        return load_synthetic(cfg.synthetic, cfg.max_bytes, cfg.lag)
+        return load_synthetic(cfg)
     if cfg.path is not None:
         corpus = read_text_file(cfg.path)
     elif cfg.url is not None:
