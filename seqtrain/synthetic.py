@@ -88,17 +88,15 @@ def load_synthetic(cfg):  # noqa: ANN001, ANN201  (data.DataConfig -> data.Corpu
 def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
     """Accuracy and bits of the recalled symbol on fresh examples, prompted up to the cue.
 
-    Each prompt is one whole example (the context training always has) and then the test
-    example up to its cue; the prediction after the cue is scored.
+    Each prompt starts from a zero state, as every example does in training (one document each).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    examples, symbols = copy_examples(2 * count, lag, seed)
-    prompts = np.concatenate([examples[:count], examples[count:, :-2]], axis=1)
-    x = torch.from_numpy(prompts.astype(np.int64)).to(device)  # (N, 2 lag + 6): ... s .. ?
-    target = torch.from_numpy(symbols[count:].astype(np.int64)).to(device)  # (N,)
-    logits, _ = model(x)  # (N, 2 lag + 6, V)
+    examples, symbols = copy_examples(count, lag, seed)
+    x = torch.from_numpy(examples[:, :-2].astype(np.int64)).to(device)  # (N, lag + 2): s .. ?
+    target = torch.from_numpy(symbols.astype(np.int64)).to(device)  # (N,)
+    logits, _ = model(x)  # (N, lag + 2, V)
     last = logits[:, -1].float()  # (N, V): the prediction after the cue
     model.train(was_training)
     nats = F.cross_entropy(last, target).item()
