@@ -126,7 +126,8 @@ def main() -> None:
         f"Median ratio: **{median:.3f}** (target: at least 0.95).",
     ]
     args.out.write_text("\n".join(lines) + "\n")
-    print(f"median ratio {median:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); wrote {args.out}")
+    spread = f"min {min(ratios):.3f}, max {max(ratios):.3f}"
+    print(f"median ratio {median:.3f} ({spread}); wrote {args.out}")
     if not math.isfinite(median):
         raise SystemExit(1)
 

@@ -32,7 +32,9 @@ class Throughput(L.Callback):
         seconds, self._mark = now - self._mark, now
         self.train_seconds += seconds
         self.tokens += outputs["tokens"]
-        module.log("perf/tokens_per_s", outputs["tokens"] / seconds, prog_bar=True)
+        speed = outputs["tokens"] / seconds
+        module.log("perf/tokens_per_s", speed, prog_bar=True, logger=False)
+        module.log_step({"perf/tokens_per_s": speed})
 
     def on_validation_start(self, trainer, module) -> None:
         self._mark = None

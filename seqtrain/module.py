@@ -79,6 +79,7 @@ class LanguageModelModule(L.LightningModule):
         self.tokens_seen = 0
         self.windows_seen = 0  # the data cursor: windows trained on since the run began
         self.skipped_steps = 0
+        self.train_loss = math.nan  # the last update's (kept in checkpoints for the summary)
         self.consecutive_skips = 0
         self.restored_rng: dict | None = None
         self.val_sums = (0.0, 0)  # (summed nats, tokens) over the running validation pass
@@ -114,7 +115,6 @@ class LanguageModelModule(L.LightningModule):
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         with PeakMeter(self.device) as peak:
             result = self.engine.train_update(batch, self.manual_backward)
-        self.log_memory(peak.bytes)
         self.windows_seen += 1
         # DDP: each rank's loss is the mean over its own B x k1 new tokens, and DDP averages the
         # gradients over ranks. Every rank trains the same number of tokens, so the mean of the
@@ -134,23 +134,48 @@ class LanguageModelModule(L.LightningModule):
         else:
             self.skip_update(result.loss, float(grad_norm))
         optimizer.zero_grad(set_to_none=True)
-        self.log("train/loss", result.loss, prog_bar=True, sync_dist=True)
-        self.log("train/bpc", bits(result.loss), sync_dist=True)
-        self.log("optim/lr", schedule.get_last_lr()[0])
-        self.log("optim/grad_norm", grad_norm)
-        self.log("optim/skipped_steps", float(self.skipped_steps))
+        # DDP: the logged loss is the mean over ranks, the loss of the global batch.
+        loss = float(
+            self.trainer.strategy.reduce(
+                torch.tensor(result.loss, device=self.device), reduce_op="mean"
+            )
+        )
+        self.train_loss = loss
+        self.log("train/loss", loss, prog_bar=True, logger=False)
+        self.log_step(
+            {
+                "train/loss": loss,
+                "train/bpc": bits(loss),
+                "optim/lr": schedule.get_last_lr()[0],
+                "optim/grad_norm": float(grad_norm),
+                "optim/skipped_steps": float(self.skipped_steps),
+                **self.memory_metrics(peak.bytes),
+            }
+        )
         return {"tokens": tokens}
 
-    def log_memory(self, peak: int | None) -> None:
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """Write this update's scalars to the loggers now, every trainer.log_every_n_steps.
+
+        self.log would hand them over only after the update's callbacks, and so after a
+        checkpoint saved at the end of the update: a run killed in between and resumed from that
+        checkpoint would have a gap in its curves. on_save_checkpoint flushes what is written here.
+        """
+        if self.windows_seen % self.trainer.log_every_n_steps == 0:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.windows_seen - 1)
+
+    def memory_metrics(self, peak: int | None) -> dict[str, float]:
         """memory/saved_bytes of every update; memory/peak_bytes of every update on CUDA, and on
         CPU the profiled probe's (the profiler is too slow to run on every update)."""
         self.saved_bytes = max(self.saved_bytes, self.engine.saved_bytes)
-        self.log("memory/saved_bytes", float(self.engine.saved_bytes))
+        metrics = {"memory/saved_bytes": float(self.engine.saved_bytes)}
         if peak is None and self.memory_plan is not None:
             peak = self.memory_plan["peak_bytes"]
         if peak is not None:
             self.peak_bytes = max(self.peak_bytes or 0, peak)
-            self.log("memory/peak_bytes", float(peak))
+            metrics["memory/peak_bytes"] = float(peak)
+        return metrics
 
     def skip_update(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient: no optimizer step, and the carried state (which may be
@@ -196,12 +221,18 @@ class LanguageModelModule(L.LightningModule):
         self.log_dict(self.last_val, prog_bar=True, sync_dist=True)  # already equal on all ranks
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """What Lightning does not keep: the data cursor, the carried state and the RNGs."""
+        """What Lightning does not keep: the data cursor, the carried state and the RNGs.
+
+        The logs go to disk first, so a checkpoint never holds updates its curves lack.
+        """
+        for logger in self.loggers:
+            logger.save()
         checkpoint["seqtrain"] = {
             "engine": self.engine.state_dict(),
             "windows": self.windows_seen,
             "tokens": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
+            "train_loss": self.train_loss,
             "rng": rng_state(),
         }
         if self.trainer.world_size > 1:
@@ -218,7 +249,7 @@ class LanguageModelModule(L.LightningModule):
             loop = self._own_rank_state(loop.get("ranks", [loop]))
         self.engine.load_state_dict(loop["engine"])
         self.windows_seen, self.tokens_seen = loop["windows"], loop["tokens"]
-        self.skipped_steps = loop["skipped_steps"]
+        self.skipped_steps, self.train_loss = loop["skipped_steps"], loop["train_loss"]
         self.restored_rng = loop["rng"]
 
     def _own_rank_state(self, ranks: list) -> dict:

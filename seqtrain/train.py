@@ -277,7 +277,7 @@ def fit(job: Job) -> dict:
         "train_seconds": round(throughput.train_seconds, 3),
         "wall_seconds": round(wall, 3),
         "tokens_per_s": round(throughput.tokens_per_s, 1),
-        "train_loss": float(trainer.callback_metrics["train/loss"]),
+        "train_loss": module.train_loss,
         "skipped_steps": module.skipped_steps,
         "backend": cfg.model.backend,
         "cell": cfg.model.cell,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from seqtrain import model as model_module
+from seqtrain import module as module_module
 from seqtrain import train
 from seqtrain.checkpoint import AtomicCheckpointIO, newest_complete, read
 from seqtrain.module import NonFiniteError
@@ -132,20 +133,33 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path: Path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
-def poison_logits(monkeypatch, bad_calls: set[int]) -> None:
-    """Make the head return NaN on the chosen training forward calls."""
-    original = model_module.RecurrentLM.logits
-    calls = {"n": 0}
+def on_updates(monkeypatch, updates: set[int], action) -> None:
+    """Apply `action` to the head's output in the chosen training updates (1-based).
+
+    Counting updates, not forward calls, keeps the memory planner's probe forward (before
+    training starts) out of the count.
+    """
+    original_step = module_module.LanguageModelModule.training_step
+    original_logits = model_module.RecurrentLM.logits
+    count = {"updates": 0}
+
+    def training_step(self, batch, batch_idx):
+        count["updates"] += 1
+        return original_step(self, batch, batch_idx)
 
     def logits(self, h):
-        out = original(self, h)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] in bad_calls:
-                return out * float("nan")
+        out = original_logits(self, h)
+        if self.training and count["updates"] in updates:
+            return action(out)
         return out
 
+    monkeypatch.setattr(module_module.LanguageModelModule, "training_step", training_step)
     monkeypatch.setattr(model_module.RecurrentLM, "logits", logits)
+
+
+def poison_logits(monkeypatch, bad_updates: set[int]) -> None:
+    """Make the head return NaN in the chosen training updates."""
+    on_updates(monkeypatch, bad_updates, lambda out: out * float("nan"))
 
 
 def tiny_job(tmp_path: Path, *overrides: str) -> train.Job:
@@ -183,19 +197,28 @@ def test_too_many_nonfinite_updates_stop_with_the_weights_from_before(
         assert torch.isfinite(value).all(), name
 
 
+def test_killed_after_the_final_save_resumes_to_a_summary(tmp_path, monkeypatch) -> None:
+    """A kill between the last checkpoint and summary.json: resuming trains nothing, finishes."""
+    first = train.fit(tiny_job(tmp_path, "trainer.max_steps=6"))
+    (tmp_path / "summary.json").unlink()
+    again = train.fit(tiny_job(tmp_path, "trainer.max_steps=6", "resume=auto"))
+    assert again["steps"] == 6 and again["tokens"] == first["tokens"]
+    assert again["train_loss"] == first["train_loss"]
+    assert again["val_bpc"] == first["val_bpc"]
+    assert (tmp_path / "summary.json").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
 def test_sigint_and_sigusr1_stop_after_the_update_with_a_checkpoint(sig, tmp_path, monkeypatch):
-    original = model_module.RecurrentLM.logits
-    calls = {"n": 0}
+    sent = []
 
-    def logits(self, h):  # the signal lands in the middle of update 3
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                os.kill(os.getpid(), sig)
-        return original(self, h)
+    def signal_once(out):  # the signal lands in the middle of update 3
+        if not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), sig)
+        return out
 
-    monkeypatch.setattr(model_module.RecurrentLM, "logits", logits)
+    on_updates(monkeypatch, {3}, signal_once)
     before = signal.getsignal(sig)
     summary = train.fit(tiny_job(tmp_path, "trainer.max_steps=6"))
     assert summary["stopped_by"] == signal.Signals(sig).name
