@@ -90,7 +90,7 @@ class Preemption(L.Callback):
         if not signum:
             return
         self.received = signum
-        trainer.save_checkpoint(self.checkpoint)
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)
         trainer.should_stop = True
 
     def teardown(self, trainer, module, stage: str) -> None:

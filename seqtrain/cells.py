@@ -237,6 +237,28 @@ def _build_cudnn(
 # ---------------------------------------------------------------------------------------------
 
 
+def _mm_t(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) @ w (N, K)^T, both contiguous (TorchScript, which cannot call oneDNN: torch.mm)."""
+    if torch.jit.is_scripting():
+        return x.mm(w.t())
+    return _eager_mm_t(x, w)
+
+
+@torch.jit.unused
+def _eager_mm_t(x: Tensor, w: Tensor) -> Tensor:
+    """On CPU in float32, oneDNN's GEMM, the one nn.LSTM's fused kernel uses: on the AMD EPYC these
+    benchmarks ran on it does 310-336 GFLOP/s against 155-180 for torch.mm (MKL), for both the
+    (T*B)-deep products and the (B, H) steps."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return x.mm(w.t())
+
+
 def _lstm_forward_loop(
     gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,11 +270,10 @@ def _lstm_forward_loop(
     H = c0.shape[1]
     cs = gates.new_empty((T, B, H))
     hs = gates.new_empty((T, B, H))
-    w_t = w_hh.t()  # (H, 4H)
     h, c = h0, c0
     for t in range(T):
         g = gates[t]  # (B, 4H)
-        g.addmm_(h, w_t)
+        g.add_(_mm_t(h, w_hh))
         g[:, : 2 * H].sigmoid_()
         g[:, 2 * H : 3 * H].tanh_()
         g[:, 3 * H :].sigmoid_()
@@ -280,6 +301,7 @@ def _lstm_backward_loop(
     k_ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (T,B,3,H)
     d_gates = torch.empty_like(gates)
     d4 = d_gates.view(T, B, 4, H)
+    w_hh_t = w_hh.t().contiguous()  # (H, 4H)
     dh = dh_n + dy[T - 1]
     dc = dc_n
     for t in range(T - 1, -1, -1):
@@ -287,7 +309,9 @@ def _lstm_backward_loop(
         torch.mul(dc.unsqueeze(1), k_ifg[t], out=d4[t, :, :3])
         torch.mul(dh, k_o[t], out=d4[t, :, 3])
         dc = dc * f[t]
-        dh = torch.mm(d_gates[t], w_hh) if t == 0 else torch.addmm(dy[t - 1], d_gates[t], w_hh)
+        dh = _mm_t(d_gates[t], w_hh_t)
+        if t > 0:
+            dh.add_(dy[t - 1])
     return d_gates, dh, dc
 
 
@@ -302,11 +326,10 @@ def _gru_forward_loop(
     H = h0.shape[1]
     hn = gates.new_empty((T, B, H))
     hs = gates.new_empty((T, B, H))
-    w_t = w_hh.t()  # (H, 3H)
     h = h0
     for t in range(T):
         g = gates[t]  # (B, 3H)
-        hp = torch.addmm(b_hh, h, w_t)  # (B, 3H)
+        hp = _mm_t(h, w_hh).add_(b_hh)  # (B, 3H)
         rz = g[:, : 2 * H]
         rz.add_(hp[:, : 2 * H]).sigmoid_()
         hn[t].copy_(hp[:, 2 * H :])
@@ -334,13 +357,14 @@ def _gru_backward_loop(
     d_x = torch.empty_like(gates)
     d_h = torch.empty_like(gates)
     dx4, dh4 = d_x.view(T, B, 3, H), d_h.view(T, B, 3, H)
+    w_hh_t = w_hh.t().contiguous()  # (H, 3H)
     dh = dh_n + dy[T - 1]
     for t in range(T - 1, -1, -1):
         dh1 = dh.unsqueeze(1)
         torch.mul(dh1, k_x[t], out=dx4[t])
         torch.mul(dh1, k_h[t], out=dh4[t])
         direct = dh * z[t] if t == 0 else torch.addcmul(dy[t - 1], dh, z[t])
-        dh = torch.addmm(direct, d_h[t], w_hh)
+        dh = _mm_t(d_h[t], w_hh_t).add_(direct)
     return d_x, d_h, dh
 
 
@@ -365,11 +389,10 @@ def _lstm_forward_stepwise(
     step: Callable[..., tuple[Tensor, ...]], gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """_lstm_forward_loop with the gate math in a separate (compiled) step function."""
-    w_t = w_hh.t()  # (H, 4H)
     acts, cs, hs = [], [], []
     h, c = h0, c0
     for pre in gates.unbind(0):
-        a, c, h = step(torch.addmm(pre, h, w_t), c)
+        a, c, h = step(_mm_t(h, w_hh).add_(pre), c)
         acts.append(a), cs.append(c), hs.append(h)
     return torch.stack(acts), torch.stack(cs), torch.stack(hs)
 
@@ -378,12 +401,11 @@ def _gru_forward_stepwise(
     step: Callable[..., tuple[Tensor, ...]], gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """_gru_forward_loop with the gate math in a separate (compiled) step function."""
-    w_t = w_hh.t()  # (H, 3H)
     H = h0.shape[1]
     acts, hns, hs = [], [], []
     h = h0
     for xp in gates.unbind(0):
-        hp = torch.addmm(b_hh, h, w_t)  # (B, 3H)
+        hp = _mm_t(h, w_hh).add_(b_hh)  # (B, 3H)
         a, h = step(xp, hp, h)
         acts.append(a), hns.append(hp[:, 2 * H :]), hs.append(h)
     return torch.stack(acts), torch.stack(hns), torch.stack(hs)
@@ -469,7 +491,7 @@ class _FusedLSTMLayer(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         T, B, _ = x.shape
         x2 = x.reshape(T * B, -1)  # (T*B, I)
-        gates = torch.addmm(b_ih + b_hh, x2, w_ih.t()).view(T, B, -1)  # (T, B, 4H)
+        gates = _mm_t(x2, w_ih).add_(b_ih + b_hh).view(T, B, -1)  # (T, B, 4H)
         gates, cs, hs = loops.lstm_forward(gates, h0, c0, w_hh)
         ctx.save_for_backward(x2, h0, c0, w_ih, w_hh, gates, cs, hs)
         ctx.loops = loops
@@ -482,7 +504,7 @@ class _FusedLSTMLayer(torch.autograd.Function):
         d_gates, dh0, dc0 = ctx.loops.lstm_backward(gates, cs, c0, w_hh, dy, dh_n, dc_n)
         d2 = d_gates.view(T * B, G)  # (T*B, 4H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
-        dx = d2.mm(w_ih).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        dx = _mm_t(d2, w_ih.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
         db = d2.sum(0)
         return dx, dh0, dc0, d2.t().mm(x2), d2.t().mm(h_prev), db, db, None
 
@@ -503,7 +525,7 @@ class _FusedGRULayer(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         T, B, _ = x.shape
         x2 = x.reshape(T * B, -1)  # (T*B, I)
-        gates = torch.addmm(b_ih, x2, w_ih.t()).view(T, B, -1)  # (T, B, 3H)
+        gates = _mm_t(x2, w_ih).add_(b_ih).view(T, B, -1)  # (T, B, 3H)
         gates, hn, hs = loops.gru_forward(gates, h0, w_hh, b_hh)
         ctx.save_for_backward(x2, h0, w_ih, w_hh, gates, hn, hs)
         ctx.loops = loops
@@ -516,7 +538,7 @@ class _FusedGRULayer(torch.autograd.Function):
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # (T, B, H)
         d_x, d_h, dh0 = ctx.loops.gru_backward(gates, hn, h_prev, w_hh, dy, dh_n)
         dx2, dh2 = d_x.view(T * B, G), d_h.view(T * B, G)  # (T*B, 3H)
-        dx = dx2.mm(w_ih).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        dx = _mm_t(dx2, w_ih.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
         h2 = h_prev.view(T * B, -1)
         return dx, dh0, dx2.t().mm(x2), dh2.t().mm(h2), dx2.sum(0), dh2.sum(0), None
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -173,6 +175,21 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """The CPU profiler's C++ side prints a line as it starts and as it stops (torch 2.13; no
+    setting turns it off): keep them off the user's terminal, and nothing else."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def measure_peak(fn: Callable[[], object], device: torch.device) -> int:
     """Bytes allocated at the high-water mark while fn runs, above what was allocated before."""
     device = torch.device(device)
@@ -185,8 +202,14 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with native_stderr_silenced():
+        prof.start()
+    try:
         fn()
+    finally:
+        with native_stderr_silenced():
+            prof.stop()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):  # allocations > 0, frees < 0

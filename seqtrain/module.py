@@ -194,7 +194,7 @@ class LanguageModelModule(L.LightningModule):
         limit = self.cfg.optim.max_skipped
         if self.consecutive_skips >= limit:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite.ckpt"
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)
             raise NonFiniteError(
                 f"{limit} consecutive non-finite updates (optim.max_skipped) at step "
                 f"{self.global_step}; weights from before the first one saved to {path}; "

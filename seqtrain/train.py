@@ -55,6 +55,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Checkpoints are written after an update completes, which is what exact resume needs.
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+    # prepare() refuses a run directory with checkpoints unless resuming from them.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -297,7 +299,7 @@ def fit(job: Job) -> dict:
         }
     if module.last_val_step != trainer.global_step:  # the last update was not validated yet
         trainer.validate(module, eval_loader(val), verbose=False, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     summary.update(
         val_loss=module.last_val["val/loss"],
         val_bpc=module.last_val["val/bpc"],
