@@ -238,25 +238,40 @@ def _build_cudnn(
 
 
 def _mm_t(x: Tensor, w: Tensor) -> Tensor:
-    """x (M, K) @ w (N, K)^T, both contiguous (TorchScript, which cannot call oneDNN: torch.mm)."""
-    if torch.jit.is_scripting():
-        return x.mm(w.t())
-    return _eager_mm_t(x, w)
+    """x (M, K) @ w (N, K)^T, both contiguous."""
+    if _onednn(x):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return x.mm(w.t())
 
 
-@torch.jit.unused
-def _eager_mm_t(x: Tensor, w: Tensor) -> Tensor:
-    """On CPU in float32, oneDNN's GEMM, the one nn.LSTM's fused kernel uses: on the AMD EPYC these
-    benchmarks ran on it does 310-336 GFLOP/s against 155-180 for torch.mm (MKL), for both the
-    (T*B)-deep products and the (B, H) steps."""
-    if (
+# TorchScript cannot call oneDNN's op, so the jit loops call back into Python for it; it reads the
+# signature from real types, not the strings `from __future__ import annotations` leaves.
+_mm_t.__annotations__ = {"x": Tensor, "w": Tensor, "return": Tensor}
+_mm_t = torch.jit.ignore(_mm_t)
+
+
+def _onednn(x: Tensor) -> bool:
+    """Use oneDNN's GEMM, the one nn.LSTM's fused kernel uses, on CPU in float32: on the AMD EPYC
+    these benchmarks ran on it does 310-336 GFLOP/s where torch.mm (MKL) does 155-180, for the
+    (T*B)-deep products and the (B, H) steps alike."""
+    return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return x.mm(w.t())
+    )
+
+
+def _mm_tn(d: Tensor, xs: list[Tensor]) -> list[Tensor]:
+    """d^T @ x for each x: the weight gradients, d (N, G) and x (N, K) -> (G, K), N = T*B.
+
+    oneDNN wants N contiguous in both operands: transposing d once for all products, and each x,
+    costs less than the faster products save.
+    """
+    if _onednn(d):
+        dt = d.t().contiguous()  # (G, N)
+        return [_mm_t(dt, x.t().contiguous()) for x in xs]
+    return [d.t().mm(x) for x in xs]
 
 
 def _lstm_forward_loop(
@@ -506,7 +521,8 @@ class _FusedLSTMLayer(torch.autograd.Function):
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
         dx = _mm_t(d2, w_ih.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
         db = d2.sum(0)
-        return dx, dh0, dc0, d2.t().mm(x2), d2.t().mm(h_prev), db, db, None
+        dw_ih, dw_hh = _mm_tn(d2, [x2, h_prev])
+        return dx, dh0, dc0, dw_ih, dw_hh, db, db, None
 
 
 class _FusedGRULayer(torch.autograd.Function):
@@ -540,7 +556,8 @@ class _FusedGRULayer(torch.autograd.Function):
         dx2, dh2 = d_x.view(T * B, G), d_h.view(T * B, G)  # (T*B, 3H)
         dx = _mm_t(dx2, w_ih.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
         h2 = h_prev.view(T * B, -1)
-        return dx, dh0, dx2.t().mm(x2), dh2.t().mm(h2), dx2.sum(0), dh2.sum(0), None
+        (dw_ih,), (dw_hh,) = _mm_tn(dx2, [x2]), _mm_tn(dh2, [h2])
+        return dx, dh0, dw_ih, dw_hh, dx2.sum(0), dh2.sum(0), None
 
 
 # ---------------------------------------------------------------------------------------------
