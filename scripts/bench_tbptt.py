@@ -5,7 +5,7 @@ number of updates, with the same work per update (forward + backward over a wind
 carry, global-norm clipping, AdamW, LR schedule). Runs are interleaved and repeated; the figure is
 the median of per-pair ratios, so machine noise hits both sides alike.
 
-    python scripts/bench_tbptt.py               # ~3 minutes on 2 CPU cores
+    python scripts/bench_tbptt.py               # ~1 minute on 2 CPU cores
     python scripts/bench_tbptt.py --quick       # a smoke run
 """
 
