@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,29 @@ from seqtrain.model import ModelConfig, RecurrentLM
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The scalars issue #2 requires of every run's TensorBoard events.
+REQUIRED_SCALARS = (
+    "train/loss",
+    "train/bpc",
+    "val/loss",
+    "val/bpc",
+    "perf/tokens_per_s",
+    "optim/lr",
+    "optim/grad_norm",
+)
+
+
+def start_run(run_dir: Path, overrides: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    """`python -m seqtrain` in its own process (to be signalled or killed), run directory pinned."""
+    args = [sys.executable, "-m", "seqtrain", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import REQUIRED_SCALARS
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
 
 
@@ -64,15 +66,7 @@ def test_tensorboard_has_the_promised_scalars_and_text(run_dir: Path) -> None:
         acc = EventAccumulator(str(events)).Reload()
         for kind in tags:
             tags[kind] += acc.Tags()[kind]
-    for tag in (
-        "train/loss",
-        "train/bpc",
-        "val/loss",
-        "val/bpc",
-        "perf/tokens_per_s",
-        "optim/lr",
-        "optim/grad_norm",
-    ):
+    for tag in REQUIRED_SCALARS:
         assert tag in tags["scalars"], tag
     assert "samples/text_summary" in tags["tensors"]
 

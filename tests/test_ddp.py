@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from seqtrain.checkpoint import read
 from seqtrain.data import Streams
 
-from .conftest import assert_close, counting_corpus, read_scalars
+from .conftest import assert_close, counting_corpus, finish, read_scalars, start_run
 from .test_cli import ENV
 
 pytestmark = pytest.mark.slow
@@ -38,15 +37,7 @@ ENV = {**ENV, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "seqtrain", *RUN, f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-    )
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=240)
-    return proc.returncode, out, err
+    return start_run(run_dir, [*RUN, *extra], ENV)
 
 
 def train(run_dir: Path, *extra: str) -> Path:

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from seqtrain import train
 from seqtrain.checkpoint import AtomicCheckpointIO, newest_complete, read
 from seqtrain.module import NonFiniteError
 
-from .conftest import read_scalars
+from .conftest import finish, read_scalars, start_run
 from .test_cli import ENV
 from .test_config import composed
 
@@ -37,15 +36,7 @@ RUN = [
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "seqtrain", *RUN, f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-    )
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+    return start_run(run_dir, [*RUN, *extra], ENV)
 
 
 def wait_for_line(proc: subprocess.Popen, text: str) -> None:

@@ -9,20 +9,12 @@ import sys
 
 import pytest
 
+from .conftest import REQUIRED_SCALARS
 from .test_cli import ENV
 
 pytestmark = pytest.mark.slow
 
 GROUPS = ("train/", "val/", "perf/", "optim/", "memory/")
-REQUIRED = (
-    "train/loss",
-    "train/bpc",
-    "val/loss",
-    "val/bpc",
-    "perf/tokens_per_s",
-    "optim/lr",
-    "optim/grad_norm",
-)
 SWEPT = {"optim.lr": 0.003, "tbptt.window": 8, "model.backend": "modular"}
 
 
@@ -63,7 +55,7 @@ def scalars(accs) -> dict[str, list[float]]:
 def test_scalars_are_grouped_and_finite(events) -> None:
     _, accs = events
     values = scalars(accs)
-    for tag in REQUIRED:
+    for tag in REQUIRED_SCALARS:
         assert tag in values, tag
     for tag, series in values.items():
         assert tag.startswith((*GROUPS, "hp/", "epoch")), f"{tag}: outside the groups {GROUPS}"
