@@ -266,7 +266,8 @@ def _mm_tn(d: Tensor, xs: list[Tensor]) -> list[Tensor]:
     """d^T @ x for each x: the weight gradients, d (N, G) and x (N, K) -> (G, K), N = T*B.
 
     oneDNN wants N contiguous in both operands: transposing d once for all products, and each x,
-    costs less than the faster products save.
+    costs less than the faster products save. (Writing d's transpose step by step inside the
+    backward loop instead was slower: 0.73 against 0.82 of cudnn, LSTM H512.)
     """
     if _onednn(d):
         dt = d.t().contiguous()  # (G, N)
@@ -328,6 +329,96 @@ def _lstm_backward_loop(
         if t > 0:
             dh.add_(dy[t - 1])
     return d_gates, dh, dc
+
+
+def _ln_lstm_forward_loop(
+    gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The layer-normed LSTM (Ba et al. 2016) in place: gates (T, B, 4H) holds
+    LN(x W_ih^T) + b on entry, i f g o after. Each step adds LN(h W_hh^T; g_hh) and outputs
+    h = o * tanh(LN(c; g_c, b_c)); the carried c is the un-normed one.
+
+    Returns the gates, the raw h W_hh^T (T, B, 4H) with its LayerNorm mean and rstd (T, B, 1), the
+    cell states C (T, B, H) with theirs, and the outputs Hs (T, B, H).
+    """
+    T, B = gates.shape[0], gates.shape[1]
+    H = c0.shape[1]
+    hp = torch.empty_like(gates)
+    stat_hh = gates.new_empty((2, T, B, 1))  # mean, rstd
+    cs = gates.new_empty((T, B, H))
+    stat_c = gates.new_empty((2, T, B, 1))
+    hs = gates.new_empty((T, B, H))
+    h, c = h0, c0
+    for t in range(T):
+        hp_t = hp[t]
+        hp_t.copy_(_mm_t(h, w_hh))
+        y, stat_hh[0, t], stat_hh[1, t] = torch.native_layer_norm(hp_t, [4 * H], g_hh, None, 1e-5)
+        g = gates[t]  # (B, 4H)
+        g.add_(y)
+        g[:, : 2 * H].sigmoid_()
+        g[:, 2 * H : 3 * H].tanh_()
+        g[:, 3 * H :].sigmoid_()
+        c_t, h_t = cs[t], hs[t]
+        torch.mul(g[:, H : 2 * H], c, out=c_t)
+        c_t.addcmul_(g[:, :H], g[:, 2 * H : 3 * H])
+        c_out, stat_c[0, t], stat_c[1, t] = torch.native_layer_norm(c_t, [H], g_c, b_c, 1e-5)
+        torch.tanh(c_out, out=h_t)
+        h_t.mul_(g[:, 3 * H :])
+        h, c = h_t, c_t
+    return gates, hp, stat_hh[0], stat_hh[1], cs, stat_c[0], stat_c[1], hs
+
+
+def _ln_backward(dy: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
+    """LayerNorm's input gradient from d(xhat) over the last dimension."""
+    mean_dy = dy.mean(-1, keepdim=True)
+    mean_dy_xhat = (dy * xhat).mean(-1, keepdim=True)
+    return (dy - mean_dy - xhat * mean_dy_xhat) * rstd
+
+
+def _ln_lstm_backward_loop(
+    gates: Tensor,
+    xhat_hh: Tensor,
+    rstd_hh: Tensor,
+    cs: Tensor,
+    xhat_c: Tensor,
+    rstd_c: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    g_hh: Tensor,
+    g_c: Tensor,
+    b_c: Tensor,
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of _ln_lstm_forward_loop: d(gate inputs) and d(h W_hh^T), both (T, B, 4H),
+    d(LN(c)) (T, B, H) for the c LayerNorm's affine gradients, dh0, dc0."""
+    T, B = gates.shape[0], gates.shape[1]
+    H = c0.shape[1]
+    i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
+    tc = torch.tanh(xhat_c * g_c + b_c)
+    c_prev = torch.cat([c0.unsqueeze(0), cs[:-1]])
+    k_co = o * (1 - tc * tc)  # d LN(c) = dh * k_co
+    k_o = tc * o * (1 - o)
+    k_ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (T,B,3,H)
+    d_gates = torch.empty_like(gates)
+    d4 = d_gates.view(T, B, 4, H)
+    d_hp = torch.empty_like(gates)  # d(h W_hh^T)
+    d_cout = torch.empty_like(cs)
+    w_hh_t = w_hh.t().contiguous()  # (H, 4H)
+    dh = dh_n + dy[T - 1]
+    dc = dc_n
+    for t in range(T - 1, -1, -1):
+        torch.mul(dh, k_co[t], out=d_cout[t])
+        dc = dc + _ln_backward(d_cout[t] * g_c, xhat_c[t], rstd_c[t])
+        torch.mul(dc.unsqueeze(1), k_ifg[t], out=d4[t, :, :3])
+        torch.mul(dh, k_o[t], out=d4[t, :, 3])
+        dc = dc * f[t]
+        d_hp[t] = _ln_backward(d_gates[t] * g_hh, xhat_hh[t], rstd_hh[t])
+        dh = _mm_t(d_hp[t], w_hh_t)
+        if t > 0:
+            dh.add_(dy[t - 1])
+    return d_gates, d_hp, d_cout, dh, dc
 
 
 def _gru_forward_loop(
@@ -452,6 +543,7 @@ class _Loops:
     def __init__(self, kind: str) -> None:
         self.lstm_forward, self.gru_forward = _lstm_forward_loop, _gru_forward_loop
         self.lstm_backward, self.gru_backward = _lstm_backward_loop, _gru_backward_loop
+        self.ln_lstm_forward, self.ln_lstm_backward = _ln_lstm_forward_loop, _ln_lstm_backward_loop
         self.lstm_cell, self.gru_cell = lstm_cell, gru_cell
         if kind == "jit":
             with warnings.catch_warnings():
@@ -489,6 +581,28 @@ def _loops(kind: str) -> _Loops:
     return _LOOPS[kind]
 
 
+class _WindowProjection(torch.autograd.Function):
+    """x (T, B, I) -> x W^T (T, B, G*H) for a whole window, on the GEMM _mm_t picks (F.linear
+    would take torch.mm's, half as fast on CPU here): the hoisted input projection of the
+    autograd cells."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:
+        T, B, _ = x.shape
+        x2 = x.reshape(T * B, -1)  # (T*B, I)
+        ctx.save_for_backward(x2, w)
+        return _mm_t(x2, w).view(T, B, -1)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor]:
+        x2, w = ctx.saved_tensors
+        T, B, G = dy.shape
+        d2 = dy.reshape(T * B, G)
+        dx = _mm_t(d2, w.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        (dw,) = _mm_tn(d2, [x2])
+        return dx, dw
+
+
 class _FusedLSTMLayer(torch.autograd.Function):
     """One LSTM layer over a window, time-major x (T, B, I) -> (hs (T, B, H), h_T, c_T)."""
 
@@ -523,6 +637,44 @@ class _FusedLSTMLayer(torch.autograd.Function):
         db = d2.sum(0)
         dw_ih, dw_hh = _mm_tn(d2, [x2, h_prev])
         return dx, dh0, dc0, dw_ih, dw_hh, db, db, None
+
+
+class _FusedLNLSTMLayer(torch.autograd.Function):
+    """One layer-normed LSTM layer over a window: gate inputs xg (T, B, 4H) = LN(x W_ih^T) + b,
+    made by autograd outside -> (hs (T, B, H), h_T, c_T)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        xg: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        w_hh: Tensor,
+        g_hh: Tensor,
+        g_c: Tensor,
+        b_c: Tensor,
+        loops: _Loops,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out = loops.ln_lstm_forward(xg.clone(), h0, c0, w_hh, g_hh, g_c, b_c)
+        ctx.save_for_backward(h0, c0, w_hh, g_hh, g_c, b_c, *out)
+        ctx.loops = loops
+        cs, hs = out[4], out[7]
+        return hs, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, dh_n: Tensor, dc_n: Tensor) -> tuple[Tensor | None, ...]:
+        h0, c0, w_hh, g_hh, g_c, b_c, gates, hp, m_hh, r_hh, cs, m_c, r_c, hs = ctx.saved_tensors
+        T, B, G = gates.shape
+        xhat_hh = (hp - m_hh) * r_hh  # (T, B, 4H)
+        xhat_c = (cs - m_c) * r_c  # (T, B, H)
+        d_gates, d_hp, d_cout, dh0, dc0 = ctx.loops.ln_lstm_backward(
+            gates, xhat_hh, r_hh, cs, xhat_c, r_c, c0, w_hh, g_hh, g_c, b_c, dy, dh_n, dc_n
+        )
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
+        (dw_hh,) = _mm_tn(d_hp.view(T * B, G), [h_prev])
+        dg_hh = (d_gates * xhat_hh).sum((0, 1))
+        dg_c, db_c = (d_cout * xhat_c).sum((0, 1)), d_cout.sum((0, 1))
+        return d_gates, dh0, dc0, dw_hh, dg_hh, dg_c, db_c, None
 
 
 class _FusedGRULayer(torch.autograd.Function):
@@ -695,14 +847,15 @@ class RecurrentStack(nn.Module):
         self.zoneout = float(opts["zoneout"])
         self.cell_clip = None if opts["cell_clip"] is None else float(opts["cell_clip"])
         self.peephole = bool(opts["peephole"])
-        self.fused = not (
-            self.layernorm
-            or self.recurrent_dropout
+        per_step = bool(
+            self.recurrent_dropout
             or self.zoneout
             or self.cell_clip is not None
             or self.peephole
             or self.proj_size
         )
+        self.fused = not (per_step or self.layernorm)
+        self.fused_layernorm = cell == "lstm" and self.layernorm and not per_step
         self.state_size = 2 if cell == "lstm" else 1
         gh = (4 if cell == "lstm" else 3) * hidden_size
         h_out = self.proj_size or hidden_size
@@ -776,10 +929,16 @@ class RecurrentStack(nn.Module):
             w_hh = F.dropout(w_hh, self.weight_drop, training=True)  # one mask per window
         if self.fused:
             return self._fused_layer(seq, state, w_ih, w_hh, b_ih, b_hh)
-        xp = F.linear(seq, w_ih)  # (T, B, G*H): the input projection hoisted out of the loop
+        dtype = _compute_dtype(seq)  # autocast does not reach inside a custom Function
+        xp = _WindowProjection.apply(seq.to(dtype), w_ih.to(dtype))  # (T, B, G*H), hoisted
         if self.layernorm:
             xp = F.layer_norm(xp, xp.shape[-1:], getattr(self, f"layernorm_ih_weight_l{k}"))
         xp = xp + (b_ih + b_hh if self.cell == "lstm" else b_ih)
+        if self.fused_layernorm:
+            norms = [
+                getattr(self, f"layernorm_{n}_l{k}") for n in ("hh_weight", "c_weight", "c_bias")
+            ]
+            return self._apply_fused(_FusedLNLSTMLayer, [xp, *state, w_hh, *norms])
         w = LayerWeights(
             w_hh=w_hh,
             b_hh=b_hh if self.cell == "gru" else None,
@@ -802,15 +961,17 @@ class RecurrentStack(nn.Module):
     def _fused_layer(
         self, seq: Tensor, state: State, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
     ) -> tuple[Tensor, State]:
-        """Run the hand-differentiated loop in one dtype (autocast does not reach inside it)."""
-        dtype = _compute_dtype(seq)
-        args = [t.to(dtype) for t in (seq, *state, w_ih, w_hh, b_ih, b_hh)]
-        with torch.autocast(seq.device.type, enabled=False):
-            if self.cell == "lstm":
-                hs, h, c = _FusedLSTMLayer.apply(*args, self._loops)
-                return hs, (h, c)
-            hs, h = _FusedGRULayer.apply(*args, self._loops)
-            return hs, (h,)
+        function = _FusedLSTMLayer if self.cell == "lstm" else _FusedGRULayer
+        return self._apply_fused(function, [seq, *state, w_ih, w_hh, b_ih, b_hh])
+
+    def _apply_fused(
+        self, function: type[torch.autograd.Function], tensors: list[Tensor]
+    ) -> tuple[Tensor, State]:
+        """Run a hand-differentiated loop in one dtype (autocast does not reach inside it)."""
+        dtype = _compute_dtype(tensors[0])
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            hs, *state = function.apply(*[t.to(dtype) for t in tensors], self._loops)
+        return hs, tuple(state)
 
 
 def build_recurrent(

@@ -27,7 +27,7 @@ def exact_cuda_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def assert_close(a: Tensor, b: Tensor, what: str, atol: float = 1e-5) -> None:
     """Report max and mean difference, not just a boolean."""
-    diff = (a.float() - b.float()).abs()
+    diff = (a.double() - b.double()).abs()
     assert diff.max() <= atol, f"{what}: max diff {diff.max():.2e}, mean {diff.mean():.2e}"
 
 
@@ -242,6 +242,30 @@ def test_layernorm_statistics_make_the_cell_scale_invariant() -> None:
     normed = F.layer_norm(xp, xp.shape[-1:], module.layernorm_ih_weight_l0)
     assert_close(normed.mean(-1), torch.zeros(T, B), "row mean")
     assert_close(normed.var(-1, unbiased=False), torch.ones(T, B), "row variance", atol=1e-3)
+
+
+def test_fused_layernorm_lstm_matches_the_autograd_cell() -> None:
+    """The hand-differentiated layer-normed loop (modular and compile run it) computes what the
+    reference cell does, in float64: the comparison is of the math, not of float32 rounding."""
+    torch.manual_seed(0)
+    module = build_recurrent("modular", "lstm", IN, H, 2, layernorm=True).double()
+    assert module.fused_layernorm
+    with torch.no_grad():  # LayerNorm gains and biases away from their 1 and 0 init
+        for name, p in module.named_parameters():
+            if name.startswith("layernorm"):
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(B, T, IN, dtype=torch.float64, requires_grad=True)
+    state = tuple(s.double().requires_grad_() for s in random_state("lstm", 2))
+    results = []
+    for fused in (True, False):
+        module.fused_layernorm = fused
+        y, (h, c) = module(x, state)
+        inputs = [x, *state, *module.parameters()]
+        grads = torch.autograd.grad((y.sin().sum() + h.sum() + (2 * c).sum()), inputs)
+        results.append([y, h, c, *grads])
+    names = ["y", "h", "c", "x", "h0", "c0", *(n for n, _ in module.named_parameters())]
+    for name, a, b in zip(names, *results, strict=True):
+        assert_close(a, b, name, atol=1e-12)
 
 
 def test_peephole_forget_bias_and_cell_clip() -> None:
