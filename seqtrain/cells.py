@@ -368,20 +368,15 @@ def _ln_lstm_forward_loop(
     return gates, hp, stat_hh[0], stat_hh[1], cs, stat_c[0], stat_c[1], hs
 
 
-def _ln_backward(dy: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
-    """LayerNorm's input gradient from d(xhat) over the last dimension."""
-    mean_dy = dy.mean(-1, keepdim=True)
-    mean_dy_xhat = (dy * xhat).mean(-1, keepdim=True)
-    return (dy - mean_dy - xhat * mean_dy_xhat) * rstd
-
-
 def _ln_lstm_backward_loop(
     gates: Tensor,
-    xhat_hh: Tensor,
+    hp: Tensor,
+    mean_hh: Tensor,
     rstd_hh: Tensor,
     cs: Tensor,
-    xhat_c: Tensor,
+    mean_c: Tensor,
     rstd_c: Tensor,
+    xhat_c: Tensor,
     c0: Tensor,
     w_hh: Tensor,
     g_hh: Tensor,
@@ -392,7 +387,8 @@ def _ln_lstm_backward_loop(
     dc_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of _ln_lstm_forward_loop: d(gate inputs) and d(h W_hh^T), both (T, B, 4H),
-    d(LN(c)) (T, B, H) for the c LayerNorm's affine gradients, dh0, dc0."""
+    d(LN(c)) (T, B, H) for the c LayerNorm's affine gradients, dh0, dc0. Each step's two
+    LayerNorm backwards are ATen's fused kernel, one op each instead of eight."""
     T, B = gates.shape[0], gates.shape[1]
     H = c0.shape[1]
     i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
@@ -408,13 +404,17 @@ def _ln_lstm_backward_loop(
     w_hh_t = w_hh.t().contiguous()  # (H, 4H)
     dh = dh_n + dy[T - 1]
     dc = dc_n
+    ln_backward = torch.ops.aten.native_layer_norm_backward
+    only_input = [True, False, False]  # the affine gradients are summed after the loop
     for t in range(T - 1, -1, -1):
         torch.mul(dh, k_co[t], out=d_cout[t])
-        dc = dc + _ln_backward(d_cout[t] * g_c, xhat_c[t], rstd_c[t])
+        dc = dc + ln_backward(d_cout[t], cs[t], [H], mean_c[t], rstd_c[t], g_c, b_c, only_input)[0]
         torch.mul(dc.unsqueeze(1), k_ifg[t], out=d4[t, :, :3])
         torch.mul(dh, k_o[t], out=d4[t, :, 3])
         dc = dc * f[t]
-        d_hp[t] = _ln_backward(d_gates[t] * g_hh, xhat_hh[t], rstd_hh[t])
+        d_hp[t] = ln_backward(
+            d_gates[t], hp[t], [4 * H], mean_hh[t], rstd_hh[t], g_hh, None, only_input
+        )[0]
         dh = _mm_t(d_hp[t], w_hh_t)
         if t > 0:
             dh.add_(dy[t - 1])
@@ -665,14 +665,13 @@ class _FusedLNLSTMLayer(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor, dh_n: Tensor, dc_n: Tensor) -> tuple[Tensor | None, ...]:
         h0, c0, w_hh, g_hh, g_c, b_c, gates, hp, m_hh, r_hh, cs, m_c, r_c, hs = ctx.saved_tensors
         T, B, G = gates.shape
-        xhat_hh = (hp - m_hh) * r_hh  # (T, B, 4H)
         xhat_c = (cs - m_c) * r_c  # (T, B, H)
         d_gates, d_hp, d_cout, dh0, dc0 = ctx.loops.ln_lstm_backward(
-            gates, xhat_hh, r_hh, cs, xhat_c, r_c, c0, w_hh, g_hh, g_c, b_c, dy, dh_n, dc_n
+            gates, hp, m_hh, r_hh, cs, m_c, r_c, xhat_c, c0, w_hh, g_hh, g_c, b_c, dy, dh_n, dc_n
         )
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
         (dw_hh,) = _mm_tn(d_hp.view(T * B, G), [h_prev])
-        dg_hh = (d_gates * xhat_hh).sum((0, 1))
+        dg_hh = (d_gates * (hp - m_hh) * r_hh).sum((0, 1))  # d(LN out) x xhat
         dg_c, db_c = (d_cout * xhat_c).sum((0, 1)), d_cout.sum((0, 1))
         return d_gates, dh0, dc0, dw_hh, dg_hh, dg_c, db_c, None
 
