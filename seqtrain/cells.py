@@ -992,7 +992,13 @@ def kernel_name(module: nn.Module, device: torch.device) -> str:
             return "cuDNN" if torch.backends.cudnn.is_available() else "native fused"
         return "oneDNN/native fused"
     if isinstance(module, RecurrentStack):
-        return {"jit": "TorchScript", "compile": "torch.compile (inductor)"}.get(
+        loop = {"jit": "TorchScript", "compile": "torch.compile (inductor)"}.get(
             module.backend, "python"
+        )
+        if device.type == "cuda":
+            return f"{loop} loop, cuBLAS GEMM"
+        mkldnn = torch.backends.mkldnn
+        return (
+            f"{loop} loop, {'oneDNN' if mkldnn.is_available() and mkldnn.enabled else 'BLAS'} GEMM"
         )
     return "python"

@@ -350,8 +350,8 @@ def test_kernel_name_says_what_runs() -> None:
     cpu = torch.device("cpu")
     names = {b: kernel_name(build_recurrent(b, "lstm", IN, H, 1), cpu) for b in BACKENDS}
     assert names["cudnn"] == "oneDNN/native fused"
-    assert names["jit"] == "TorchScript"
-    assert names["compile"] == "torch.compile (inductor)"
-    assert names["modular"] == "python"
+    assert names["jit"] == "TorchScript loop, oneDNN GEMM"
+    assert names["compile"] == "torch.compile (inductor) loop, oneDNN GEMM"
+    assert names["modular"] == "python loop, oneDNN GEMM"
     on_gpu = kernel_name(build_recurrent("cudnn", "gru", IN, H, 1), torch.device("cuda"))
     assert on_gpu in ("cuDNN", "native fused")
