@@ -275,16 +275,6 @@ def _mm_tn(d: Tensor, xs: list[Tensor]) -> list[Tensor]:
     return [d.t().mm(x) for x in xs]
 
 
-def _lstm_activate(g: Tensor, c: Tensor, c_t: Tensor) -> None:
-    """Activate one step's gates g (B, 4H) in place (i f g o) and write c_t = f * c + i * g."""
-    H = c.shape[1]
-    g[:, : 2 * H].sigmoid_()
-    g[:, 2 * H : 3 * H].tanh_()
-    g[:, 3 * H :].sigmoid_()
-    torch.mul(g[:, H : 2 * H], c, out=c_t)
-    c_t.addcmul_(g[:, :H], g[:, 2 * H : 3 * H])
-
-
 def _lstm_forward_loop(
     gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -300,8 +290,12 @@ def _lstm_forward_loop(
     for t in range(T):
         g = gates[t]  # (B, 4H)
         g.add_(_mm_t(h, w_hh))
+        g[:, : 2 * H].sigmoid_()
+        g[:, 2 * H : 3 * H].tanh_()
+        g[:, 3 * H :].sigmoid_()
         c_t, h_t = cs[t], hs[t]
-        _lstm_activate(g, c, c_t)
+        torch.mul(g[:, H : 2 * H], c, out=c_t)
+        c_t.addcmul_(g[:, :H], g[:, 2 * H : 3 * H])
         torch.tanh(c_t, out=h_t)
         h_t.mul_(g[:, 3 * H :])
         h, c = h_t, c_t
@@ -361,8 +355,12 @@ def _ln_lstm_forward_loop(
         y, stat_hh[0, t], stat_hh[1, t] = torch.native_layer_norm(hp_t, [4 * H], g_hh, None, 1e-5)
         g = gates[t]  # (B, 4H)
         g.add_(y)
+        g[:, : 2 * H].sigmoid_()
+        g[:, 2 * H : 3 * H].tanh_()
+        g[:, 3 * H :].sigmoid_()
         c_t, h_t = cs[t], hs[t]
-        _lstm_activate(g, c, c_t)
+        torch.mul(g[:, H : 2 * H], c, out=c_t)
+        c_t.addcmul_(g[:, :H], g[:, 2 * H : 3 * H])
         c_out, stat_c[0, t], stat_c[1, t] = torch.native_layer_norm(c_t, [H], g_c, b_c, 1e-5)
         torch.tanh(c_out, out=h_t)
         h_t.mul_(g[:, 3 * H :])
