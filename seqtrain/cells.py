@@ -250,16 +250,23 @@ _mm_t.__annotations__ = {"x": Tensor, "w": Tensor, "return": Tensor}
 _mm_t = torch.jit.ignore(_mm_t)
 
 
+def _onednn_enabled() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
 def _onednn(x: Tensor) -> bool:
     """Use oneDNN's GEMM, the one nn.LSTM's fused kernel uses, on CPU in float32: on the AMD EPYC
     these benchmarks ran on it does 310-336 GFLOP/s where torch.mm (MKL) does 155-180, for the
     (T*B)-deep products and the (B, H) steps alike."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_enabled()
+
+
+def _input_grad(needed: bool, d: Tensor, w: Tensor, T: int, B: int) -> Tensor | None:
+    """d (T*B, G) @ w (G, I) -> (T, B, I): a window input's gradient, None when not needed."""
+    if not needed:
+        return None
+    dx = _mm_t(d, w.t().contiguous()) if _onednn(d) else d.mm(w)
+    return dx.view(T, B, -1)
 
 
 def _mm_tn(d: Tensor, xs: list[Tensor]) -> list[Tensor]:
@@ -600,7 +607,7 @@ class _WindowProjection(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         T, B, G = dy.shape
         d2 = dy.reshape(T * B, G)
-        dx = _mm_t(d2, w.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        dx = _input_grad(ctx.needs_input_grad[0], d2, w, T, B)
         (dw,) = _mm_tn(d2, [x2])
         return dx, dw
 
@@ -635,7 +642,7 @@ class _FusedLSTMLayer(torch.autograd.Function):
         d_gates, dh0, dc0 = ctx.loops.lstm_backward(gates, cs, c0, w_hh, dy, dh_n, dc_n)
         d2 = d_gates.view(T * B, G)  # (T*B, 4H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
-        dx = _mm_t(d2, w_ih.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        dx = _input_grad(ctx.needs_input_grad[0], d2, w_ih, T, B)
         db = d2.sum(0)
         dw_ih, dw_hh = _mm_tn(d2, [x2, h_prev])
         return dx, dh0, dc0, dw_ih, dw_hh, db, db, None
@@ -657,10 +664,11 @@ class _FusedLNLSTMLayer(torch.autograd.Function):
         b_c: Tensor,
         loops: _Loops,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        out = loops.ln_lstm_forward(xg.clone(), h0, c0, w_hh, g_hh, g_c, b_c)
-        ctx.save_for_backward(h0, c0, w_hh, g_hh, g_c, b_c, *out)
+        gates, hp, m_hh, r_hh, cs, m_c, r_c, hs = loops.ln_lstm_forward(
+            xg.clone(), h0, c0, w_hh, g_hh, g_c, b_c
+        )
+        ctx.save_for_backward(h0, c0, w_hh, g_hh, g_c, b_c, gates, hp, m_hh, r_hh, cs, m_c, r_c, hs)
         ctx.loops = loops
-        cs, hs = out[4], out[7]
         return hs, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
@@ -707,7 +715,7 @@ class _FusedGRULayer(torch.autograd.Function):
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # (T, B, H)
         d_x, d_h, dh0 = ctx.loops.gru_backward(gates, hn, h_prev, w_hh, dy, dh_n)
         dx2, dh2 = d_x.view(T * B, G), d_h.view(T * B, G)  # (T*B, 3H)
-        dx = _mm_t(dx2, w_ih.t().contiguous()).view(T, B, -1) if ctx.needs_input_grad[0] else None
+        dx = _input_grad(ctx.needs_input_grad[0], dx2, w_ih, T, B)
         h2 = h_prev.view(T * B, -1)
         (dw_ih,), (dw_hh,) = _mm_tn(dx2, [x2]), _mm_tn(dh2, [h2])
         return dx, dh0, dw_ih, dw_hh, dx2.sum(0), dh2.sum(0), None
@@ -999,8 +1007,5 @@ def kernel_name(module: nn.Module, device: torch.device) -> str:
         )
         if device.type == "cuda":
             return f"{loop} loop, cuBLAS GEMM"
-        mkldnn = torch.backends.mkldnn
-        return (
-            f"{loop} loop, {'oneDNN' if mkldnn.is_available() and mkldnn.enabled else 'BLAS'} GEMM"
-        )
+        return f"{loop} loop, {'oneDNN' if _onednn_enabled() else 'BLAS'} GEMM"
     return "python"
