@@ -6,7 +6,8 @@
 
 Timings on a shared machine drift, so backends are timed interleaved (one run of each, in a
 rotating order, per repetition) and each ratio is the median over repetitions of the per-repetition
-ratio to cudnn. Writes docs/bench_cells.md and docs/bench_cells.png.
+ratio to cudnn. Like training (memory.host_cache), it keeps freed CPU memory for reuse;
+--no-host-cache measures glibc's default. Writes docs/bench_cells.md and docs/bench_cells.png.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from seqtrain.cells import build_recurrent, kernel_name  # noqa: E402
+from seqtrain.memory import cache_host_memory  # noqa: E402
 
 # (label, backend, options): the layer-normed row is compared with plain cudnn, as the issue asks.
 VARIANTS = [
@@ -127,10 +129,12 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, device: torch.dev
         "# Cell backend benchmark",
         "",
         f"`python scripts/bench_cells.py{' --quick' if args.quick else ''}"
-        f"{' --device cuda' if device.type == 'cuda' else ''}` on {device.type} "
+        f"{' --device cuda' if device.type == 'cuda' else ''}"
+        f"{' --no-host-cache' if not args.host_cache else ''}` on {device.type} "
         f"({platform.processor() or platform.machine()}, {threads} threads, torch "
         f"{torch.__version__}); batch {args.batch}, window {args.window}, input size = hidden, "
-        f"forward + backward, {args.reps} interleaved repetitions.",
+        f"forward + backward, {args.reps} interleaved repetitions, host memory cache "
+        f"{'on (memory.host_cache, as training runs)' if args.host_cache else 'off'}.",
         "",
         "ratio = median over repetitions of (cudnn time / backend time) in the same repetition "
         "(range in brackets); saved = bytes autograd keeps for backward per step, batch element, "
@@ -184,7 +188,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument(
+        "--no-host-cache",
+        dest="host_cache",
+        action="store_false",
+        help="leave glibc's malloc as it is (training sets memory.host_cache=true)",
+    )
     args = parser.parse_args()
+    if args.host_cache:
+        cache_host_memory()
     args.reps = args.reps or (5 if args.quick else 9)
     device = torch.device(args.device)
     hiddens, layer_counts = ([512], [1]) if args.quick else ([256, 512], [1, 2])

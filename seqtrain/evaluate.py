@@ -18,6 +18,7 @@ from seqtrain.checkpoint import CheckpointError, config_of, load_model, read
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.config import ConfigError
 from seqtrain.data import SPLITS, DataError, Streams, load_corpus, require_tokens, split_corpus
+from seqtrain.memory import cache_host_memory
 from seqtrain.model import RecurrentLM
 from seqtrain.tbptt import Engine, bits
 
@@ -46,6 +47,8 @@ def evaluate_split(model: RecurrentLM, streams: Streams, window: int, progress: 
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     ckpt = read(args.ckpt)
     cfg = config_of(ckpt, overrides)
+    if cfg.memory.host_cache:
+        cache_host_memory()
     model = load_model(ckpt, cfg).to(args.device)
     splits = split_corpus(load_corpus(cfg.data), cfg.data.split)
     batch = args.batch_size or cfg.data.eval_batch_size

@@ -28,6 +28,7 @@ Recomputation is T - m(c) steps, so the longest chunk that fits recomputes least
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -53,6 +54,35 @@ class MemoryConfig:
     chunk: int | None = None  # steps per recomputed segment (checkpoint=chunk)
     budget: str | None = None  # peak bytes of one update, e.g. 512MiB; auto fits the chunk to it
     probe: bool = True  # measure one update before training and print predicted vs measured
+    host_cache: bool = True  # keep freed CPU memory in the process for reuse (glibc; see below)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory
+# ---------------------------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def cache_host_memory() -> bool:
+    """Keep freed CPU memory in the process for the next tensor, as PyTorch's CUDA allocator does.
+
+    glibc serves each large block with a fresh mmap and returns it to the OS on free, so every
+    big tensor of every update is page-faulted and zeroed again. On the machines these benchmarks
+    ran on, an elementwise op into a fresh 32 MiB tensor took 5x as long as one into reused
+    memory, and training char_lm ran at 45.4k instead of 33.7k tokens/s (peak RSS +8%).
+    Process-wide and permanent; returns whether it applied (it needs glibc), and says so if not.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        # Older glibc caps the mmap threshold at 32 MiB; blocks above it are still mmapped.
+        mapped = any(mallopt(_M_MMAP_THRESHOLD, size) == 1 for size in (1 << 30, 32 << 20))
+        applied = mapped and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        applied = False
+    if not applied:
+        log.warning("memory.host_cache=true has no effect here: it needs glibc's mallopt")
+    return applied
 
 
 # ---------------------------------------------------------------------------------------------

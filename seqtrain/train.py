@@ -42,7 +42,7 @@ from seqtrain.data import (
     split_corpus,
     train_loader,
 )
-from seqtrain.memory import plan_run
+from seqtrain.memory import cache_host_memory, plan_run
 from seqtrain.module import LanguageModelModule
 
 log = logging.getLogger("seqtrain")
@@ -186,6 +186,8 @@ def fit(job: Job) -> dict:
     if world > 1 and in_multirun() and not ranks_started_elsewhere():
         return fit_in_own_process(job)
     quiet_lightning()
+    if cfg.memory.host_cache:
+        cache_host_memory()
     preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")  # handlers before any work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -4,6 +4,9 @@ measure and predict what they claim. Tiny models: the whole file runs in seconds
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -291,6 +294,35 @@ def test_memory_groups_compose() -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = validate(compose("train", overrides=["memory=auto", "memory.budget=64MiB"]))
     assert cfg.memory.checkpoint == "auto" and parse_size(cfg.memory.budget) == 64 * 2**20
+
+
+_FREE_AFTER_DEL = """
+import ctypes, sys, torch
+from seqtrain.memory import cache_host_memory
+fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in fields]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "on":
+    assert cache_host_memory()
+x = torch.ones(64 << 18)  # 64 MiB, above glibc's largest automatic mmap threshold
+del x
+print(libc.mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="memory.host_cache needs glibc")
+def test_host_cache_keeps_freed_memory_in_the_process() -> None:
+    """A freed big tensor stays in malloc's free lists (reused without page faults) with the
+    cache on, and goes back to the OS without it. Each case runs in a fresh process, since the
+    setting is process-wide and cannot be undone."""
+    free = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", _FREE_AFTER_DEL, mode], capture_output=True)
+        assert out.returncode == 0, out.stderr.decode()
+        free[mode] = int(out.stdout)
+    assert free["on"] >= 64 << 20 > free["off"]
 
 
 # ---------------------------------------------------------------------------------------------
