@@ -388,41 +388,45 @@ def _lstm_backward_loop(
 
 def _ln_lstm_forward_loop(
     gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The layer-normed LSTM (Ba et al. 2016) in place: gates (T, B, 4H) holds
     LN(x W_ih^T) + b on entry, i f g o after. Each step adds LN(h W_hh^T; g_hh) and outputs
-    h = o * tanh(LN(c; g_c, b_c)); the carried c is the un-normed one.
+    h = o * tanh(LN(c; g_c, b_c)); the carried c is the un-normed one. As in _lstm_forward_loop,
+    the g gate's pre-activations come doubled (gates and g_hh).
 
     Returns the gates, the raw h W_hh^T (T, B, 4H) with its LayerNorm mean and rstd (T, B, 1), the
-    cell states C (T, B, H) with theirs, and the outputs Hs (T, B, H).
+    cell states C (T, B, H) with theirs, tanh(LN(C)) and the outputs Hs (T, B, H).
     """
     T, B = gates.shape[0], gates.shape[1]
     H = c0.shape[1]
     hp = torch.empty_like(gates)
-    stat_hh = gates.new_empty((2, T, B, 1))  # mean, rstd
     cs = gates.new_empty((T, B, H))
-    stat_c = gates.new_empty((2, T, B, 1))
+    tcs = gates.new_empty((T, B, H))
     hs = gates.new_empty((T, B, H))
+    g_t, i_t, f_t = gates.unbind(0), gates[:, :, :H].unbind(0), gates[:, :, H : 2 * H].unbind(0)
+    gg_t, o_t = gates[:, :, 2 * H : 3 * H].unbind(0), gates[:, :, 3 * H :].unbind(0)
+    hp_t, c_t, tc_t, h_t = hp.unbind(0), cs.unbind(0), tcs.unbind(0), hs.unbind(0)
+    stats: list[list[Tensor]] = [[], [], [], []]  # mean, rstd of h W_hh^T; mean, rstd of c
     h, c = h0, c0
     for t in range(T):
-        hp_t = hp[t]
-        hp_t.copy_(_mm_t(h, w_hh))
-        y, stat_hh[0, t], stat_hh[1, t] = torch.native_layer_norm(hp_t, [4 * H], g_hh, None, 1e-5)
-        g = gates[t]  # (B, 4H)
-        g.add_(y)
+        hp_t[t].copy_(_mm_t(h, w_hh))
+        y, mean, rstd = torch.native_layer_norm(hp_t[t], [4 * H], g_hh, None, 1e-5)
+        stats[0].append(mean)
+        stats[1].append(rstd)
         # The gate math repeats _lstm_forward_loop's on purpose: a shared helper function cost
         # 7-8% of an update at H512 (a Python call per step; 5 interleaved A/B pairs).
-        g[:, : 2 * H].sigmoid_()
-        g[:, 2 * H : 3 * H].tanh_()
-        g[:, 3 * H :].sigmoid_()
-        c_t, h_t = cs[t], hs[t]
-        torch.mul(g[:, H : 2 * H], c, out=c_t)
-        c_t.addcmul_(g[:, :H], g[:, 2 * H : 3 * H])
-        c_out, stat_c[0, t], stat_c[1, t] = torch.native_layer_norm(c_t, [H], g_c, b_c, 1e-5)
-        torch.tanh(c_out, out=h_t)
-        h_t.mul_(g[:, 3 * H :])
-        h, c = h_t, c_t
-    return gates, hp, stat_hh[0], stat_hh[1], cs, stat_c[0], stat_c[1], hs
+        g_t[t].add_(y).sigmoid_()  # (B, 4H)
+        gg_t[t].mul_(2).sub_(1)  # tanh
+        torch.mul(f_t[t], c, out=c_t[t])
+        c_t[t].addcmul_(i_t[t], gg_t[t])
+        c_out, mean, rstd = torch.native_layer_norm(c_t[t], [H], g_c, b_c, 1e-5)
+        stats[2].append(mean)
+        stats[3].append(rstd)
+        torch.tanh(c_out, out=tc_t[t])
+        torch.mul(tc_t[t], o_t[t], out=h_t[t])
+        h, c = h_t[t], c_t[t]
+    m_hh, r_hh, m_c, r_c = [torch.stack(s) for s in stats]
+    return gates, hp, m_hh, r_hh, cs, m_c, r_c, tcs, hs
 
 
 def _ln_lstm_backward_loop(
@@ -433,7 +437,7 @@ def _ln_lstm_backward_loop(
     cs: Tensor,
     mean_c: Tensor,
     rstd_c: Tensor,
-    xhat_c: Tensor,
+    tcs: Tensor,
     c0: Tensor,
     w_hh_t: Tensor,
     g_hh: Tensor,
@@ -443,37 +447,47 @@ def _ln_lstm_backward_loop(
     dh_n: Tensor,
     dc_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of _ln_lstm_forward_loop: d(gate inputs) and d(h W_hh^T), both (T, B, 4H),
-    d(LN(c)) (T, B, H) for the c LayerNorm's affine gradients, dh0, dc0. Each step's two
-    LayerNorm backwards are ATen's fused kernel, one op each instead of eight."""
+    """Backward of _ln_lstm_forward_loop, given W_hh^T (H, 4H): d(gate inputs) and
+    d(h W_hh^T), both (T, B, 4H), d(LN(c)) (T, B, H) for the c LayerNorm's affine gradients, dh0,
+    dc0. Each step's two LayerNorm backwards are ATen's fused kernel, one op each instead of
+    eight."""
     T, B = gates.shape[0], gates.shape[1]
     H = c0.shape[1]
     i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
-    tc = torch.tanh(xhat_c * g_c + b_c)
-    c_prev = torch.cat([c0.unsqueeze(0), cs[:-1]])
-    k_co = o * (1 - tc * tc)  # d LN(c) = dh * k_co
-    k_o = tc * o * (1 - o)
-    k_ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (T,B,3,H)
+    # As in _lstm_backward_loop, with tanh(LN(c)) for tanh(c): d LN(c) = dh * k_co.
+    k = gates.new_empty((T, B, 4, H))
+    torch.addcmul(i, i, i, value=-1, out=k[:, :, 0]).mul_(g)  # i (1 - i) g
+    torch.addcmul(f, f, f, value=-1, out=k[:, :, 1])  # f (1 - f) c_prev
+    k[1:, :, 1].mul_(cs[:-1])
+    k[0, :, 1].mul_(c0)
+    torch.addcmul(i, i, g * g, value=-1, out=k[:, :, 2])  # i (1 - g^2)
+    torch.addcmul(o, o, o, value=-1, out=k[:, :, 3]).mul_(tcs)  # o (1 - o) tanh(LN(c))
+    k_co = torch.addcmul(o, o, tcs * tcs, value=-1)  # o (1 - tanh(LN(c))^2)
     d_gates = torch.empty_like(gates)
     d4 = d_gates.view(T, B, 4, H)
     d_hp = torch.empty_like(gates)  # d(h W_hh^T)
     d_cout = torch.empty_like(cs)
-    dh = dh_n + dy[T - 1]
+    d_t, d_ifg, d_o = d_gates.unbind(0), d4[:, :, :3].unbind(0), d4[:, :, 3].unbind(0)
+    k_ifg, k_o, k_co_t = k[:, :, :3].unbind(0), k[:, :, 3].unbind(0), k_co.unbind(0)
+    d_hp_t, d_cout_t, f_t, dy_t = d_hp.unbind(0), d_cout.unbind(0), f.unbind(0), dy.unbind(0)
+    hp_t, c_t = hp.unbind(0), cs.unbind(0)
+    m_hh, r_hh, m_c, r_c = mean_hh.unbind(0), rstd_hh.unbind(0), mean_c.unbind(0), rstd_c.unbind(0)
+    dh = dh_n + dy_t[T - 1]
     dc = dc_n
     ln_backward = torch.ops.aten.native_layer_norm_backward
     only_input = [True, False, False]  # the affine gradients are summed after the loop
     for t in range(T - 1, -1, -1):
-        torch.mul(dh, k_co[t], out=d_cout[t])
-        dc = dc + ln_backward(d_cout[t], cs[t], [H], mean_c[t], rstd_c[t], g_c, b_c, only_input)[0]
-        torch.mul(dc.unsqueeze(1), k_ifg[t], out=d4[t, :, :3])
-        torch.mul(dh, k_o[t], out=d4[t, :, 3])
-        dc = dc * f[t]
-        d_hp[t] = ln_backward(
-            d_gates[t], hp[t], [4 * H], mean_hh[t], rstd_hh[t], g_hh, None, only_input
-        )[0]
-        dh = _mm_t(d_hp[t], w_hh_t)
+        torch.mul(dh, k_co_t[t], out=d_cout_t[t])
+        dc = dc + ln_backward(d_cout_t[t], c_t[t], [H], m_c[t], r_c[t], g_c, b_c, only_input)[0]
+        torch.mul(dc.unsqueeze(1), k_ifg[t], out=d_ifg[t])
+        torch.mul(dh, k_o[t], out=d_o[t])
+        dc = dc * f_t[t]
+        d_hp_t[t].copy_(
+            ln_backward(d_t[t], hp_t[t], [4 * H], m_hh[t], r_hh[t], g_hh, None, only_input)[0]
+        )
+        dh = _mm_t(d_hp_t[t], w_hh_t)
         if t > 0:
-            dh.add_(dy[t - 1])
+            dh.add_(dy_t[t - 1])
     return d_gates, d_hp, d_cout, dh, dc
 
 
@@ -697,43 +711,94 @@ class _FusedLSTMLayer(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, dw_hh, db, db, None
 
 
+class _LNSaved(NamedTuple):
+    """What the layer-normed layer's backward reads: inputs, then what the forward made."""
+
+    x2: Tensor  # (T*B, I)
+    xw: Tensor  # (T*B, 4H) x W_ih^T before its LayerNorm, with its mean and rstd (T*B, 1)
+    m_ih: Tensor
+    r_ih: Tensor
+    h0: Tensor
+    c0: Tensor
+    w_ih: Tensor
+    w_hh: Tensor
+    b: Tensor  # b_ih + b_hh, the input LayerNorm's beta
+    g_ih: Tensor
+    g_hh: Tensor
+    g_c: Tensor
+    b_c: Tensor
+    gates: Tensor  # (T, B, 4H) activated
+    hp: Tensor  # (T, B, 4H) h W_hh^T before its LayerNorm, with its mean and rstd (T, B, 1)
+    m_hh: Tensor
+    r_hh: Tensor
+    cs: Tensor  # (T, B, H) cell states before their LayerNorm, with its mean and rstd
+    m_c: Tensor
+    r_c: Tensor
+    tcs: Tensor  # (T, B, H) tanh(LN(c))
+    hs: Tensor  # (T, B, H)
+
+
 class _FusedLNLSTMLayer(torch.autograd.Function):
-    """One layer-normed LSTM layer over a window: gate inputs xg (T, B, 4H) = LN(x W_ih^T) + b,
-    made by autograd outside -> (hs (T, B, H), h_T, c_T)."""
+    """One layer-normed LSTM layer over a window, time-major x (T, B, I) -> (hs (T, B, H), h_T,
+    c_T). The input projection's LayerNorm is inside too: its beta slot carries b_ih + b_hh."""
 
     @staticmethod
     def forward(
         ctx: Any,
-        xg: Tensor,
+        x: Tensor,
         h0: Tensor,
         c0: Tensor,
+        w_ih: Tensor,
         w_hh: Tensor,
+        b_ih: Tensor,
+        b_hh: Tensor,
+        g_ih: Tensor,
         g_hh: Tensor,
         g_c: Tensor,
         b_c: Tensor,
         loops: _Loops,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        gates, hp, m_hh, r_hh, cs, m_c, r_c, hs = loops.ln_lstm_forward(
-            xg.clone(), h0, c0, _pack(w_hh, xg.shape[1]), g_hh, g_c, b_c
+        T, B, _ = x.shape
+        x2 = x.reshape(T * B, -1)  # (T*B, I)
+        xw = _mm_t(x2, w_ih)  # (T*B, 4H)
+        b = b_ih + b_hh
+        gates, m_ih, r_ih = torch.native_layer_norm(
+            xw, [xw.shape[1]], _double_g(g_ih), _double_g(b), 1e-5
         )
-        ctx.save_for_backward(h0, c0, w_hh, g_hh, g_c, b_c, gates, hp, m_hh, r_hh, cs, m_c, r_c, hs)
+        gates, hp, m_hh, r_hh, cs, m_c, r_c, tcs, hs = loops.ln_lstm_forward(
+            gates.view(T, B, -1), h0, c0, _pack(w_hh, B), _double_g(g_hh), g_c, b_c
+        )
+        ctx.save_for_backward(
+            *_LNSaved(
+                x2, xw, m_ih, r_ih, h0, c0, w_ih, w_hh, b, g_ih, g_hh, g_c, b_c,
+                gates, hp, m_hh, r_hh, cs, m_c, r_c, tcs, hs,
+            )
+        )  # fmt: skip
         ctx.loops = loops
         return hs, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, dh_n: Tensor, dc_n: Tensor) -> tuple[Tensor | None, ...]:
-        h0, c0, w_hh, g_hh, g_c, b_c, gates, hp, m_hh, r_hh, cs, m_c, r_c, hs = ctx.saved_tensors
-        T, B, G = gates.shape
-        xhat_c = (cs - m_c) * r_c  # (T, B, H)
-        w_hh_t = _pack(w_hh.t().contiguous(), B)  # (H, 4H)
+        s = _LNSaved(*ctx.saved_tensors)
+        T, B, G = s.gates.shape
+        H = s.cs.shape[2]
         d_gates, d_hp, d_cout, dh0, dc0 = ctx.loops.ln_lstm_backward(
-            gates, hp, m_hh, r_hh, cs, m_c, r_c, xhat_c, c0, w_hh_t, g_hh, g_c, b_c, dy, dh_n, dc_n
-        )
-        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, -1)  # (T*B, H)
+            s.gates, s.hp, s.m_hh, s.r_hh, s.cs, s.m_c, s.r_c, s.tcs, s.c0,
+            _pack(s.w_hh.t().contiguous(), B), s.g_hh, s.g_c, s.b_c, dy, dh_n, dc_n,
+        )  # fmt: skip
+        ln_backward = torch.ops.aten.native_layer_norm_backward
+        d2 = d_gates.view(T * B, G)
+        d_xw, dg_ih, db = ln_backward(d2, s.xw, [G], s.m_ih, s.r_ih, s.g_ih, s.b, [True] * 3)
+        # The step LayerNorms' affine gradients, for all steps in one fused pass each.
+        hp, m_hh, r_hh = s.hp.view(T * B, G), s.m_hh.view(-1, 1), s.r_hh.view(-1, 1)
+        dg_hh = ln_backward(d2, hp, [G], m_hh, r_hh, s.g_hh, None, [False, True, False])[1]
+        d_c, cs, m_c, r_c = d_cout.view(T * B, H), s.cs.view(T * B, H), s.m_c, s.r_c
+        _, dg_c, db_c = ln_backward(d_c, cs, [H], m_c, r_c, s.g_c, s.b_c, [False, True, True])
+        h_prev = torch.cat([s.h0.unsqueeze(0), s.hs[:-1]]).view(T * B, -1)  # (T*B, H)
+        dx = _input_grad(ctx.needs_input_grad[0], d_xw, s.w_ih, T, B)
+        (dw_ih,), _ = _linear_grads(d_xw, [s.x2])
         (dw_hh,), _ = _linear_grads(d_hp.view(T * B, G), [h_prev])
-        dg_hh = (d_gates * (hp - m_hh) * r_hh).sum((0, 1))  # d(LN out) x xhat
-        dg_c, db_c = (d_cout * xhat_c).sum((0, 1)), d_cout.sum((0, 1))
-        return d_gates, dh0, dc0, dw_hh, dg_hh, dg_c, db_c, None
+        return dx, dh0, dc0, dw_ih, dw_hh, db, db, dg_ih, dg_hh, dg_c, db_c, None
 
 
 class _FusedGRULayer(torch.autograd.Function):
@@ -990,16 +1055,17 @@ class RecurrentStack(nn.Module):
             w_hh = F.dropout(w_hh, self.weight_drop, training=True)  # one mask per window
         if self.fused:
             return self._fused_layer(seq, state, w_ih, w_hh, b_ih, b_hh)
+        if self.fused_layernorm:
+            norms = ("ih_weight", "hh_weight", "c_weight", "c_bias")
+            norm_params = [getattr(self, f"layernorm_{n}_l{k}") for n in norms]
+            return self._apply_fused(
+                _FusedLNLSTMLayer, [seq, *state, w_ih, w_hh, b_ih, b_hh, *norm_params]
+            )
         dtype = _compute_dtype(seq)  # autocast does not reach inside a custom Function
         xp = _WindowProjection.apply(seq.to(dtype), w_ih.to(dtype))  # (T, B, G*H), hoisted
         if self.layernorm:
             xp = F.layer_norm(xp, xp.shape[-1:], getattr(self, f"layernorm_ih_weight_l{k}"))
         xp = xp + (b_ih + b_hh if self.cell == "lstm" else b_ih)
-        if self.fused_layernorm:
-            norms = [
-                getattr(self, f"layernorm_{n}_l{k}") for n in ("hh_weight", "c_weight", "c_bias")
-            ]
-            return self._apply_fused(_FusedLNLSTMLayer, [xp, *state, w_hh, *norms])
         w = LayerWeights(
             w_hh=w_hh,
             b_hh=b_hh if self.cell == "gru" else None,
