@@ -238,8 +238,8 @@ def _build_cudnn(
 
 
 def _mm_t(x: Tensor, w: Tensor) -> Tensor:
-    """x (M, K) @ w (N, K)^T, both contiguous."""
-    if _onednn(x):
+    """x (M, K) @ w (N, K)^T, both contiguous; w plain or packed by _pack."""
+    if w.is_mkldnn or _onednn(x):  # the first test is the cheap one, for the per-step products
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return x.mm(w.t())
 
