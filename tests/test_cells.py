@@ -45,13 +45,22 @@ def as_tuple(state: Tensor | tuple) -> tuple:
     return state if isinstance(state, tuple) else (state,)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "no-onednn"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch_outputs_states_and_gradients(
-    backend: str, cell: str, num_layers: int, device: str
+    backend: str, cell: str, num_layers: int, device: str, onednn: bool
 ) -> None:
+    """With oneDNN off the fused loops take their plain-GEMM path (torch.mm, unpacked weights)."""
+    if device == "cuda" and not onednn:
+        pytest.skip("oneDNN is a CPU library")
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        compare_with_torch(backend, cell, num_layers, device)
+
+
+def compare_with_torch(backend: str, cell: str, num_layers: int, device: str) -> None:
     torch.manual_seed(0)
     ref = reference(cell, num_layers).to(device)
     module = build_recurrent(backend, cell, IN, H, num_layers).to(device)
