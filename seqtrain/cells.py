@@ -343,6 +343,27 @@ def _lstm_forward_loop(
     return gates, cs, tcs, hs
 
 
+def _lstm_backward_factors(
+    gates: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The backward factors that do not depend on the recurrence, for all steps at once, in six
+    passes: d(i f g) = dc * k[:, :, :3] (T, B, 3, H), d(o) = dh * k[:, :, 3], and dc += dh * k_c.
+
+    tcs is tanh of what the output gate multiplies: tanh(c), or tanh(LN(c)) when layer-normed.
+    """
+    T, B = gates.shape[0], gates.shape[1]
+    H = c0.shape[1]
+    i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
+    k = gates.new_empty((T, B, 4, H))
+    torch.addcmul(i, i, i, value=-1, out=k[:, :, 0]).mul_(g)  # i (1 - i) g
+    torch.addcmul(f, f, f, value=-1, out=k[:, :, 1])  # f (1 - f) c_prev
+    k[1:, :, 1].mul_(cs[:-1])
+    k[0, :, 1].mul_(c0)
+    torch.addcmul(i, i, g * g, value=-1, out=k[:, :, 2])  # i (1 - g^2)
+    torch.addcmul(o, o, o, value=-1, out=k[:, :, 3]).mul_(tcs)  # o (1 - o) tanh(c)
+    return k, torch.addcmul(o, o, tcs * tcs, value=-1)  # o (1 - tanh(c)^2)
+
+
 def _lstm_backward_loop(
     gates: Tensor,
     cs: Tensor,
@@ -357,22 +378,12 @@ def _lstm_backward_loop(
     (T, B, 4H), dh0, dc0."""
     T, B = gates.shape[0], gates.shape[1]
     H = c0.shape[1]
-    i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
-    # Factors that do not depend on the recurrence, for all steps at once, in few passes:
-    # d(i f g) = dc * k[:, :, :3], d(o) = dh * k[:, :, 3], and dc += dh * k_c.
-    k = gates.new_empty((T, B, 4, H))
-    torch.addcmul(i, i, i, value=-1, out=k[:, :, 0]).mul_(g)  # i (1 - i) g
-    torch.addcmul(f, f, f, value=-1, out=k[:, :, 1])  # f (1 - f) c_prev
-    k[1:, :, 1].mul_(cs[:-1])
-    k[0, :, 1].mul_(c0)
-    torch.addcmul(i, i, g * g, value=-1, out=k[:, :, 2])  # i (1 - g^2)
-    torch.addcmul(o, o, o, value=-1, out=k[:, :, 3]).mul_(tcs)  # o (1 - o) tanh(c)
-    k_c = torch.addcmul(o, o, tcs * tcs, value=-1)  # o (1 - tanh(c)^2)
+    k, k_c = _lstm_backward_factors(gates, cs, tcs, c0)
     d_gates = torch.empty_like(gates)
     d4 = d_gates.view(T, B, 4, H)
     d_t, d_ifg, d_o = d_gates.unbind(0), d4[:, :, :3].unbind(0), d4[:, :, 3].unbind(0)
     k_ifg, k_o, k_c_t = k[:, :, :3].unbind(0), k[:, :, 3].unbind(0), k_c.unbind(0)
-    f_t, dy_t = f.unbind(0), dy.unbind(0)
+    f_t, dy_t = gates[:, :, H : 2 * H].unbind(0), dy.unbind(0)
     dh = dh_n + dy_t[T - 1]
     dc = dc_n
     for t in range(T - 1, -1, -1):
@@ -453,23 +464,15 @@ def _ln_lstm_backward_loop(
     eight."""
     T, B = gates.shape[0], gates.shape[1]
     H = c0.shape[1]
-    i, f, g, o = gates.chunk(4, 2)  # each (T, B, H)
-    # As in _lstm_backward_loop, with tanh(LN(c)) for tanh(c): d LN(c) = dh * k_co.
-    k = gates.new_empty((T, B, 4, H))
-    torch.addcmul(i, i, i, value=-1, out=k[:, :, 0]).mul_(g)  # i (1 - i) g
-    torch.addcmul(f, f, f, value=-1, out=k[:, :, 1])  # f (1 - f) c_prev
-    k[1:, :, 1].mul_(cs[:-1])
-    k[0, :, 1].mul_(c0)
-    torch.addcmul(i, i, g * g, value=-1, out=k[:, :, 2])  # i (1 - g^2)
-    torch.addcmul(o, o, o, value=-1, out=k[:, :, 3]).mul_(tcs)  # o (1 - o) tanh(LN(c))
-    k_co = torch.addcmul(o, o, tcs * tcs, value=-1)  # o (1 - tanh(LN(c))^2)
+    k, k_co = _lstm_backward_factors(gates, cs, tcs, c0)  # d LN(c) = dh * k_co
     d_gates = torch.empty_like(gates)
     d4 = d_gates.view(T, B, 4, H)
     d_hp = torch.empty_like(gates)  # d(h W_hh^T)
     d_cout = torch.empty_like(cs)
     d_t, d_ifg, d_o = d_gates.unbind(0), d4[:, :, :3].unbind(0), d4[:, :, 3].unbind(0)
     k_ifg, k_o, k_co_t = k[:, :, :3].unbind(0), k[:, :, 3].unbind(0), k_co.unbind(0)
-    d_hp_t, d_cout_t, f_t, dy_t = d_hp.unbind(0), d_cout.unbind(0), f.unbind(0), dy.unbind(0)
+    f_t, dy_t = gates[:, :, H : 2 * H].unbind(0), dy.unbind(0)
+    d_hp_t, d_cout_t = d_hp.unbind(0), d_cout.unbind(0)
     hp_t, c_t = hp.unbind(0), cs.unbind(0)
     m_hh, r_hh, m_c, r_c = mean_hh.unbind(0), rstd_hh.unbind(0), mean_c.unbind(0), rstd_c.unbind(0)
     dh = dh_n + dy_t[T - 1]
