@@ -346,8 +346,9 @@ def _lstm_forward_loop(
 def _lstm_backward_factors(
     gates: Tensor, cs: Tensor, tcs: Tensor, c0: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The backward factors that do not depend on the recurrence, for all steps at once, in six
-    passes: d(i f g) = dc * k[:, :, :3] (T, B, 3, H), d(o) = dh * k[:, :, 3], and dc += dh * k_c.
+    """The backward factors that do not depend on the recurrence, for all steps at once, written
+    into one buffer: d(i f g) = dc * k[:, :, :3] (T, B, 3, H), d(o) = dh * k[:, :, 3], and
+    dc += dh * k_c.
 
     tcs is tanh of what the output gate multiplies: tanh(c), or tanh(LN(c)) when layer-normed.
     """
