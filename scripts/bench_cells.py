@@ -170,7 +170,8 @@ def write_plot(rows: list[dict], path: Path) -> None:
             for c in configs
         ]
         ax.bar([i + k * width for i in range(len(configs))], values, width, label=label)
-    ax.axhline(0.7, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(0.7, color="grey", linestyle="--", linewidth=1, label="target, no options")
+    ax.axhline(0.6, color="tab:purple", linestyle=":", linewidth=1, label="target, layernorm")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
     ax.set_xticklabels([f"{c} H{h} L{n}" for c, h, n in configs])
     ax.set_ylabel("tokens/s relative to cudnn")
