@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -250,8 +251,13 @@ _mm_t.__annotations__ = {"x": Tensor, "w": Tensor, "return": Tensor}
 _mm_t = torch.jit.ignore(_mm_t)
 
 
+# The oneDNN paths below (GEMM, weight packing, inner-product backward) were measured on x86 only;
+# aarch64 builds route these ops through the Arm Compute Library, with other support and speed.
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
 def _onednn_enabled() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return _X86 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def _onednn(x: Tensor) -> bool:
