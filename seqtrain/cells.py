@@ -554,49 +554,63 @@ def _gru_backward_loop(
     return d_x, d_h, dh
 
 
-def _lstm_pointwise(pre: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """LSTM gate math of one step (the compile backend fuses it): pre (B, 4H), its g block
-    doubled as in _lstm_forward_loop -> gates, c, tanh(c), h."""
-    i, f, g, o = pre.sigmoid().chunk(4, 1)
-    g = 2 * g - 1
-    c = f * c + i * g
-    tc = torch.tanh(c)
-    return torch.cat([i, f, g, o], 1), c, tc, o * tc
+def _lstm_step_into(g: Tensor, c: Tensor, c_out: Tensor, tc_out: Tensor, h_out: Tensor) -> None:
+    """One step's LSTM gate math (the compile backend fuses it), written where
+    _lstm_forward_loop writes it: g (B, 4H) holds the pre-activations, g block doubled, and
+    gets i f g o; c_out, tc_out and h_out (B, H) get c, tanh(c) and h. Writing into the
+    window's buffers spares stacking every step's outputs after the loop."""
+    i, f, gg, o = g.sigmoid().chunk(4, 1)
+    gg = 2 * gg - 1
+    c_new = f * c + i * gg
+    tc = torch.tanh(c_new)
+    g.copy_(torch.cat([i, f, gg, o], 1))
+    c_out.copy_(c_new)
+    tc_out.copy_(tc)
+    h_out.copy_(o * tc)
 
 
-def _gru_pointwise(xp: Tensor, hp: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """GRU gate math of one step (the compile backend fuses it): -> gates r z n (B, 3H), h."""
-    x_r, x_z, x_n = xp.chunk(3, 1)
+def _gru_step_into(g: Tensor, hp: Tensor, h: Tensor, hn_out: Tensor, h_out: Tensor) -> None:
+    """One step's GRU gate math (the compile backend fuses it), written where _gru_forward_loop
+    writes it: g (B, 3H) holds x W_ih^T + b_ih and gets r z n; hp (B, 3H) is h W_hh^T + b_hh;
+    hn_out and h_out (B, H) get W_hn h + b_hn and the new h."""
+    x_r, x_z, x_n = g.chunk(3, 1)
     h_r, h_z, h_n = hp.chunk(3, 1)
     r, z = (x_r + h_r).sigmoid(), (x_z + h_z).sigmoid()
     n = (x_n + r * h_n).tanh()
-    return torch.cat([r, z, n], 1), n + z * (h - n)
+    g.copy_(torch.cat([r, z, n], 1))
+    hn_out.copy_(h_n)
+    h_out.copy_(n + z * (h - n))
 
 
 def _lstm_forward_stepwise(
-    step: Callable[..., tuple[Tensor, ...]], gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
+    step: Callable[..., None], gates: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """_lstm_forward_loop with the gate math in a separate (compiled) step function."""
-    acts, cs, tcs, hs = [], [], [], []
+    T, B = gates.shape[0], gates.shape[1]
+    H = c0.shape[1]
+    cs, tcs, hs = (gates.new_empty((T, B, H)) for _ in range(3))
+    g_t, c_t, tc_t, h_t = gates.unbind(0), cs.unbind(0), tcs.unbind(0), hs.unbind(0)
     h, c = h0, c0
-    for pre in gates.unbind(0):
-        a, c, tc, h = step(_mm_t(h, w_hh).add_(pre), c)
-        acts.append(a), cs.append(c), tcs.append(tc), hs.append(h)
-    return torch.stack(acts), torch.stack(cs), torch.stack(tcs), torch.stack(hs)
+    for t in range(T):
+        g_t[t].add_(_mm_t(h, w_hh))
+        step(g_t[t], c, c_t[t], tc_t[t], h_t[t])
+        h, c = h_t[t], c_t[t]
+    return gates, cs, tcs, hs
 
 
 def _gru_forward_stepwise(
-    step: Callable[..., tuple[Tensor, ...]], gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
+    step: Callable[..., None], gates: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """_gru_forward_loop with the gate math in a separate (compiled) step function."""
+    T, B = gates.shape[0], gates.shape[1]
     H = h0.shape[1]
-    acts, hns, hs = [], [], []
+    hn, hs = gates.new_empty((T, B, H)), gates.new_empty((T, B, H))
+    g_t, hn_t, h_t = gates.unbind(0), hn.unbind(0), hs.unbind(0)
     h = h0
-    for xp in gates.unbind(0):
-        hp = _mm_t(h, w_hh).add_(b_hh)  # (B, 3H)
-        a, h = step(xp, hp, h)
-        acts.append(a), hns.append(hp[:, 2 * H :]), hs.append(h)
-    return torch.stack(acts), torch.stack(hns), torch.stack(hs)
+    for t in range(T):
+        step(g_t[t], _mm_t(h, w_hh).add_(b_hh), h, hn_t[t], h_t[t])
+        h = h_t[t]
+    return gates, hn, hs
 
 
 class _FirstCallTimer:
@@ -645,8 +659,8 @@ class _Loops:
             def compiled(fn: Callable[..., Any], what: str) -> _FirstCallTimer:
                 return _FirstCallTimer(torch.compile(fn, dynamic=False, fullgraph=True), what)
 
-            lstm_step = compiled(_lstm_pointwise, "LSTM step")
-            gru_step = compiled(_gru_pointwise, "GRU step")
+            lstm_step = compiled(_lstm_step_into, "LSTM step")
+            gru_step = compiled(_gru_step_into, "GRU step")
             self.lstm_forward = functools.partial(_lstm_forward_stepwise, lstm_step)
             self.gru_forward = functools.partial(_gru_forward_stepwise, gru_step)
             self.lstm_cell = compiled(lstm_cell, "LSTM cell with options")
