@@ -186,8 +186,8 @@ def fit(job: Job) -> dict:
     if world > 1 and in_multirun() and not ranks_started_elsewhere():
         return fit_in_own_process(job)
     quiet_lightning()
-    if cfg.memory.host_cache:
-        cache_host_memory()
+    if cfg.memory.host_cache and cache_host_memory():
+        log.info("host memory cache: freed CPU memory stays in the process (memory.host_cache)")
     preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")  # handlers before any work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
