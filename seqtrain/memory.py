@@ -70,7 +70,8 @@ def cache_host_memory() -> bool:
     glibc serves each large block with a fresh mmap and returns it to the OS on free, so every
     big tensor of every update is page-faulted and zeroed again. On the machines these benchmarks
     ran on, an elementwise op into a fresh 32 MiB tensor took 5x as long as one into reused
-    memory, and training char_lm ran at 45.4k instead of 33.7k tokens/s (peak RSS +8%).
+    memory, and training char_lm ran at 44.5k instead of 33.4k tokens/s, for a max RSS of 2.3
+    instead of 1.0 GB (docs/memory.md).
     Process-wide and permanent; returns whether it applied (it needs glibc), and says so if not.
     """
     try:
