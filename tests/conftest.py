@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,23 @@ REQUIRED_SCALARS = (
     "optim/lr",
     "optim/grad_norm",
 )
+
+
+@contextlib.contextmanager
+def backend_flags(*flags: tuple[object, str, object]) -> Iterator[None]:
+    """Set torch.backends flags, (module, name, value) each, and restore the old values.
+
+    Not monkeypatch.setattr: these are properties torch computes on access, and pytest 9.2 undoes
+    a patched attribute it did not find in the object's own namespace with delattr, which they
+    refuse (AttributeError at teardown)."""
+    old = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    try:
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in old:
+            setattr(obj, name, value)
 
 
 def start_run(run_dir: Path, overrides: Sequence[str], env: dict[str, str]) -> subprocess.Popen:

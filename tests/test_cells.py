@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,15 +15,20 @@ from torch import Tensor, nn
 from seqtrain import cells
 from seqtrain.cells import BACKENDS, CELLS, build_recurrent, check_options, kernel_name
 
+from .conftest import backend_flags
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IN, H, B, T = 5, 7, 3, 6  # input, hidden, batch, time: small enough for every loop to be quick
 
 
 @pytest.fixture(autouse=True)
-def exact_cuda_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+def exact_cuda_matmuls() -> Iterator[None]:
     """TF32 would put 1e-3 differences between backends on a GPU; compare in true float32."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with backend_flags(
+        (torch.backends.cuda.matmul, "allow_tf32", False),
+        (torch.backends.cudnn, "allow_tf32", False),
+    ):
+        yield
 
 
 def assert_close(a: Tensor, b: Tensor, what: str, atol: float = 1e-5) -> None:
@@ -51,13 +57,13 @@ def as_tuple(state: Tensor | tuple) -> tuple:
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch_outputs_states_and_gradients(
-    backend: str, cell: str, num_layers: int, device: str, onednn: bool, monkeypatch
+    backend: str, cell: str, num_layers: int, device: str, onednn: bool
 ) -> None:
     """With oneDNN off the fused loops take their plain-GEMM path (torch.mm, unpacked weights)."""
     if device == "cuda" and not onednn:
         pytest.skip("oneDNN is a CPU library")
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)  # flags() warns about TF32
-    compare_with_torch(backend, cell, num_layers, device)
+    with backend_flags((torch.backends.mkldnn, "enabled", onednn)):  # flags() warns about TF32
+        compare_with_torch(backend, cell, num_layers, device)
 
 
 def compare_with_torch(backend: str, cell: str, num_layers: int, device: str) -> None:
