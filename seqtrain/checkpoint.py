@@ -12,13 +12,10 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
-from seqtrain.config import Config, ConfigError, from_dict, to_dict
+from seqtrain.config import Config, from_dict, to_dict
 from seqtrain.data import VOCAB_SIZE
+from seqtrain.errors import CheckpointError, ConfigError
 from seqtrain.model import RecurrentLM
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line that says why."""
 
 
 def read(path: str | Path) -> dict:
@@ -41,9 +38,19 @@ def read(path: str | Path) -> dict:
     return ckpt
 
 
+def upgrade(config: dict) -> dict:
+    """A config saved by an earlier seqtrain, in today's keys (data.synthetic=copy became
+    data.source=copy)."""
+    data = dict(config.get("data", {}))
+    if "synthetic" in data:
+        synthetic = data.pop("synthetic")
+        data["source"] = synthetic or "text"
+    return {**config, "data": data}
+
+
 def config_of(ckpt: dict, overrides: dict | None = None) -> Config:
     """The run's config, with command-line overrides (e.g. model.backend=modular) applied."""
-    merged = OmegaConf.merge(ckpt["hyper_parameters"]["config"], overrides or {})
+    merged = OmegaConf.merge(upgrade(ckpt["hyper_parameters"]["config"]), overrides or {})
     try:
         return from_dict(OmegaConf.to_container(merged))
     except ConfigError as err:

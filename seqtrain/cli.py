@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from seqtrain.config import ConfigError, check_overrides, validate
-from seqtrain.data import DataError
+from seqtrain.config import check_overrides, validate
+from seqtrain.errors import ConfigError, SeqtrainError
 
 log = logging.getLogger("seqtrain")
 
@@ -93,13 +93,11 @@ def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
 
     from seqtrain import train  # heavy imports (Lightning) only once the config is known good
-    from seqtrain.checkpoint import CheckpointError
-    from seqtrain.module import NonFiniteError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         job = train.prepare(validate(raw), run_dir)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except SeqtrainError as err:
         fail(str(err))
     # Under DDP every rank runs this function; one of them speaks and writes the record.
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
@@ -107,7 +105,7 @@ def hydra_main(raw: DictConfig) -> float:
         record_config(raw, run_dir)
     try:
         summary = train.fit(job)
-    except NonFiniteError as err:
+    except SeqtrainError as err:
         fail(str(err))
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]

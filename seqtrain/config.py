@@ -14,19 +14,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import cells
-from seqtrain.data import DataConfig
+from seqtrain import cells, synthetic
+from seqtrain.data import SOURCES, DataConfig
+from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import ModelConfig
 from seqtrain.tbptt import TbpttConfig
 
+assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
 PRECISIONS = ("32-true", "bf16-mixed")
 # No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
 STRATEGIES = ("auto", "ddp")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; str() is the one line shown to the user."""
 
 
 @dataclass
@@ -133,6 +131,7 @@ def validate(raw: DictConfig | dict) -> Config:
             raise _unknown_key(key) from None
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     d, m, t, mem, o, tr = cfg.data, cfg.model, cfg.tbptt, cfg.memory, cfg.optim, cfg.trainer
+    _require(d.source in SOURCES, "data.source", d.source, f"choose from {', '.join(SOURCES)}")
     positive = "must be a positive integer"
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, positive)
     _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)

@@ -12,6 +12,7 @@ import hashlib
 import sysconfig
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +20,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from seqtrain.errors import DataError
+from seqtrain.registry import Registry
+
 VOCAB_SIZE = 256  # byte-level: any file works, and bpc on ASCII text equals bits per byte
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
-    """Bad corpus or data option; the message is one line that says how to fix it."""
-
-
 @dataclass
 class DataConfig:
+    source: str = "text"  # what makes the corpus: text (path, url or the stdlib), copy, module:fn
     path: str | None = None  # text file to train on; None = the default corpus (Python's stdlib)
     url: str | None = None  # fetched into cache_dir when path is None (e.g. tinyshakespeare)
     sha256: str | None = None  # checksum of the file at url; a mismatch is an error
@@ -37,7 +38,6 @@ class DataConfig:
     batch_size: int = 32  # B: training streams, read in parallel
     eval_batch_size: int = 64  # streams for validation and test (no backward: wider is faster)
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/val/test
-    synthetic: str | None = None  # generate a task corpus of max_bytes instead: copy (synthetic.py)
     lag: int = 300  # copy task: steps between a symbol and its recall
 
 
@@ -117,20 +117,26 @@ def _sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    if cfg.synthetic is not None:
-        from seqtrain.synthetic import load_synthetic
+# data.source -> a function (DataConfig) -> Corpus. Built-ins: "text" here, the generated corpora
+# in synthetic.py; a user's own is named as data.source=my_module:load.
+SOURCES: Registry[Callable[[DataConfig], Corpus]] = Registry("data.source")
 
-        return load_synthetic(cfg)
-    if cfg.path is not None:
-        corpus = read_text_file(cfg.path)
-    elif cfg.url is not None:
-        corpus = read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir))
-    else:
-        corpus = concat_files(stdlib_files(), "python-stdlib")
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    corpus = SOURCES.get(cfg.source)(cfg)
     if cfg.max_bytes is not None:
         corpus = corpus.slice(0, min(cfg.max_bytes, len(corpus.tokens)))
     return corpus
+
+
+@SOURCES.register("text")
+def text_source(cfg: DataConfig) -> Corpus:
+    """data.path, else the file at data.url (downloaded once), else Python's standard library."""
+    if cfg.path is not None:
+        return read_text_file(cfg.path)
+    if cfg.url is not None:
+        return read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir))
+    return concat_files(stdlib_files(), "python-stdlib")
 
 
 def split_corpus(corpus: Corpus, fractions: list[float]) -> dict[str, Corpus]:

@@ -14,10 +14,10 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from seqtrain.checkpoint import CheckpointError, config_of, load_model, read
+from seqtrain.checkpoint import config_of, load_model, read
 from seqtrain.cli import fail, parse_key_values
-from seqtrain.config import ConfigError
-from seqtrain.data import SPLITS, DataError, Streams, load_corpus, require_tokens, split_corpus
+from seqtrain.data import SPLITS, Streams, load_corpus, require_tokens, split_corpus
+from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
 from seqtrain.model import RecurrentLM
 from seqtrain.tbptt import Engine, bits
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.split not in SPLITS:
             raise ConfigError(f"split={args.split}: choose from {', '.join(SPLITS)}")
         print(json.dumps(evaluate(args, overrides)))
-    except (ConfigError, CheckpointError, DataError) as err:
+    except SeqtrainError as err:
         fail(str(err))
 
 

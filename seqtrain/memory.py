@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from seqtrain.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = ("none", "chunk", "auto")
@@ -548,8 +550,6 @@ class PeakMeter:
 def plan_run(module: nn.Module, cfg, device: torch.device) -> Plan:  # noqa: ANN001  (Config)
     """train.fit's call: plan the module's engine on the training device under its precision;
     a budget that cannot be met is a one-line ConfigError."""
-    from seqtrain.config import ConfigError
-
     device = torch.device(device)
     module.to(device)
     autocast = None

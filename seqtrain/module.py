@@ -21,15 +21,12 @@ from torch import Tensor
 
 from seqtrain.config import Config, OptimConfig, from_dict, to_dict
 from seqtrain.data import Window
+from seqtrain.errors import NonFiniteError
 from seqtrain.memory import PeakMeter, plan_chunk
 from seqtrain.model import RecurrentLM
 from seqtrain.tbptt import Engine, bits
 
 log = logging.getLogger("seqtrain")
-
-
-class NonFiniteError(RuntimeError):
-    """Training diverged: too many consecutive non-finite updates."""
 
 
 def rng_state() -> dict:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import MISSING
 
-from seqtrain.checkpoint import CheckpointError, config_of, load_model, read
+from seqtrain.checkpoint import config_of, load_model, read
 from seqtrain.cli import fail, parse_key_values
-from seqtrain.config import ConfigError
+from seqtrain.errors import ConfigError, SeqtrainError
 
 
 @dataclass
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.prompt:
             raise ConfigError("prompt must not be empty; the model needs one byte to start from")
         print(sample(args, overrides))
-    except (ConfigError, CheckpointError) as err:
+    except SeqtrainError as err:
         fail(str(err))
 
 

@@ -24,13 +24,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasti
 
 from seqtrain import cells
 from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Throughput
-from seqtrain.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    check_resumable,
-    newest_complete,
-    read,
-)
+from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
 from seqtrain.config import Config, to_dict
 from seqtrain.data import (
     VOCAB_SIZE,
@@ -42,6 +36,7 @@ from seqtrain.data import (
     split_corpus,
     train_loader,
 )
+from seqtrain.errors import CheckpointError
 from seqtrain.memory import cache_host_memory, plan_run
 from seqtrain.module import LanguageModelModule
 

@@ -331,10 +331,12 @@ def test_host_cache_keeps_freed_memory_in_the_process() -> None:
 
 
 def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
-    from seqtrain.data import DataConfig, DataError, Streams, load_corpus, split_corpus
-    from seqtrain.synthetic import ALPHABET, recall
+    from seqtrain.data import DataConfig, Streams, load_corpus, split_corpus
+    from seqtrain.errors import ConfigError
+    from seqtrain.recall import recall
+    from seqtrain.synthetic import ALPHABET
 
-    cfg = DataConfig(synthetic="copy", lag=3, max_bytes=70, batch_size=2)
+    cfg = DataConfig(source="copy", lag=3, max_bytes=70, batch_size=2)
     corpus = load_corpus(cfg)
     examples = corpus.tokens.reshape(9, 7)  # 9 examples of lag + 4 bytes
     assert bytes(examples[0, 1:]).startswith(b"...?")
@@ -343,7 +345,9 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
     # every training stream starts on an example, so all streams reset on the same steps
     streams = Streams(split_corpus(corpus, cfg.split)["train"], 2, 7)
     assert streams.length % 7 == 0 and bool((streams.resets[0] == streams.resets[1]).all())
-    with pytest.raises(DataError, match="data.synthetic=adding: no such task"):
-        load_corpus(DataConfig(synthetic="adding", max_bytes=70))
+    with pytest.raises(
+        ConfigError, match="data.source=adding: no such option; choose from text, copy"
+    ):
+        load_corpus(DataConfig(source="adding", max_bytes=70))
     result = recall(model(), lag=3, count=8)
     assert 0 <= result["recall_accuracy"] <= 1 and result["chance_bits"] == 4.0

@@ -1,0 +1,27 @@
+"""The errors a user can cause, under one base class that every tool catches.
+
+A leaf module (it imports nothing from seqtrain), so any layer may raise these. `str()` of each is
+the one line shown to the user; the command-line tools print it and exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+
+class SeqtrainError(ValueError):
+    """Bad input of any kind; the message is one line that says how to fix it."""
+
+
+class ConfigError(SeqtrainError):
+    """An invalid configuration or command-line argument."""
+
+
+class DataError(SeqtrainError):
+    """A bad corpus or data option."""
+
+
+class CheckpointError(SeqtrainError):
+    """A checkpoint that cannot be used."""
+
+
+class NonFiniteError(SeqtrainError):
+    """Training diverged: too many consecutive non-finite updates."""
