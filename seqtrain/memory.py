@@ -31,9 +31,7 @@ import contextlib
 import ctypes
 import logging
 import math
-import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -43,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from seqtrain.errors import ConfigError
+from seqtrain.profiling import cpu_peak_bytes
 
 log = logging.getLogger(__name__)
 
@@ -208,21 +207,6 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
-@contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """The CPU profiler's C++ side prints a line as it starts and as it stops (torch 2.13; no
-    setting turns it off): keep them off the user's terminal, and nothing else."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def measure_peak(fn: Callable[[], object], device: torch.device) -> int:
     """Bytes allocated at the high-water mark while fn runs, above what was allocated before."""
     device = torch.device(device)
@@ -233,23 +217,7 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with native_stderr_silenced():
-        prof.start()
-    try:
-        fn()
-    finally:
-        with native_stderr_silenced():
-            prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):  # allocations > 0, frees < 0
-        if e.device_type() == torch.autograd.DeviceType.CPU:
-            current += e.nbytes()
-            peak = max(peak, current)
-    return peak
+    return cpu_peak_bytes(fn)
 
 
 # ---------------------------------------------------------------------------------------------
