@@ -69,10 +69,9 @@ def cache_host_memory() -> bool:
     """Keep freed CPU memory in the process for the next tensor, as PyTorch's CUDA allocator does.
 
     glibc serves each large block with a fresh mmap and returns it to the OS on free, so every
-    big tensor of every update is page-faulted and zeroed again. On the machines these benchmarks
-    ran on, an elementwise op into a fresh 32 MiB tensor took 5x as long as one into reused
-    memory, and training char_lm ran at 44.5k instead of 33.4k tokens/s, for a max RSS of 2.3
-    instead of 1.0 GB (docs/memory.md).
+    big tensor of every update is page-faulted and zeroed again: an elementwise op into fresh
+    memory costs several times one into reused memory. The price is a higher resident size (the
+    process keeps its high-water mark); docs/memory.md#host-memory-cache has the measured trade.
     Process-wide and permanent; returns whether it applied (it needs glibc), and says so if not.
     """
     try:
