@@ -15,12 +15,14 @@ from .conftest import REQUIRED_SCALARS
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
 
 
-def seqtrain(*args: str, module: str = "seqtrain", cwd: Path | None = None):
+def seqtrain(
+    *args: str, module: str = "seqtrain", cwd: Path | None = None, env: dict | None = None
+):
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=ENV if env is None else env,
         cwd=cwd,
         timeout=300,
     )
