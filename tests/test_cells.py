@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain import cells
-from seqtrain.cells import BACKENDS, CELLS, build_recurrent, check_options, kernel_name
+from seqtrain.cells import BACKENDS, CELLS, build_recurrent, check_options, compiled, kernel_name
+from seqtrain.cells import reference as ref_cells
+from seqtrain.cells.base import implementations
 
 from .conftest import backend_flags
 
@@ -154,7 +155,7 @@ def test_extra_parameters_have_their_own_names() -> None:
         ("cudnn", "lstm", 2, {"layernorm": True}, "backends that support it: modular, compile"),
         ("jit", "lstm", 2, {"zoneout": 0.1}, "not supported by backend 'jit'"),
         ("modular", "lstm", 1, {"dropout": 0.3}, "num_layers=1"),
-        ("modular", "gru", 2, {"peephole": True}, "cell 'lstm' only"),
+        ("modular", "gru", 2, {"peephole": True}, "cell 'gru'; cells that support it: lstm"),
         ("modular", "lstm", 2, {"variational": True}, "has no effect"),
         ("modular", "lstm", 2, {"zoneout": 1.0}, "must be in [0, 1)"),
         ("modular", "lstm", 2, {"dropuot": 0.1}, "not a cell option"),
@@ -201,14 +202,14 @@ def test_zoneout_eval_is_deterministic_expectation_and_train_keeps_or_updates() 
 def test_variational_masks_are_constant_across_time(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     seen: list[Tensor] = []
-    original = cells._recurrent_input
+    original = ref_cells.recurrent_input
 
-    def record(h: Tensor, opt: cells.StepOptions) -> Tensor:
+    def record(h: Tensor, opt: ref_cells.StepOptions) -> Tensor:
         out = original(h, opt)
         seen.append((out == 0) & (h != 0))  # (B, H) units dropped at this step
         return out
 
-    monkeypatch.setattr(cells, "_recurrent_input", record)
+    monkeypatch.setattr(ref_cells, "recurrent_input", record)
     for variational in (True, False):
         seen.clear()
         module = build_recurrent(
@@ -220,7 +221,8 @@ def test_variational_masks_are_constant_across_time(monkeypatch: pytest.MonkeyPa
         assert constant == variational
     # Between layers: one (B, H) mask for the whole window.
     module = build_recurrent("modular", "lstm", IN, H, 2, dropout=0.5, variational=True).train()
-    dropped = module._between_layers(torch.ones(T, B, H)) == 0  # (T, B, H)
+    seq = torch.ones(T, B, H)
+    dropped = ref_cells.between_layers(seq, module.dropout, module.variational, True) == 0
     assert dropped.any() and torch.equal(dropped, dropped[:1].expand_as(dropped))
 
 
@@ -325,11 +327,7 @@ def full_options(backend: str, cell: str) -> dict:
         peephole=True,
         proj_size=4,
     )
-    return {
-        k: v
-        for k, v in on.items()
-        if backend in cells.SUPPORT[k] and not (cell == "gru" and k in cells.LSTM_ONLY)
-    }
+    return {k: v for k, v in on.items() if k in implementations(cell)[backend].options}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -352,7 +350,7 @@ def test_bf16_autocast_runs_and_state_carries(backend: str, cell: str, device: s
 
 
 def test_jit_warns_about_deprecation_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cells, "_LOOPS", {})
+    monkeypatch.setattr(compiled, "_LOOPS", {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_recurrent("jit", "lstm", IN, H, 1)
