@@ -26,12 +26,17 @@ def public_names(module: nn.RNNBase) -> list[str]:
     return [f"{kind}_l{k}" for k in range(module.num_layers) for kind in kinds]
 
 
+def private(module: nn.RNNBase) -> tuple[list[Tensor], list[str]]:
+    """The private list and its names (tests replace this to simulate another torch)."""
+    return list(module._flat_weights), list(module._flat_weights_names)
+
+
 def _check(module: nn.RNNBase, names: list[str]) -> bool:
     try:
-        private, private_names = list(module._flat_weights), list(module._flat_weights_names)
+        weights, private_names = private(module)
         if private_names != names:
             raise ValueError(f"names {private_names} != {names}")
-        if any(w is not getattr(module, n) for w, n in zip(private, names, strict=True)):
+        if any(w is not getattr(module, n) for w, n in zip(weights, names, strict=True)):
             raise ValueError("tensors are not the named parameters")
     except Exception as err:  # noqa: BLE001 - any mismatch means: use the public list
         log.warning(
@@ -51,5 +56,5 @@ def flat_weights(module: nn.RNNBase) -> tuple[list[Tensor], list[str]]:
     if ok is None:
         ok = _VERDICT["flat_weights"] = _check(module, names)
     if ok:
-        return list(module._flat_weights), names
+        return private(module)[0], names
     return [getattr(module, n) for n in names], names
