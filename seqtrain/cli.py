@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -10,12 +11,16 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from seqtrain.config import check_overrides, validate
+from seqtrain.config import unknown_key, validate
 from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.hydra_compat import parse_args
 
 log = logging.getLogger("seqtrain")
 
@@ -120,11 +125,77 @@ def hydra_main(raw: DictConfig) -> float:
     return summary["val_bpc"]  # the objective a Hydra sweeper minimises
 
 
-def main() -> None:
-    from hydra._internal.utils import get_args_parser
+MISSING_KEY = object()
 
-    try:
-        check_overrides(get_args_parser().parse_args().overrides, CONF_DIR)
-    except ConfigError as err:
-        fail(str(err))
+
+def composition_error(err: Exception) -> ConfigError:
+    """Hydra's many-line composition errors as seqtrain's one line naming the key."""
+    if isinstance(err, MissingConfigException) and err.options is not None:
+        group, _, value = (err.missing_cfg_file or "").rpartition("/")
+        options = ", ".join(sorted(err.options))
+        return ConfigError(f"{group}={value}: no such option; choose from {options}")
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        if "not in struct" in str(cause) or "not in" in str(cause).splitlines()[0]:
+            return unknown_key(cause.full_key)
+        return ConfigError(f"{cause.full_key}: {str(cause).splitlines()[0]}")
+    return ConfigError(str(err).strip().splitlines()[0])
+
+
+def sweep_choices(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
+    """The single-run override lists that cover every value of a sweep (each value of each swept
+    key once), and the keys of sweeps without a list of values (interval(...): Optuna's)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    swept = {}
+    ranged = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                swept[o.get_key_element()] = list(o.sweep_string_iterator())
+            except (TypeError, ValueError, AssertionError):
+                ranged.append(o.key_or_group)
+    first = [f"{key}={values[0]}" for key, values in swept.items()]
+    runs = [fixed + first]
+    for i, (key, values) in enumerate(swept.items()):
+        for value in values[1:]:
+            runs.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :])
+    return runs, ranged
+
+
+def check_command_line(args: argparse.Namespace) -> None:
+    """Compose the config as Hydra will (same primary config, --config-dir and hydra.searchpath)
+    and report what fails in one line, before Hydra itself would print many."""
+    config_dir = Path(args.config_path).resolve() if args.config_path else CONF_DIR
+    overrides = list(args.overrides)
+    if args.config_dir is not None:
+        extra = Path(args.config_dir).resolve()
+        if not extra.is_dir():
+            raise ConfigError(f"--config-dir {args.config_dir}: no such directory")
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        given = [o for o in parsed if o.key_or_group == "hydra.searchpath"]
+        paths = [f"file://{extra}", *(given[-1].value() if given else [])]
+        overrides = [o.input_line for o in parsed if o.key_or_group != "hydra.searchpath"]
+        overrides.append("hydra.searchpath=[" + ",".join(f"'{p}'" for p in paths) + "]")
+    runs, ranged = sweep_choices(overrides)
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        for run in runs:
+            try:
+                cfg = compose(args.config_name or "train", overrides=run)
+            except (ConfigCompositionException, OmegaConfBaseException) as err:
+                raise composition_error(err) from None
+        for key in ranged:
+            if OmegaConf.select(cfg, key, default=MISSING_KEY) is MISSING_KEY:
+                raise unknown_key(key)
+
+
+def main() -> None:
+    """Check the command line in one line per error, then hand it to Hydra. Help, shell
+    completion (-sc install=bash) and --info go to Hydra unchecked: they compose nothing."""
+    args = parse_args()
+    if not (args.help or args.hydra_help or args.shell_completion or args.info):
+        try:
+            check_command_line(args)
+        except ConfigError as err:
+            fail(str(err))
     hydra_main()

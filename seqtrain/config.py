@@ -9,33 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import cells, synthetic
+from seqtrain import cells, optim, synthetic, trainer_extras
 from seqtrain.data import SOURCES, DataConfig
 from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import ModelConfig
+from seqtrain.optim import OptimConfig
 from seqtrain.tbptt import TbpttConfig
+from seqtrain.trainer_extras import tensorboard
 
 assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
 PRECISIONS = ("32-true", "bf16-mixed")
 # No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
 STRATEGIES = ("auto", "ddp")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW moment decays
-    grad_clip: float | None = 1.0  # clip the global gradient norm; None = no clipping
-    warmup_steps: int = 100  # linear warmup from 0 to lr
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio at trainer.max_steps
-    max_skipped: int = 10  # stop after this many consecutive non-finite updates (skipped)
 
 
 @dataclass
@@ -51,6 +43,9 @@ class TrainerConfig:
     progress_bar: bool | None = None  # None: only when stderr is a terminal
     sample_length: int = 300  # bytes of text generated at each validation (0 = none)
     checkpoint_every: int = 100  # write checkpoints/last.ckpt every this many updates
+    # Any other lightning.Trainer argument, given as +trainer.NAME=VALUE (e.g. deterministic);
+    # validate() moves them here and refuses those seqtrain owns (trainer_extras.REFUSED).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +59,35 @@ class Config:
     seed: int = 1234  # seeds torch, numpy and python; same seed + config = same losses on CPU
     ckpt_path: str | None = None  # resume exactly from this checkpoint
     resume: str | None = None  # auto: resume from the newest complete checkpoint in the run dir
+    # Lightning loggers by name (logger=tensorboard | csv | [tensorboard,csv]), each writing
+    # under the run directory; an option file gives this node whole.
+    logger: dict[str, Any] = field(default_factory=tensorboard)
+    # Lightning callbacks by name, on top of seqtrain's own: +callbacks.NAME._target_=CLASS.
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+# Nodes an option file gives whole (Hydra merges, so optim=sgd would otherwise keep AdamW's
+# betas): the registered schema leaves them empty, and validate() replaces rather than merges.
+WHOLE_NODES = (("optim", "optimizer"), ("logger",))
+
+
+def schema(raw: dict | None = None) -> DictConfig:
+    """Config's schema and defaults, with the whole nodes that `raw` gives (all if None) emptied.
+
+    Registered as `seqtrain_schema` in Hydra's ConfigStore: conf/train.yaml's defaults list
+    starts with it, so the YAML files hold only what each option changes.
+    """
+    node = OmegaConf.structured(Config)
+    for path in WHOLE_NODES:
+        given = raw
+        for key in path:
+            given = given.get(key) if isinstance(given, dict) else None
+        if raw is None or given is not None:
+            OmegaConf.update(node, ".".join(path), {}, merge=False)
+    return node
+
+
+ConfigStore.instance().store(name="seqtrain_schema", node=schema())
 
 
 def group_keys(group: str) -> list[str]:
@@ -74,45 +98,17 @@ def group_keys(group: str) -> list[str]:
     )
 
 
-def _unknown_key(full_key: str) -> ConfigError:
-    group, _, _ = full_key.partition(".")
+def unknown_key(full_key: str) -> ConfigError:
+    group, _, rest = full_key.partition(".")
+    if rest.count(".") >= 1 and rest.split(".")[0] in group_keys(group):
+        # Inside a dict node (optim.optimizer, ...): its keys are whatever its class takes.
+        return ConfigError(f"{full_key} is not set here; add the argument with +{full_key}=...")
     if group in Config.__dataclass_fields__ and "." in full_key:
         return ConfigError(
             f"{full_key} is not a key; '{group}' takes: {', '.join(group_keys(group))}"
         )
     top = ", ".join(Config.__dataclass_fields__)
     return ConfigError(f"{full_key} is not a key; the top level takes: {top}")
-
-
-def check_overrides(overrides: list[str], conf_dir: Path) -> None:
-    """Reject a misspelt key or group option on the command line before Hydra composes.
-
-    Hydra's own message for these spans several lines and does not list what is valid.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    fields = Config.__dataclass_fields__
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
-        group, _, rest = key.partition(".")
-        if group == "hydra" or key.startswith("hydra/") or override.is_delete():
-            continue
-        if rest:  # a value inside a group: the field must exist
-            if group not in fields or rest.split(".")[0] not in group_keys(group):
-                raise _unknown_key(key)
-        elif (conf_dir / group).is_dir():  # a group choice: it must name a file in conf/GROUP/
-            options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-            if override.is_sweep_override():
-                values = list(override.sweep_string_iterator())
-            else:
-                values = [override.get_value_element_as_str()]
-            for value in values:
-                if value not in options:
-                    raise ConfigError(
-                        f"{key}={value}: no such option; choose from {', '.join(options)}"
-                    )
-        elif group not in fields:
-            raise _unknown_key(key)
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -122,13 +118,19 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
 
 def validate(raw: DictConfig | dict) -> Config:
     """Typed, checked config; raises ConfigError with one line naming the key."""
+    raw = OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else dict(raw)
+    trainer = dict(raw.get("trainer") or {})
+    known = TrainerConfig.__dataclass_fields__
+    extra = {k: trainer.pop(k) for k in list(trainer) if k not in known}
+    trainer["extra"] = {**trainer.get("extra", {}), **extra}
+    raw = {**raw, "trainer": trainer}
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        merged = OmegaConf.merge(schema(raw), raw)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = err.full_key or "config"
         if "not in" in str(err) or "Key '" in str(err):
-            raise _unknown_key(key) from None
+            raise unknown_key(key) from None
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     d, m, t, mem, o, tr = cfg.data, cfg.model, cfg.tbptt, cfg.memory, cfg.optim, cfg.trainer
     _require(d.source in SOURCES, "data.source", d.source, f"choose from {', '.join(SOURCES)}")
@@ -202,22 +204,6 @@ def validate(raw: DictConfig | dict) -> Config:
             parse_size(mem.budget)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _require(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        o.betas,
-        "must be two numbers in [0, 1)",
-    )
-    _require(
-        o.grad_clip is None or o.grad_clip > 0,
-        "optim.grad_clip",
-        o.grad_clip,
-        "must be > 0 or null",
-    )
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _require(tr.max_steps > 0, "trainer.max_steps", tr.max_steps, positive)
     _require(
         tr.val_check_interval > 0, "trainer.val_check_interval", tr.val_check_interval, positive
@@ -246,6 +232,10 @@ def validate(raw: DictConfig | dict) -> Config:
         "give either resume=auto or ckpt_path=PATH, not both",
     )
     _require(tr.sample_length >= 0, "trainer.sample_length", tr.sample_length, "must be >= 0")
+    # Last: these import the classes the config names (Lightning, torch.optim).
+    optim.check(o)
+    trainer_extras.check_trainer_args(tr.extra)
+    trainer_extras.check(cfg.logger, cfg.callbacks)
     return cfg
 
 
@@ -255,4 +245,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-    return validate(OmegaConf.create(d))
+    """A config saved in a checkpoint (optim keys of earlier versions upgraded), checked."""
+    if "optim" in d:
+        d = {**d, "optim": optim.upgrade(d["optim"])}
+    return validate(d)

@@ -19,7 +19,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from seqtrain.config import Config, OptimConfig, from_dict, to_dict
+from seqtrain import optim
+from seqtrain.config import Config, from_dict, to_dict
 from seqtrain.data import Window
 from seqtrain.errors import NonFiniteError
 from seqtrain.memory import PeakMeter, plan_chunk
@@ -47,15 +48,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
 
 
 class LanguageModelModule(L.LightningModule):
@@ -88,24 +80,8 @@ class LanguageModelModule(L.LightningModule):
         return cls(to_dict(cfg), vocab_size)
 
     def configure_optimizers(self):
-        o = self.cfg.optim
-        decay = [
-            p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n
-        ]
-        rest = [
-            p
-            for n, p in self.model.named_parameters()
-            if not (p.ndim >= 2 and "embedding" not in n)
-        ]
-        groups = [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-        max_steps = self.cfg.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, o, max_steps)
-        )
+        """The configured optimizer (optim.optimizer) and LR schedule (optim.schedule)."""
+        optimizer, schedule = optim.build(self.cfg.optim, self.model)
         return [optimizer], [schedule]
 
     def training_step(self, batch: Window, batch_idx: int) -> dict:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-from seqtrain import cells
+from seqtrain import cells, trainer_extras
 from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Throughput
 from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
 from seqtrain.config import Config, to_dict
@@ -204,7 +203,7 @@ def fit(job: Job) -> dict:
         every_n_train_steps=cfg.trainer.checkpoint_every,
         enable_version_counter=False,
     )
-    logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+    loggers = trainer_extras.build_loggers(cfg.logger, run_dir)  # logger=... (tensorboard)
     progress = cfg.trainer.progress_bar
     show_progress = sys.stderr.isatty() if progress is None else progress
     prompt = job.splits["val"].tokens[:48].tobytes()
@@ -219,7 +218,7 @@ def fit(job: Job) -> dict:
         check_val_every_n_epoch=None,  # count validation intervals in updates, across epochs
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        logger=logger,
+        logger=loggers,
         callbacks=[
             throughput,
             best,
@@ -227,6 +226,7 @@ def fit(job: Job) -> dict:
             TextSamples(prompt, cfg.trainer.sample_length),
             preemption,
             *([StepProgressBar()] if show_progress else []),
+            *trainer_extras.build_callbacks(cfg.callbacks),  # +callbacks.NAME._target_=...
         ],
         # Under SLURM, Lightning's auto-requeue is off: submitit requeues and seqtrain's
         # Preemption owns SIGUSR1, so one party acts on each signal (docs/scaleout.md).
@@ -234,8 +234,8 @@ def fit(job: Job) -> dict:
         + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []),
         use_distributed_sampler=False,  # the streams are split by rank already
         enable_progress_bar=show_progress,
-        enable_model_summary=False,
         default_root_dir=run_dir,
+        **{"enable_model_summary": False, **cfg.trainer.extra},  # +trainer.NAME=VALUE
     )
     # The rank is known once the Trainer exists (ddp children and SLURM tasks read it from the
     # environment): each process builds only its own contiguous block of the streams.
@@ -306,7 +306,8 @@ def fit(job: Job) -> dict:
         metrics = {"hp/val_bpc": summary["val_bpc"], "hp/tokens_per_s": summary["tokens_per_s"]}
         if summary.get("peak_bytes") is not None:
             metrics["hp/peak_bytes"] = summary["peak_bytes"]
-        logger.log_hyperparams(flatten(to_dict(cfg)), metrics)
-        logger.finalize("success")
+        trainer_extras.log_final(
+            trainer.loggers, flatten(to_dict(cfg)), metrics, trainer.global_step
+        )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -133,6 +133,26 @@ CASES = [
         "model.num_layers=1 (now 2)",
     ),
     (
+        "Trainer argument seqtrain owns",
+        lambda t, c: ["+trainer.gradient_clip_val=1"],
+        "trainer.gradient_clip_val: not settable in seqtrain: the module clips by hand",
+    ),
+    (
+        "not a Trainer argument",
+        lambda t, c: ["+trainer.clip=1"],
+        "trainer.clip is not a lightning.Trainer argument",
+    ),
+    (
+        "misspelt _target_",
+        lambda t, c: ["optim.optimizer._target_=torch.optim.AdamWW"],
+        "optim.optimizer._target_=torch.optim.AdamWW: no such class or function",
+    ),
+    (
+        "argument the optimizer does not take",
+        lambda t, c: ["+optim.optimizer.momentum=0.9"],
+        "optim.optimizer.momentum: torch.optim.AdamW takes no such argument",
+    ),
+    (
         "resume two ways",
         lambda t, c: [f"ckpt_path={c}", "resume=auto"],
         "give either resume=auto or",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from seqtrain.cli import CONF_DIR
-from seqtrain.config import Config, ConfigError, check_overrides, to_dict, validate
-from seqtrain.module import lr_factor
+from seqtrain.cli import CONF_DIR, check_command_line
+from seqtrain.config import Config, ConfigError, from_dict, to_dict, validate
+from seqtrain.hydra_compat import parse_args
+from seqtrain.optim import OptimConfig, lr_factor
 
 
 def composed(*overrides: str):
@@ -16,7 +17,27 @@ def composed(*overrides: str):
 
 
 def test_yaml_defaults_equal_the_schema_defaults() -> None:
-    assert to_dict(validate(composed())) == to_dict(Config())
+    """The dataclasses are the one source of defaults; the default options' whole nodes
+    (optim.optimizer, logger) say the same as the dataclasses' defaults."""
+    assert to_dict(validate(composed())) == to_dict(validate({}))
+    assert composed().optim.optimizer == Config().optim.optimizer
+    assert composed().logger == Config().logger
+
+
+def test_checkpoint_configs_of_earlier_versions_load() -> None:
+    old = to_dict(validate({}))
+    old["optim"] = {
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.95],
+        "grad_clip": 1.0,
+        "warmup_steps": 7,
+        "min_lr_ratio": 0.5,
+        "max_skipped": 10,
+    }
+    optim = from_dict(old).optim
+    assert optim.optimizer["betas"] == [0.9, 0.95] and optim.lr == 0.01
+    assert optim.schedule["warmup_steps"] == 7 and optim.schedule["min_lr_ratio"] == 0.5
 
 
 def test_char_lm_experiment_composes() -> None:
@@ -34,7 +55,6 @@ def test_char_lm_experiment_composes() -> None:
             "model.backend=cudnnn: choose from cudnn, jit, modular, compile",
         ),
         (["model.dropout=1.5"], r"model.dropout=1.5: must be a probability in \[0, 1\)"),
-        (["model.hidden_size=abc"], "model.hidden_size"),
         (["trainer.precision=16"], "trainer.precision=16: choose from"),
         (["memory.checkpoint=chunk"], "memory.chunk=None: memory.checkpoint=chunk needs"),
     ],
@@ -50,29 +70,33 @@ def test_impossible_values_are_one_line_errors(overrides, message) -> None:
     [
         (["model.hiden_size=3"], "model.hiden_size is not a key; 'model' takes: backend, cell,"),
         (["sed=3"], "sed is not a key; the top level takes: data, model"),
+        (["model.hidden_size=abc"], "model.hidden_size: Value 'abc' of type 'str' could not"),
         (["data=nope"], "data=nope: no such option; choose from stdlib, tinyshakespeare"),
         (["+experiment=char_llm"], "experiment=char_llm: no such option; choose from char_lm"),
         (["model.backend=cudnn,modular", "tbptt.windoww=3"], "tbptt.windoww is not a key"),
     ],
 )
 def test_typos_are_caught_before_hydra(overrides, message) -> None:
-    with pytest.raises(ConfigError, match=message):
-        check_overrides(overrides, CONF_DIR)
+    with pytest.raises(ConfigError, match=message) as err:
+        check_command_line(parse_args(overrides))
+    assert "\n" not in str(err.value)
 
 
 def test_valid_overrides_pass() -> None:
-    check_overrides(
-        ["+experiment=char_lm", "model.backend=cudnn,modular", "seed=3", "hydra.run.dir=x"],
-        CONF_DIR,
+    check_command_line(
+        parse_args(
+            ["+experiment=char_lm", "model.backend=cudnn,modular", "seed=3", "hydra.run.dir=x"]
+        )
     )
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
-    optim = Config().optim
-    factors = [lr_factor(s, optim, 1000) for s in range(1001)]
-    assert factors[0] == pytest.approx(1 / optim.warmup_steps)
-    assert factors[optim.warmup_steps - 1] == pytest.approx(1.0)
+    schedule = OptimConfig().schedule
+    warmup, floor = schedule["warmup_steps"], schedule["min_lr_ratio"]
+    factors = [lr_factor(s, warmup, floor, 1000) for s in range(1001)]
+    assert factors[0] == pytest.approx(1 / warmup)
+    assert factors[warmup - 1] == pytest.approx(1.0)
     assert max(factors) == pytest.approx(1.0)
-    assert factors[-1] == pytest.approx(optim.min_lr_ratio)
-    after = factors[optim.warmup_steps :]
+    assert factors[-1] == pytest.approx(floor)
+    after = factors[warmup:]
     assert all(a >= b for a, b in zip(after, after[1:], strict=False))

@@ -1,0 +1,100 @@
+"""What the config adds to Lightning's Trainer: loggers, callbacks and any other Trainer argument.
+
+seqtrain's own callbacks (throughput, checkpoints, samples, preemption, progress bar) are built in
+train.py; these come on top. Trainer arguments that would break exact resume or manual
+optimisation are refused with the seqtrain key to use instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from seqtrain import targets
+from seqtrain.errors import ConfigError
+
+
+def tensorboard() -> dict[str, Any]:
+    """The default logger node (conf/logger/tensorboard.yaml says the same; a test checks)."""
+    return {
+        "tensorboard": {
+            "_target_": "lightning.pytorch.loggers.TensorBoardLogger",
+            "name": "tensorboard",  # events in <run dir>/tensorboard/
+            "version": "",  # no version_N subdirectory: a resumed run appends to its own events
+            "default_hp_metric": False,  # hp/ metrics are logged once, at the end
+        }
+    }
+
+
+_STEPS = "runs are counted in optimizer updates; use trainer.max_steps"
+_CLIP = "the module clips by hand (Lightning's clipping raises under manual optimisation)"
+# Trainer arguments seqtrain sets itself or that break what it guarantees, and why.
+REFUSED = {
+    "gradient_clip_val": f"{_CLIP}; use optim.grad_clip",
+    "gradient_clip_algorithm": f"{_CLIP}; use optim.grad_clip (global norm)",
+    "accumulate_grad_batches": "one update is one TBPTT window of carried state (manual "
+    "optimisation): accumulating would break the carry; raise data.batch_size instead",
+    "max_epochs": _STEPS,
+    "min_epochs": _STEPS,
+    "min_steps": _STEPS,
+    "max_time": _STEPS,
+    "check_val_every_n_epoch": "validation is counted in updates; use trainer.val_check_interval",
+    "num_sanity_val_steps": "validation is stateful over the whole val split; no sanity pass",
+    "callbacks": "add one with +callbacks.NAME._target_=CLASS, or callbacks=OPTION",
+    "logger": "choose loggers with logger=csv or logger=[tensorboard,csv]",
+    "enable_progress_bar": "use trainer.progress_bar",
+    "plugins": "seqtrain's checkpoint plugin writes atomically; it is not replaceable",
+    "use_distributed_sampler": "the streams are split by rank already",
+    "default_root_dir": "the run directory is hydra.run.dir",
+}
+
+
+def check_trainer_args(extra: dict[str, Any]) -> None:
+    """Every +trainer.NAME is a lightning.Trainer argument seqtrain lets through."""
+    if not extra:
+        return
+    parameters = inspect.signature(targets.locate("trainer", "lightning.Trainer")).parameters
+    for name, value in extra.items():
+        if name in REFUSED:
+            raise ConfigError(f"trainer.{name}: not settable in seqtrain: {REFUSED[name]}")
+        if name not in parameters:
+            raise ConfigError(
+                f"trainer.{name} is not a lightning.Trainer argument; see its docs for the list"
+            )
+        if name == "enable_checkpointing" and not value:
+            raise ConfigError(
+                "trainer.enable_checkpointing=false: resume needs seqtrain's checkpoints; "
+                "raise trainer.checkpoint_every to write fewer"
+            )
+
+
+def check(logger: dict[str, Any], callbacks: dict[str, Any]) -> None:
+    for name, node in logger.items():
+        targets.check(f"logger.{name}", node, given=("save_dir",))
+    for name, node in callbacks.items():
+        targets.check(f"callbacks.{name}", node)
+
+
+def build_loggers(logger: dict[str, Any], run_dir: Path) -> list:
+    """The configured loggers, each writing under the run directory."""
+    return [targets.build(node, save_dir=run_dir) for node in logger.values()]
+
+
+def build_callbacks(callbacks: dict[str, Any]) -> list:
+    """The configured extra callbacks, in config order, after seqtrain's own."""
+    return [targets.build(node) for node in callbacks.values()]
+
+
+def log_final(loggers: list, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+    """The run's hyperparameters with its final metrics, then close every logger.
+
+    TensorBoard pairs them in its hparams view; loggers without that get the metrics as scalars.
+    """
+    for logger in loggers:
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            logger.log_hyperparams(params, metrics)
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics(metrics, step=step)
+        logger.finalize("success")

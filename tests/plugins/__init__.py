@@ -1,0 +1,1 @@
+"""Tiny plug-ins the tests name by `_target_`, as a user's own package would."""
