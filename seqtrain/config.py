@@ -19,6 +19,7 @@ from seqtrain.data import SOURCES, DataConfig
 from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import ModelConfig
+from seqtrain.tasks import TASKS, TaskConfig
 from seqtrain.tbptt import TbpttConfig
 
 assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
@@ -56,6 +57,7 @@ class TrainerConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # what a window is trained for (tasks.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     tbptt: TbpttConfig = field(default_factory=TbpttConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -133,6 +135,12 @@ def validate(raw: DictConfig | dict) -> Config:
     d, m, t, mem, o, tr = cfg.data, cfg.model, cfg.tbptt, cfg.memory, cfg.optim, cfg.trainer
     _require(d.source in SOURCES, "data.source", d.source, f"choose from {', '.join(SOURCES)}")
     positive = "must be a positive integer"
+    _require(
+        cfg.task.name in TASKS,
+        "task.name",
+        cfg.task.name,
+        f"choose from {', '.join(TASKS)}, or name your own as module:Name",
+    )
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, positive)
     _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
