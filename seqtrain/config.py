@@ -57,12 +57,12 @@ class TrainerConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)  # what a window is trained for (tasks.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     tbptt: TbpttConfig = field(default_factory=TbpttConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # what a window is trained for (tasks.py)
     seed: int = 1234  # seeds torch, numpy and python; same seed + config = same losses on CPU
     ckpt_path: str | None = None  # resume exactly from this checkpoint
     resume: str | None = None  # auto: resume from the newest complete checkpoint in the run dir

@@ -347,7 +347,8 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
     streams = Streams(split_corpus(corpus, cfg.split)["train"], 2, 7)
     assert streams.length % 7 == 0 and bool((streams.resets[0] == streams.resets[1]).all())
     with pytest.raises(
-        ConfigError, match="data.source=adding: no such option; choose from text, copy"
+        ConfigError,
+        match="data.source=adding: no such option; choose from text, series, copy, mackey_glass",
     ):
         load_corpus(DataConfig(source="adding", max_bytes=70))
     result = recall(model(), lag=3, count=8)
