@@ -1,5 +1,10 @@
-"""Checkpoints that describe themselves: the config and vocabulary ride inside the file, so a model
-is rebuilt from the path alone (sampling, evaluation, moving between backends)."""
+"""Checkpoints that describe themselves: the config and the data spec (input kind and sizes) ride
+inside the file, so a model and its task are rebuilt from the path alone (sampling, evaluation,
+moving between backends).
+
+hyper_parameters: {"config": Config as a dict, "spec": DataSpec as a dict}. Files of earlier
+versions hold {"config", "vocab_size"} (byte LMs); `read` upgrades them.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from seqtrain.config import Config, from_dict, to_dict
-from seqtrain.data import VOCAB_SIZE
+from seqtrain.data import DataSpec
 from seqtrain.errors import CheckpointError, ConfigError
-from seqtrain.model import RecurrentLM
+from seqtrain.model import RecurrentModel
+from seqtrain.tasks import Task, build_model, build_task
 
 
 def read(path: str | Path) -> dict:
@@ -35,7 +41,17 @@ def read(path: str | Path) -> dict:
             f"ckpt={path}: not a seqtrain checkpoint (no config inside); pass one written by "
             "python -m seqtrain"
         )
+    ckpt["hyper_parameters"] = upgrade_hyper_parameters(ckpt["hyper_parameters"])
     return ckpt
+
+
+def upgrade_hyper_parameters(hparams: dict) -> dict:
+    """Earlier checkpoints kept only the vocabulary size: a byte LM's spec."""
+    if "spec" in hparams:
+        return hparams
+    vocab = hparams["vocab_size"]
+    rest = {k: v for k, v in hparams.items() if k != "vocab_size"}
+    return {**rest, "spec": {"kind": "tokens", "input_size": vocab, "target_size": vocab}}
 
 
 def upgrade(config: dict) -> dict:
@@ -57,9 +73,18 @@ def config_of(ckpt: dict, overrides: dict | None = None) -> Config:
         raise CheckpointError(str(err)) from None
 
 
-def load_model(ckpt: dict, cfg: Config) -> RecurrentLM:
+def spec_of(ckpt: dict) -> DataSpec:
+    return DataSpec(**ckpt["hyper_parameters"]["spec"])
+
+
+def task_of(ckpt: dict, cfg: Config) -> Task:
+    """The run's task, on the data the run was trained on (its spec)."""
+    return build_task(cfg.task, spec_of(ckpt))
+
+
+def load_model(ckpt: dict, cfg: Config) -> RecurrentModel:
     """Rebuild the model and load its weights; a shape or vocabulary mismatch is one line."""
-    model = RecurrentLM(cfg.model, ckpt["hyper_parameters"]["vocab_size"])
+    model = build_model(cfg.model, task_of(ckpt, cfg))
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
@@ -113,13 +138,23 @@ def newest_complete(run_dir: Path) -> Path | None:
     return max(found)[2] if found else None
 
 
-def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
-    """Refuse to resume into a different model: every model option but the backend must match."""
-    vocab = ckpt["hyper_parameters"]["vocab_size"]
-    if vocab != VOCAB_SIZE:
+def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None:
+    """Refuse to resume into a different model: the task, the data's kind and sizes and every
+    model option but the backend must match."""
+    saved_spec = spec_of(ckpt)
+    shape = ("kind", "input_size", "target_size")
+    if any(getattr(saved_spec, k) != getattr(spec, k) for k in shape):
+        have = ", ".join(f"{k} {getattr(saved_spec, k)}" for k in shape)
+        now = ", ".join(f"{k} {getattr(spec, k)}" for k in shape)
         raise CheckpointError(
-            f"ckpt={path} has a vocabulary of {vocab}, this run {VOCAB_SIZE}; "
-            "it comes from another program or version"
+            f"ckpt={path} was trained on data of {have}; this run's has {now}; "
+            "resume with the same data (or it comes from another program or version)"
+        )
+    saved_task = ckpt["hyper_parameters"]["config"].get("task", {"name": "lm"})["name"]
+    if saved_task != cfg.task.name:
+        raise CheckpointError(
+            f"ckpt={path} was trained with task.name={saved_task} (now {cfg.task.name}); "
+            "resume with the same task"
         )
     saved = ckpt["hyper_parameters"]["config"]["model"]
     current = to_dict(cfg)["model"]

@@ -118,11 +118,12 @@ def hydra_main(raw: DictConfig) -> float:
             print(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
             print(f"resume with: {resume_command(run_dir)}")
         sys.exit(128 + int(getattr(signal, stopped)))  # as if the signal had killed it
+    objective = summary[summary["monitor"].replace("/", "_")]  # the task's primary figure
     if rank_zero:
         print(f"\nrun directory: {run_dir}")
-        print(f"val/bpc: {summary['val_bpc']:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
+        print(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
         print(f"tensorboard --logdir {run_dir}")
-    return summary["val_bpc"]  # the objective a Hydra sweeper minimises
+    return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression
 
 
 MISSING_KEY = object()

@@ -21,6 +21,7 @@ from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import ModelConfig
 from seqtrain.optim import OptimConfig
+from seqtrain.tasks import TASKS, TaskConfig
 from seqtrain.tbptt import TbpttConfig
 from seqtrain.trainer_extras import tensorboard
 
@@ -56,6 +57,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # what a window is trained for (tasks.py)
     seed: int = 1234  # seeds torch, numpy and python; same seed + config = same losses on CPU
     ckpt_path: str | None = None  # resume exactly from this checkpoint
     resume: str | None = None  # auto: resume from the newest complete checkpoint in the run dir
@@ -135,6 +137,12 @@ def validate(raw: DictConfig | dict) -> Config:
     d, m, t, mem, o, tr = cfg.data, cfg.model, cfg.tbptt, cfg.memory, cfg.optim, cfg.trainer
     _require(d.source in SOURCES, "data.source", d.source, f"choose from {', '.join(SOURCES)}")
     positive = "must be a positive integer"
+    _require(
+        cfg.task.name in TASKS,
+        "task.name",
+        cfg.task.name,
+        f"choose from {', '.join(TASKS)}, or name your own as module:Name",
+    )
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, positive)
     _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)

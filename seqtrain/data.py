@@ -1,13 +1,19 @@
-"""Corpora -> byte tokens -> B contiguous streams -> windows.
+"""Corpora -> tokens or float rows -> aligned targets -> B contiguous streams -> windows.
 
 The layout is awd-lstm-lm's: a split of N tokens is cut into B equal, contiguous streams and every
 stream is read in order, window after window, so the hidden state carried from one window is the
 true context of the next. Document boundaries are kept so the engine can reset one stream's state
 where a new document starts.
+
+A corpus holds either byte tokens (the byte tokenizer below is the only place that knows there are
+256 of them) or the float rows of a series; `with_targets` pairs every input position with its
+target, and `describe` sums up what the model and task must know about the data (a DataSpec, kept
+in every checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sysconfig
 import urllib.error
@@ -23,7 +29,6 @@ from torch import Tensor
 from seqtrain.errors import DataError
 from seqtrain.registry import Registry
 
-VOCAB_SIZE = 256  # byte-level: any file works, and bpc on ASCII text equals bits per byte
 SPLITS = ("train", "val", "test")
 
 
@@ -39,20 +44,59 @@ class DataConfig:
     eval_batch_size: int = 64  # streams for validation and test (no backward: wider is faster)
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/val/test
     lag: int = 300  # copy task: steps between a symbol and its recall
+    length: int | None = None  # generated series (mackey_glass): rows to generate
+    target_path: str | None = None  # series: (N, K) .npy of targets, row t = after input row t
+    target_columns: list[int] | None = None  # series: the columns predicted; None = all
+    doc_starts_path: str | None = None  # series: 1-D .npy of row indices where documents start
+
+
+class ByteTokenizer:
+    """Text <-> byte tokens: any file works, and bpc on ASCII text equals bits per byte."""
+
+    vocab_size = 256
+
+    def encode(self, text: bytes) -> np.ndarray:
+        return np.frombuffer(text, dtype=np.uint8)  # (N,)
+
+    def decode(self, tokens: list[int]) -> str:
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+
+BYTES = ByteTokenizer()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model and the task need to know about the data; stored in checkpoints, so a model
+    is rebuilt (and its figures computed) from the file alone."""
+
+    kind: str  # "tokens": (N,) symbols; "series": (N, F) float rows
+    input_size: int  # tokens: the vocabulary V; series: the features F
+    target_size: int  # tokens: V; series: the target columns K
+    target_variance: float | None = None  # series: of the training targets (nMSE's denominator)
 
 
 @dataclass
 class Corpus:
-    """Byte tokens plus the offsets where documents start (always including 0)."""
+    """Tokens or float rows plus the offsets where documents start (always including 0)."""
 
-    tokens: np.ndarray  # (N,) uint8
+    values: np.ndarray  # (N,) uint8 tokens, or (N, F) float32 rows of a series
     doc_starts: np.ndarray  # (D,) int64, sorted, doc_starts[0] == 0
     name: str
+    vocab_size: int | None = BYTES.vocab_size  # tokens: the tokenizer's; None: a float series
+    targets: np.ndarray | None = None  # aligned with values: row t is the target after row t
+
+    @property
+    def unit(self) -> str:
+        return "bytes" if self.vocab_size is not None else "rows"
 
     def slice(self, start: int, stop: int) -> Corpus:
         starts = self.doc_starts[(self.doc_starts > start) & (self.doc_starts < stop)] - start
-        return Corpus(
-            self.tokens[start:stop], np.concatenate([[0], starts]).astype(np.int64), self.name
+        return dataclasses.replace(
+            self,
+            values=self.values[start:stop],
+            doc_starts=np.concatenate([[0], starts]).astype(np.int64),
+            targets=None if self.targets is None else self.targets[start:stop],
         )
 
 
@@ -68,8 +112,7 @@ def concat_files(files: list[Path], name: str) -> Corpus:
     lengths = np.array([len(b) for b in blobs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     nonempty = starts[lengths > 0]
-    tokens = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-    return Corpus(tokens, np.unique(np.concatenate([[0], nonempty])), name)
+    return Corpus(BYTES.encode(b"".join(blobs)), np.unique(np.concatenate([[0], nonempty])), name)
 
 
 def read_text_file(path: str | Path) -> Corpus:
@@ -86,7 +129,7 @@ def read_text_file(path: str | Path) -> Corpus:
         ) from err
     if not raw:
         raise DataError(f"data.path={path}: the file is empty; pass a file with text in it")
-    return Corpus(np.frombuffer(raw, dtype=np.uint8), np.zeros(1, dtype=np.int64), p.name)
+    return Corpus(BYTES.encode(raw), np.zeros(1, dtype=np.int64), p.name)
 
 
 def download(url: str, sha256: str | None, cache_dir: str | Path) -> Path:
@@ -125,7 +168,7 @@ SOURCES: Registry[Callable[[DataConfig], Corpus]] = Registry("data.source")
 def load_corpus(cfg: DataConfig) -> Corpus:
     corpus = SOURCES.get(cfg.source)(cfg)
     if cfg.max_bytes is not None:
-        corpus = corpus.slice(0, min(cfg.max_bytes, len(corpus.tokens)))
+        corpus = corpus.slice(0, min(cfg.max_bytes, len(corpus.values)))
     return corpus
 
 
@@ -139,9 +182,62 @@ def text_source(cfg: DataConfig) -> Corpus:
     return concat_files(stdlib_files(), "python-stdlib")
 
 
+def read_array(path: str, key: str, ndim: int) -> np.ndarray:
+    """A .npy file as an array of `ndim` dimensions; anything else is one line naming `key`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{key}={path}: no such file; pass an existing .npy array")
+    try:
+        array = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{key}={path}: not a readable .npy array ({err})") from None
+    if array.ndim != ndim:
+        shape = "(N, F) rows of features" if ndim == 2 else "(D,) indices"
+        raise DataError(f"{key}={path}: has shape {array.shape}; pass a {ndim}-D array, {shape}")
+    return array
+
+
+def read_rows(path: str, key: str) -> np.ndarray:
+    """(N, F) finite float rows as float32."""
+    array = read_array(path, key, 2)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{key}={path}: holds {array.dtype} values; pass floating-point numbers")
+    if not np.isfinite(array).all():
+        raise DataError(f"{key}={path}: holds NaN or infinite values; clean or drop those rows")
+    return array.astype(np.float32)
+
+
+@SOURCES.register("series")
+def series_source(cfg: DataConfig) -> Corpus:
+    """data.source=series: (N, F) float rows from data.path (.npy); targets from data.target_path
+    ((N, K), aligned) or else the next row's; documents from data.doc_starts_path or one."""
+    if cfg.path is None:
+        raise DataError("data.source=series needs data.path=FILE.npy, an (N, F) float array")
+    values = read_rows(cfg.path, "data.path")
+    targets = None
+    if cfg.target_path is not None:
+        targets = read_rows(cfg.target_path, "data.target_path")
+        if len(targets) != len(values):
+            raise DataError(
+                f"data.target_path={cfg.target_path}: has {len(targets)} rows but data.path has "
+                f"{len(values)}; row t must be the target after input row t"
+            )
+    starts = np.zeros(1, dtype=np.int64)
+    if cfg.doc_starts_path is not None:
+        given = read_array(cfg.doc_starts_path, "data.doc_starts_path", 1)
+        integers = np.issubdtype(given.dtype, np.integer)
+        if not integers or not ((given >= 0) & (given < len(values))).all():
+            raise DataError(
+                f"data.doc_starts_path={cfg.doc_starts_path}: must hold row indices in "
+                f"0..{len(values) - 1}"
+            )
+        starts = np.unique(np.concatenate([starts, given.astype(np.int64)]))
+    return Corpus(values, starts, Path(cfg.path).name, vocab_size=None, targets=targets)
+
+
 def split_corpus(corpus: Corpus, fractions: list[float]) -> dict[str, Corpus]:
     """Contiguous train/val/test split: no text of one split appears in another."""
-    n = len(corpus.tokens)
+    n = len(corpus.values)
     bounds = np.round(np.cumsum([0.0, *fractions]) / sum(fractions) * n).astype(np.int64)
     return {
         name: corpus.slice(int(a), int(b))
@@ -153,20 +249,58 @@ def require_tokens(splits: dict[str, Corpus], streams: dict[str, int], window: i
     """Every split must give each of its streams at least one full window."""
     for name, count in streams.items():
         need = count * (window + 1)
-        have = len(splits[name].tokens)
+        have = len(splits[name].values)
         if have < need:
+            unit = splits[name].unit
             raise DataError(
-                f"the {name} split has {have:,} bytes but {count} streams x (tbptt.window {window}"
+                f"the {name} split has {have:,} {unit} but {count} streams x (tbptt.window {window}"
                 f" + 1) need {need:,}; use a larger corpus, a smaller batch size or window"
             )
+
+
+def with_targets(corpus: Corpus, columns: list[int] | None = None) -> Corpus:
+    """Pair every input position with its target: the corpus's own target array (data.target_path)
+    or else the next step's values; `columns` picks the target columns of a series (None = all).
+
+    Applied to each split on its own, so no target crosses from one split into the next.
+    """
+    if columns is not None and corpus.vocab_size is not None:
+        raise DataError(
+            f"data.target_columns={columns}: picks columns of a numeric series; "
+            f"'{corpus.name}' is tokens (use it with data.source=series or mackey_glass)"
+        )
+    if corpus.targets is None:
+        values, targets = corpus.values[:-1], corpus.values[1:]  # target t = value t + 1
+    else:
+        values, targets = corpus.values, corpus.targets
+    if columns is not None:
+        width = targets.shape[1]
+        bad = [c for c in columns if not 0 <= c < width]
+        if bad or not columns:
+            raise DataError(
+                f"data.target_columns={columns}: the targets have {width} columns; "
+                f"choose indices in 0..{width - 1}"
+            )
+        targets = targets[:, columns]
+    starts = corpus.doc_starts[corpus.doc_starts < max(len(values), 1)]
+    return dataclasses.replace(corpus, values=values, targets=targets, doc_starts=starts)
+
+
+def describe(train: Corpus) -> DataSpec:
+    """The DataSpec of a run, from its training split with targets (`with_targets`)."""
+    if train.vocab_size is not None:
+        return DataSpec("tokens", train.vocab_size, train.vocab_size)
+    targets = train.targets.astype(np.float64)  # (N, K)
+    variance = float(targets.var(axis=0).mean())  # per column around its own mean, then averaged
+    return DataSpec("series", train.values.shape[1], targets.shape[1], variance)
 
 
 @dataclass
 class Window:
     """One update's new data for every stream."""
 
-    inputs: Tensor  # (B, T) int64
-    targets: Tensor  # (B, T) int64: inputs shifted by one
+    inputs: Tensor  # (B, T) int64 tokens, or (B, T, F) float32 rows
+    targets: Tensor  # (B, T) int64 next tokens, or (B, T, K) float32
     resets: Tensor  # (B, T) bool: zero that stream's state before step t (a new document starts)
     index: int  # position of this window in the epoch
 
@@ -174,29 +308,34 @@ class Window:
 class Streams(torch.utils.data.Dataset):
     """B contiguous streams over one split, served as windows of `stride` new steps each.
 
-    Stream b reads inputs tokens[b*L : (b+1)*L] and targets one ahead, so over one epoch every
-    target token tokens[1 : B*L + 1] is served exactly once; the last window may be shorter.
+    The split's targets are its own (`with_targets`) or, by default, the next step's values. Of N
+    aligned positions stream b reads positions b*L : (b+1)*L with L = N // B, so over one epoch
+    every target of positions 0 : B*L is served exactly once; the last window may be shorter.
     With several ranks each rank owns a disjoint, contiguous block of streams.
     """
 
     def __init__(
         self, corpus: Corpus, batch_size: int, stride: int, rank: int = 0, world_size: int = 1
     ) -> None:
+        if corpus.targets is None:
+            corpus = with_targets(corpus)
         total = batch_size * world_size
-        self.length = (len(corpus.tokens) - 1) // total  # L: steps per stream
+        self.length = len(corpus.values) // total  # L: steps per stream
         if self.length < 1:
             raise DataError(
-                f"corpus '{corpus.name}' has {len(corpus.tokens)} tokens in this split, too few "
-                f"for {total} streams; lower data.batch_size or use a larger corpus"
+                f"corpus '{corpus.name}' has {len(corpus.values) + 1} {corpus.unit} in this split, "
+                f"too few for {total} streams; lower data.batch_size or use a larger corpus"
             )
         self.stride = stride
         offsets = (np.arange(batch_size) + rank * batch_size) * self.length  # (B,)
-        steps = np.arange(self.length + 1)  # (L+1,)
-        grid = offsets[:, None] + steps[None, :]  # (B, L+1) global positions
-        self.tokens = torch.from_numpy(corpus.tokens[grid].astype(np.int64))  # (B, L+1)
-        is_start = np.zeros(len(corpus.tokens) + 1, dtype=bool)
+        grid = offsets[:, None] + np.arange(self.length)[None, :]  # (B, L) positions
+        # Tokens stay in their small dtype here and become int64 one window at a time.
+        self.inputs = torch.from_numpy(corpus.values[grid])  # (B, L) or (B, L, F)
+        self.targets = torch.from_numpy(corpus.targets[grid])  # (B, L) or (B, L, K)
+        self.dtype = torch.int64 if corpus.vocab_size is not None else torch.float32
+        is_start = np.zeros(len(corpus.values) + 1, dtype=bool)
         is_start[corpus.doc_starts] = True
-        resets = is_start[grid[:, :-1]]  # (B, L)
+        resets = is_start[grid]  # (B, L)
         resets[:, 0] = True  # a stream starts mid-text: the state carried from elsewhere is stale
         self.resets = torch.from_numpy(resets)
 
@@ -208,7 +347,10 @@ class Streams(torch.utils.data.Dataset):
             raise IndexError(index)
         a, b = index * self.stride, min((index + 1) * self.stride, self.length)
         return Window(
-            self.tokens[:, a:b], self.tokens[:, a + 1 : b + 1], self.resets[:, a:b], index
+            self.inputs[:, a:b].to(self.dtype),
+            self.targets[:, a:b].to(self.dtype),
+            self.resets[:, a:b],
+            index,
         )
 
 

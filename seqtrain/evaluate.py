@@ -1,4 +1,5 @@
-"""python -m seqtrain.evaluate ckpt=PATH: stateful loss and bpc over a whole split.
+"""python -m seqtrain.evaluate ckpt=PATH: the task's stateful figures over a whole split (loss and
+bpc for lm; loss, mse and nmse for regression).
 
 The data options come from the checkpoint (override them, e.g. data.path=FILE), and so does the
 model, whose backend can be swapped: a checkpoint trained with cudnn evaluates with modular.
@@ -14,13 +15,21 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from seqtrain.checkpoint import config_of, load_model, read
+from seqtrain.checkpoint import config_of, load_model, read, task_of
 from seqtrain.cli import fail, parse_key_values
-from seqtrain.data import SPLITS, Streams, load_corpus, require_tokens, split_corpus
+from seqtrain.data import (
+    SPLITS,
+    Streams,
+    load_corpus,
+    require_tokens,
+    split_corpus,
+    with_targets,
+)
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
-from seqtrain.model import RecurrentLM
-from seqtrain.tbptt import Engine, bits
+from seqtrain.model import RecurrentModel
+from seqtrain.tasks import Task
+from seqtrain.tbptt import Engine
 
 
 @dataclass
@@ -31,17 +40,20 @@ class EvaluateArgs:
     device: str = "cpu"  # cpu | cuda
 
 
-def evaluate_split(model: RecurrentLM, streams: Streams, window: int, progress: bool) -> dict:
-    """Mean loss over every target of the split, state carried across windows."""
-    engine = Engine(model, window)
+def evaluate_split(
+    model: RecurrentModel, task: Task, streams: Streams, window: int, progress: bool
+) -> dict:
+    """Mean loss over every target of the split, state carried across windows, and the task's
+    figures of it; `tokens` counts the target elements."""
+    engine = Engine(model, task, window)
     device = next(model.parameters()).device
-    nats, tokens = 0.0, 0
+    total, count = 0.0, 0
     for index in tqdm(range(len(streams)), desc="evaluate", disable=not progress, unit="win"):
         w = streams[index]
         w.inputs, w.targets, w.resets = (t.to(device) for t in (w.inputs, w.targets, w.resets))
-        loss, count = engine.eval_window(w)
-        nats, tokens = nats + loss, tokens + count
-    return {"loss": nats / tokens, "bpc": bits(nats / tokens), "tokens": tokens}
+        loss, n = engine.eval_window(w)
+        total, count = total + loss, count + n
+    return {"loss": total / count, **task.metrics(total / count), "tokens": count}
 
 
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
@@ -50,12 +62,14 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     if cfg.memory.host_cache:
         cache_host_memory()
     model = load_model(ckpt, cfg).to(args.device)
+    task = task_of(ckpt, cfg)  # the training split's figures (nMSE's variance) come with it
     splits = split_corpus(load_corpus(cfg.data), cfg.data.split)
     batch = args.batch_size or cfg.data.eval_batch_size
     require_tokens(splits, {args.split: batch}, cfg.tbptt.window)
-    streams = Streams(splits[args.split], batch, cfg.tbptt.window)
+    split = with_targets(splits[args.split], cfg.data.target_columns)
+    streams = Streams(split, batch, cfg.tbptt.window)
     with torch.inference_mode():
-        result = evaluate_split(model, streams, cfg.tbptt.window, sys.stderr.isatty())
+        result = evaluate_split(model, task, streams, cfg.tbptt.window, sys.stderr.isatty())
     return {"split": args.split, "backend": cfg.model.backend, **result}
 
 

@@ -248,20 +248,19 @@ def measure_update(
     engine,  # noqa: ANN001  (tbptt.Engine; not imported: tbptt imports this module)
     batch_size: int,
     window: int,
-    vocab_size: int,
     chunk: int | None,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> Usage:
     """Run one forward + backward of a (batch_size, window) update with `chunk`, measured.
 
-    Random tokens, a zero start state and no resets: memory depends on shapes, not on text. The
+    Random inputs of the task's kind (engine.task.random_batch), a zero start state and no resets:
+    memory depends on shapes, not on the data. The
     model's gradients and the RNG state are restored afterwards, the optimizer is not touched.
     """
     model: nn.Module = engine.model
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randint(0, vocab_size, (batch_size, window), device=device, generator=g)  # (B, T)
-    y = torch.randint(0, vocab_size, (batch_size, window), device=device, generator=g)  # (B, T)
+    x, y = engine.task.random_batch(batch_size, window, g)  # (B, T[, F]), (B, T[, K])
     resets = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
     params = list(model.parameters())
     grads = [p.grad for p in params]
@@ -303,9 +302,10 @@ class MemoryModel:
         states of every layer, and the head's input and log-softmax; their gradients are the
         backward's transients. Kernels keep more (oneDNN's and cuDNN's workspaces) or less: the
         probe corrects the per-step terms."""
-        cfg = model.cfg  # RecurrentLM's ModelConfig
+        cfg = model.cfg  # RecurrentModel's ModelConfig; E: the input layer's output size
         f = next(model.parameters()).element_size()
         H, L, E, V = cfg.hidden_size, cfg.num_layers, cfg.embedding_size, model.head.out_features
+        # V: the head's outputs (logits and log-softmax for lm; K outputs for regression)
         out = cfg.output_size
         lstm = cfg.cell == "lstm"
         gates = 4 if lstm else 3
@@ -405,7 +405,6 @@ def plan_memory(
     cfg: MemoryConfig,
     engine,  # noqa: ANN001  (tbptt.Engine)
     batch_size: int,
-    vocab_size: int,
     autocast: contextlib.AbstractContextManager | None = None,
     say: Callable[[str], None] = log.info,
     measured: dict[int | None, Usage] | None = None,
@@ -429,7 +428,7 @@ def plan_memory(
     def measure(chunk: int | None) -> Usage:
         if chunk not in measured:
             predicted[chunk] = (model.saved(chunk), model.peak(chunk))
-            measured[chunk] = measure_update(engine, batch_size, T, vocab_size, chunk, autocast)
+            measured[chunk] = measure_update(engine, batch_size, T, chunk, autocast)
         return measured[chunk]
 
     chunk = plan_chunk(cfg, T)
@@ -522,8 +521,7 @@ def plan_run(module: nn.Module, cfg, device: torch.device) -> Plan:  # noqa: ANN
     autocast = None
     if cfg.trainer.precision == "bf16-mixed":
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    vocab_size = module.model.head.out_features
     try:
-        return plan_memory(cfg.memory, module.engine, cfg.data.batch_size, vocab_size, autocast)
+        return plan_memory(cfg.memory, module.engine, cfg.data.batch_size, autocast)
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -1,10 +1,15 @@
-"""RecurrentLM: embedding -> recurrent stack (a named cell backend) -> linear head."""
+"""RecurrentModel: input layer -> recurrent stack (a named cell backend) -> head.
+
+The task (tasks.py) decides the input layer and the head (a byte embedding and logits over the
+vocabulary for lm; an input projection and K outputs for regression); this file owns the stack and
+the dropout around it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,7 +34,7 @@ CELL_OPTIONS = (
 class ModelConfig:
     backend: str = "cudnn"  # cell implementation: cudnn | jit | modular | compile
     cell: str = "lstm"  # lstm | gru
-    embedding_size: int = 64  # byte embeddings: 256 symbols need few dimensions
+    embedding_size: int = 64  # E: byte embeddings (few symbols need few dimensions), or inputs
     hidden_size: int = 512  # H: state size per layer
     num_layers: int = 1  # stacked recurrent layers
     dropout: float = 0.0  # between layers and on the output of the stack
@@ -70,14 +75,37 @@ def dropout(x: Tensor, p: float, variational: bool, training: bool) -> Tensor:
     return x * mask
 
 
-class RecurrentLM(nn.Module):
-    """Byte-level language model; `features` and `logits` are separate so the engine can run
-    the head inside each checkpointed segment."""
+class TokenEmbedding(nn.Embedding):
+    """nn.Embedding whose rows, whole symbols, drop out in training (AWD-LSTM's embedding
+    dropout): a dropped symbol reads as zeros everywhere in the batch."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, size: int, drop: float = 0.0) -> None:
+        super().__init__(vocab_size, size)
+        self.drop = drop
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight  # (V, E)
+        if self.training and self.drop > 0:
+            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.drop) / (1 - self.drop)
+            weight = weight * keep  # (V, E)
+        return F.embedding(x, weight)  # (B, T, E)
+
+
+class RecurrentModel(nn.Module):
+    """`features` and `predict` are separate so the engine can run the head inside each
+    checkpointed segment. Parameters: embedding.* (the input layer, whatever the task makes it),
+    rnn.*, head.*; the byte LM's names are those of every earlier checkpoint."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        input_layer: Callable[[ModelConfig], nn.Module],
+        head: Callable[[int], nn.Module],
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
+        # Built in this order (input layer, stack, head): the same seed gives the same weights.
+        self.embedding = input_layer(cfg)  # (B, T[, F]) -> (B, T, E)
         self.rnn = cells.build_recurrent(
             cfg.backend,
             cfg.cell,
@@ -86,46 +114,16 @@ class RecurrentLM(nn.Module):
             cfg.num_layers,
             **cfg.cell_options(),
         )
-        self.head = nn.Linear(cfg.output_size, vocab_size)
-
-    def embed(self, x: Tensor) -> Tensor:
-        weight = self.embedding.weight  # (V, E)
-        p = self.cfg.embedding_dropout
-        if self.training and p > 0:
-            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - p) / (1 - p)  # (V, 1)
-            weight = weight * keep
-        return F.embedding(x, weight)  # (B, T, E)
+        self.head = head(cfg.output_size)  # (B, T, H) -> (B, T, V or K)
 
     def features(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        e = dropout(self.embed(x), self.cfg.input_dropout, self.cfg.variational, self.training)
+        e = dropout(self.embedding(x), self.cfg.input_dropout, self.cfg.variational, self.training)
         h, state = self.rnn(e, state)  # (B, T, H)
         return dropout(h, self.cfg.dropout, self.cfg.variational, self.training), state
 
-    def logits(self, h: Tensor) -> Tensor:
-        return self.head(h)  # (B, T, V)
+    def predict(self, h: Tensor) -> Tensor:
+        return self.head(h)  # (B, T, V or K)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         h, state = self.features(x, state)
-        return self.logits(h), state
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Tensor,
-        length: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Sample `length` tokens after a (T0,) prompt; returns the (length,) new tokens."""
-        logits, state = self(prompt.view(1, -1))  # (1, T0, V)
-        out = []
-        for _ in range(length):
-            step = logits[0, -1].float() / max(temperature, 1e-6)  # (V,)
-            if top_k is not None:
-                kth = torch.topk(step, top_k).values[-1]
-                step = step.masked_fill(step < kth, float("-inf"))
-            token = torch.multinomial(F.softmax(step, -1), 1, generator=generator)  # (1,)
-            out.append(token)
-            logits, state = self(token.view(1, 1), state)
-        return torch.cat(out)
+        return self.predict(h), state

@@ -7,6 +7,7 @@ window, clip, optimizer step, LR schedule step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -21,11 +22,11 @@ from torch import Tensor
 
 from seqtrain import optim
 from seqtrain.config import Config, from_dict, to_dict
-from seqtrain.data import Window
+from seqtrain.data import DataSpec, Window
 from seqtrain.errors import NonFiniteError
 from seqtrain.memory import PeakMeter, plan_chunk
-from seqtrain.model import RecurrentLM
-from seqtrain.tbptt import Engine, bits
+from seqtrain.tasks import build_model, build_task
+from seqtrain.tbptt import Engine
 
 log = logging.getLogger("seqtrain")
 
@@ -50,17 +51,21 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-class LanguageModelModule(L.LightningModule):
-    def __init__(self, config: dict, vocab_size: int) -> None:
+class SequenceModule(L.LightningModule):
+    """One task (tasks.py) trained with the TBPTT engine; metrics are named by the task."""
+
+    def __init__(self, config: dict, spec: dict) -> None:
         super().__init__()
-        # The whole config and the vocabulary go into every checkpoint: sampling and evaluation
-        # rebuild the model from the file alone. Logged to TensorBoard once, at the end.
+        # The whole config and the data spec (input kind and sizes) go into every checkpoint:
+        # sampling and evaluation rebuild the model from the file alone. Logged to TensorBoard
+        # once, at the end.
         self.save_hyperparameters(logger=False)
         self.cfg: Config = from_dict(config)
-        self.model = RecurrentLM(self.cfg.model, vocab_size)
+        self.task = build_task(self.cfg.task, DataSpec(**spec))
+        self.model = build_model(self.cfg.model, self.task)
         t = self.cfg.tbptt
         chunk = plan_chunk(self.cfg.memory, t.window)
-        self.engine = Engine(self.model, t.window, t.stride, t.carry, chunk)
+        self.engine = Engine(self.model, self.task, t.window, t.stride, t.carry, chunk)
         self.memory_plan: dict | None = None  # memory.plan_run's measured plan (train.fit sets it)
         self.saved_bytes = 0  # the most any update saved for backward
         self.peak_bytes: int | None = None  # the highest update peak (CUDA) or the probe's (CPU)
@@ -71,13 +76,13 @@ class LanguageModelModule(L.LightningModule):
         self.train_loss = math.nan  # the last update's (kept in checkpoints for the summary)
         self.consecutive_skips = 0
         self.restored_rng: dict | None = None
-        self.val_sums = (0.0, 0)  # (summed nats, tokens) over the running validation pass
+        self.val_sums = (0.0, 0)  # (summed loss, target elements) over the running val pass
         self.last_val_step = -1
         self.last_val: dict[str, float] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, vocab_size: int) -> LanguageModelModule:
-        return cls(to_dict(cfg), vocab_size)
+    def from_config(cls, cfg: Config, spec: DataSpec) -> SequenceModule:
+        return cls(to_dict(cfg), dataclasses.asdict(spec))
 
     def configure_optimizers(self):
         """The configured optimizer (optim.optimizer) and LR schedule (optim.schedule)."""
@@ -118,7 +123,7 @@ class LanguageModelModule(L.LightningModule):
         self.log_step(
             {
                 "train/loss": loss,
-                "train/bpc": bits(loss),
+                **{f"train/{name}": value for name, value in self.task.metrics(loss).items()},
                 "optim/lr": schedule.get_last_lr()[0],
                 "optim/grad_norm": float(grad_norm),
                 "optim/skipped_steps": float(self.skipped_steps),
@@ -178,18 +183,19 @@ class LanguageModelModule(L.LightningModule):
         self.val_sums = (0.0, 0)
 
     def validation_step(self, batch: Window, batch_idx: int) -> None:
-        nats, tokens = self.engine.eval_window(batch)
-        self.val_sums = (self.val_sums[0] + nats, self.val_sums[1] + tokens)
+        total, count = self.engine.eval_window(batch)
+        self.val_sums = (self.val_sums[0] + total, self.val_sums[1] + count)
 
     def on_validation_epoch_end(self) -> None:
-        # Each rank read its own block of the val streams: the split's figure is all ranks' nats
-        # over all ranks' tokens (reduce is the identity on one device).
+        # Each rank read its own block of the val streams: the split's figure is all ranks' summed
+        # loss over all ranks' targets (reduce is the identity on one device).
         sums = torch.tensor(self.val_sums, dtype=torch.float64, device=self.device)
-        nats, tokens = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-        if tokens == 0:
+        total, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        if count == 0:
             return
-        loss = nats / tokens
-        self.last_val = {"val/loss": loss, "val/bpc": bits(loss)}
+        loss = total / count
+        figures = self.task.metrics(loss)
+        self.last_val = {"val/loss": loss, **{f"val/{k}": v for k, v in figures.items()}}
         self.last_val_step = self.global_step
         self.log_dict(self.last_val, prog_bar=True, sync_dist=True)  # already equal on all ranks
 
@@ -243,11 +249,11 @@ class LanguageModelModule(L.LightningModule):
             self.restored_rng = None
 
     def sample(self, prompt: bytes, length: int, seed: int = 0) -> str:
-        """Text generated from the current weights; train mode is restored afterwards."""
+        """Text generated from the current weights (tasks that generate text); train mode is
+        restored afterwards."""
         was_training = self.model.training
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.tensor(list(prompt), dtype=torch.long, device=self.device)
-        out: Tensor = self.model.generate(x, length, temperature=0.8, generator=generator)
+        text = self.task.generate(self.model, prompt, length, temperature=0.8, generator=generator)
         self.model.train(was_training)
-        return (prompt + bytes(out.tolist())).decode("utf-8", errors="replace")
+        return text

@@ -1,4 +1,8 @@
-"""python -m seqtrain.sample ckpt=PATH prompt="def " length=400: text from a checkpoint alone."""
+"""python -m seqtrain.sample ckpt=PATH prompt="def " length=400: text from a checkpoint alone.
+
+Sampling is the language-model task's (tasks.py); a checkpoint of another task is a one-line
+error that points to python -m seqtrain.evaluate.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import MISSING
 
-from seqtrain.checkpoint import config_of, load_model, read
+from seqtrain.checkpoint import config_of, load_model, read, task_of
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.errors import ConfigError, SeqtrainError
 
@@ -26,12 +30,23 @@ class SampleArgs:
 
 def sample(args: SampleArgs, overrides: dict) -> str:
     ckpt = read(args.ckpt)
-    model = load_model(ckpt, config_of(ckpt, overrides)).to(args.device)
-    prompt = args.prompt.encode()
+    cfg = config_of(ckpt, overrides)
+    task = task_of(ckpt, cfg)
+    if not task.generates_text:
+        raise ConfigError(
+            f"ckpt={args.ckpt} is a task.name={cfg.task.name} model: sampling is for language "
+            "models (task=lm); python -m seqtrain.evaluate ckpt=... reports its figures"
+        )
+    model = load_model(ckpt, cfg).to(args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = torch.tensor(list(prompt), dtype=torch.long, device=args.device)
-    out = model.generate(x, args.length, args.temperature, args.top_k, generator)
-    return (prompt + bytes(out.tolist())).decode("utf-8", errors="replace")
+    return task.generate(
+        model,
+        args.prompt.encode(),
+        args.length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=generator,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """The truncated-BPTT engine: windows, detached state carry, TBPTT(k1, k2), chunk checkpoints.
 
-No Lightning here: the engine takes a model and a `backward` callable, so it is tested with a
-plain `loss.backward` and driven by the LightningModule with `manual_backward`.
+No Lightning here: the engine takes a model, a task and a `backward` callable, so it is tested
+with a plain `loss.backward` and driven by the LightningModule with `manual_backward`. What the
+outputs are scored against, and how, is the task's (tasks.py): the engine knows only that a
+segment's loss is summed over its target elements and an update's is their mean.
 
 TBPTT(k1, k2) (Williams & Peng 1990): each update sees k1 new steps per stream and backpropagates
 k2 steps. The engine keeps the last k2 - k1 steps it has seen (the "history") and the detached
@@ -12,12 +14,11 @@ history. With k1 == k2 there is no history and this is plain TBPTT.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqtrain.data import Window
@@ -33,9 +34,17 @@ class TbpttConfig:
     carry: bool = True  # carry the (detached) state across windows and batches; false = reset
 
 
+class Objective(Protocol):
+    """What the engine needs of a task (tasks.Task)."""
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Summed over the target elements of a segment."""
+        ...
+
+
 @dataclass
 class UpdateResult:
-    loss: float  # mean cross-entropy (nats) over the new positions
+    loss: float  # the task's loss, mean over the new positions' target elements
     tokens: int  # new positions trained on (B * k1)
 
 
@@ -71,6 +80,7 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
+        task: Objective,
         window: int,
         stride: int | None = None,
         carry: bool = True,
@@ -79,7 +89,7 @@ class Engine:
         stride = window if stride is None else stride
         if not 0 < stride <= window:
             raise ValueError(f"tbptt.stride={stride}: must be in 1..tbptt.window ({window})")
-        self.model = model
+        self.model, self.task = model, task
         self.window, self.stride, self.carry = window, stride, carry
         self.chunk = chunk  # None: no checkpointing; else recompute every `chunk` steps in backward
         self.state: State | None = None  # detached state at the start of `history`
@@ -95,8 +105,8 @@ class Engine:
         h, state = self.model.features(x, state)  # (B, t, H)
         if not with_loss:
             return h.new_zeros(()), state
-        logits = self.model.logits(h)  # (B, t, V): lives only inside this segment
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), state
+        outputs = self.model.predict(h)  # (B, t, V or K): lives only inside this segment
+        return self.task.loss(outputs, y), state
 
     def run(
         self,
@@ -108,7 +118,7 @@ class Engine:
         capture_at: int | None = None,
         chunk: int | None = None,
     ) -> tuple[Tensor, State | None, State | None]:
-        """Run (B, T) inputs from `state`; return summed loss over positions >= loss_from, the
+        """Run (B, T[, F]) inputs from `state`; return summed loss over positions >= loss_from, the
         final state, and the state at position `capture_at` (before the reset there)."""
         cuts = [loss_from] + ([capture_at] if capture_at is not None else [])
         bounds = segment_bounds(x.shape[1], resets, cuts, chunk)
@@ -150,7 +160,9 @@ class Engine:
             loss_sum, _, captured = self.run(x, y, r, self.state, loss_from, capture_at, self.chunk)
         self.saved_bytes = saved.bytes
         tokens = new * x.shape[0]
-        loss = loss_sum / tokens  # mean over the new positions only; history carries no loss
+        # mean over the new positions' targets only (B * k1, times K for vector targets);
+        # history carries no loss
+        loss = loss_sum / y[:, loss_from:].numel()
         backward(loss)
         self.state = detach(captured)  # with k1 == k2 this is the final state
         self.history = (
@@ -160,7 +172,7 @@ class Engine:
 
     @torch.no_grad()
     def eval_window(self, window: Window) -> tuple[float, int]:
-        """Stateful evaluation: summed loss (nats) and token count; state carried across calls."""
+        """Stateful evaluation: summed loss and target-element count; state carried across calls."""
         if window.index == 0:
             self.eval_state = None
         loss, state, _ = self.run(window.inputs, window.targets, window.resets, self.eval_state)
@@ -176,8 +188,3 @@ class Engine:
 
     def load_state_dict(self, sd: dict) -> None:
         self.state, self.history = sd["state"], sd["history"]
-
-
-def bits(nats: float) -> float:
-    """bits per token from nats per token: bpc = loss / ln 2."""
-    return nats / math.log(2)

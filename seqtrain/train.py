@@ -1,7 +1,8 @@
 """prepare(cfg) checks everything that can fail cheaply; fit(job) trains and writes summary.json.
 
 The split lets the command line refuse bad input (a missing corpus, a foreign checkpoint, a run
-directory that holds another run) before anything is written.
+directory that holds another run) before anything is written. `fit` is a straight line of named
+steps: build the module, the trainer and the streams, plan memory, run, write the summary.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Through
 from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
 from seqtrain.config import Config, to_dict
 from seqtrain.data import (
-    VOCAB_SIZE,
     Corpus,
+    DataSpec,
     Streams,
+    describe,
     eval_loader,
     load_corpus,
     require_tokens,
     split_corpus,
     train_loader,
+    with_targets,
 )
-from seqtrain.errors import CheckpointError
+from seqtrain.errors import CheckpointError, ConfigError
 from seqtrain.memory import cache_host_memory, plan_run
-from seqtrain.module import LanguageModelModule
+from seqtrain.module import SequenceModule
+from seqtrain.tasks import build_task
 
 log = logging.getLogger("seqtrain")
 
@@ -71,7 +75,8 @@ class Job:
 
     cfg: Config
     run_dir: Path
-    splits: dict[str, Corpus]
+    splits: dict[str, Corpus]  # each with its targets (data.with_targets)
+    spec: DataSpec  # what the model and task need to know about the data
     resume_from: Path | None
     start_window: int  # the data cursor to continue from (0 for a fresh run)
 
@@ -94,13 +99,25 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def prepare(cfg: Config, run_dir: Path) -> Job:
-    """Load and check the data and the resume checkpoint; writes nothing."""
+    """Load and check the data, the task and the resume checkpoint; writes nothing."""
     resume_from = resume_point(cfg, run_dir)
-    start_window = 0
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
+    corpus = load_corpus(cfg.data)
+    raw = split_corpus(corpus, cfg.data.split)
+    streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
+    require_tokens(raw, streams, cfg.tbptt.window)
+    splits = {name: with_targets(split, cfg.data.target_columns) for name, split in raw.items()}
+    spec = describe(splits["train"])
+    task = build_task(cfg.task, spec)
+    if cfg.trainer.sample_length and not task.generates_text:
+        raise ConfigError(
+            f"trainer.sample_length={cfg.trainer.sample_length}: task.name={cfg.task.name} "
+            "generates no text; set trainer.sample_length=0"
+        )
+    start_window = 0
     if resume_from is not None:
         ckpt = read(resume_from)
-        check_resumable(ckpt, cfg, resume_from)
+        check_resumable(ckpt, cfg, spec, resume_from)
         start_window = ckpt["seqtrain"]["windows"]
         ranks = len(ckpt["seqtrain"].get("ranks", [None]))
         if ranks != world:
@@ -108,18 +125,15 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
                 f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
                 f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
             )
-    corpus = load_corpus(cfg.data)
-    splits = split_corpus(corpus, cfg.data.split)
-    streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
-    require_tokens(splits, streams, cfg.tbptt.window)
     log.info(
-        "corpus %s: %s bytes, %s documents; train/val/test %s",
+        "corpus %s: %s %s, %s documents; train/val/test %s",
         corpus.name,
-        f"{len(corpus.tokens):,}",
+        f"{len(corpus.values):,}",
+        corpus.unit,
         f"{len(corpus.doc_starts):,}",
-        "/".join(f"{len(s.tokens):,}" for s in splits.values()),
+        "/".join(f"{len(s.values):,}" for s in raw.values()),
     )
-    return Job(cfg, run_dir, splits, resume_from, start_window)
+    return Job(cfg, run_dir, splits, spec, resume_from, start_window)
 
 
 def ranks_started_elsewhere() -> bool:
@@ -173,25 +187,30 @@ def fit_in_own_process(job: Job) -> dict:
     return json.loads((job.run_dir / "summary.json").read_text())
 
 
-def fit(job: Job) -> dict:
-    """Train one model; return (and write) the run summary."""
-    cfg, run_dir = job.cfg, job.run_dir
-    world = cfg.trainer.devices * cfg.trainer.num_nodes
-    if world > 1 and in_multirun() and not ranks_started_elsewhere():
-        return fit_in_own_process(job)
-    quiet_lightning()
-    if cfg.memory.host_cache and cache_host_memory():
-        log.info("host memory cache: freed CPU memory stays in the process (memory.host_cache)")
-    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")  # handlers before any work
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+@dataclass
+class Parts:
+    """The Trainer and the callbacks whose figures go into the summary."""
 
-    module = LanguageModelModule.from_config(cfg, VOCAB_SIZE)
-    params = sum(p.numel() for p in module.model.parameters())
+    trainer: L.Trainer
+    throughput: Throughput
+    best: ModelCheckpoint
+    preemption: Preemption
+
+
+def build_module(job: Job) -> SequenceModule:
+    """The task's model and the engine, weights drawn from the run's seed."""
+    L.seed_everything(job.cfg.seed, workers=True, verbose=False)
+    return SequenceModule.from_config(job.cfg, job.spec)
+
+
+def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> Parts:
+    """Lightning's Trainer with seqtrain's checkpoints, logger and callbacks."""
+    cfg, run_dir = job.cfg, job.run_dir
     throughput = Throughput()
     best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
-        monitor="val/bpc",
+        monitor=f"val/{module.task.monitor}",  # the task's primary figure (val/bpc for lm)
         mode="min",
         auto_insert_metric_name=False,
         enable_version_counter=False,
@@ -206,7 +225,7 @@ def fit(job: Job) -> dict:
     loggers = trainer_extras.build_loggers(cfg.logger, run_dir)  # logger=... (tensorboard)
     progress = cfg.trainer.progress_bar
     show_progress = sys.stderr.isatty() if progress is None else progress
-    prompt = job.splits["val"].tokens[:48].tobytes()
+    prompt = job.splits["val"].values[:48].tobytes()  # read only by tasks that generate text
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -237,30 +256,47 @@ def fit(job: Job) -> dict:
         default_root_dir=run_dir,
         **{"enable_model_summary": False, **cfg.trainer.extra},  # +trainer.NAME=VALUE
     )
-    # The rank is known once the Trainer exists (ddp children and SLURM tasks read it from the
-    # environment): each process builds only its own contiguous block of the streams.
-    rank, world = trainer.global_rank, trainer.world_size
+    return Parts(trainer, throughput, best, preemption)
+
+
+def build_streams(job: Job, trainer: L.Trainer) -> tuple[Streams, Streams]:
+    """This rank's training and validation streams.
+
+    The rank is known once the Trainer exists (ddp children and SLURM tasks read it from the
+    environment): each process builds only its own contiguous block of the streams.
+    """
+    cfg, rank, world = job.cfg, trainer.global_rank, trainer.world_size
     stride = cfg.tbptt.stride or cfg.tbptt.window
     train = Streams(job.splits["train"], cfg.data.batch_size, stride, rank, world)
     val = Streams(job.splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window, rank, world)
-    if world > 1:
-        # The weights are already built (DDP copies rank 0's to every rank anyway); from here on
-        # each rank draws its own dropout masks, as the streams of one process do.
-        L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
+    return train, val
+
+
+def plan_memory(job: Job, module: SequenceModule, trainer: L.Trainer) -> None:
+    """Choose the checkpoint chunk (memory.budget) and measure one update, before training."""
+    module.memory_plan = plan_run(module, job.cfg, trainer.strategy.root_device).as_dict()
+
+
+def log_start(job: Job, module: SequenceModule, trainer: L.Trainer) -> None:
+    cfg = job.cfg
     log.info(
         "model: %s %s, %d x %d, %s parameters; kernel: %s; device: %s",
         cfg.model.backend,
         cfg.model.cell,
         cfg.model.num_layers,
         cfg.model.hidden_size,
-        f"{params:,}",
+        f"{sum(p.numel() for p in module.model.parameters()):,}",
         cells.kernel_name(module.model.rnn, trainer.strategy.root_device),
         trainer.strategy.root_device,
     )
     if job.resume_from is not None:
         log.info("resuming from %s at window %d", job.resume_from, job.start_window)
-    # Before training: choose the checkpoint chunk (memory.budget) and measure one update.
-    module.memory_plan = plan_run(module, cfg, trainer.strategy.root_device).as_dict()
+
+
+def run(
+    job: Job, module: SequenceModule, trainer: L.Trainer, train: Streams, val: Streams
+) -> float:
+    """Train to trainer.max_steps (or a signal); the wall-clock seconds it took."""
     start = time.perf_counter()
     trainer.fit(
         module,
@@ -269,18 +305,25 @@ def fit(job: Job) -> dict:
         ckpt_path=job.resume_from,
         weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
     )
-    wall = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def write_summary(
+    job: Job, module: SequenceModule, parts: Parts, val: Streams, wall: float
+) -> dict:
+    """Validate the final weights if needed, save last.ckpt, write summary.json and hparams."""
+    cfg, run_dir, trainer = job.cfg, job.run_dir, parts.trainer
     summary = {
         "steps": trainer.global_step,
         "tokens": module.tokens_seen,
-        "train_seconds": round(throughput.train_seconds, 3),
+        "train_seconds": round(parts.throughput.train_seconds, 3),
         "wall_seconds": round(wall, 3),
-        "tokens_per_s": round(throughput.tokens_per_s, 1),
+        "tokens_per_s": round(parts.throughput.tokens_per_s, 1),
         "train_loss": module.train_loss,
         "skipped_steps": module.skipped_steps,
         "backend": cfg.model.backend,
         "cell": cfg.model.cell,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in module.model.parameters()),
         "device": str(trainer.strategy.root_device),
         "world_size": trainer.world_size,  # ranks; steps, tokens and tokens_per_s are global
         "resumed_from": None if job.resume_from is None else str(job.resume_from),
@@ -288,6 +331,7 @@ def fit(job: Job) -> dict:
         "peak_bytes": module.peak_bytes,  # one update's high-water mark above the weights
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
+    preemption = parts.preemption
     if preemption.received is not None:
         return {
             **summary,
@@ -297,13 +341,18 @@ def fit(job: Job) -> dict:
     if module.last_val_step != trainer.global_step:  # the last update was not validated yet
         trainer.validate(module, eval_loader(val), verbose=False, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    monitor = f"val/{module.task.monitor}"
     summary.update(
-        val_loss=module.last_val["val/loss"],
-        val_bpc=module.last_val["val/bpc"],
-        best_checkpoint=best.best_model_path,
+        # val_loss and the task's figures: val_bpc for lm; val_mse, val_nmse for regression
+        {name.replace("/", "_"): value for name, value in module.last_val.items()},
+        best_checkpoint=parts.best.best_model_path,
+        monitor=monitor,  # the figure best.ckpt and a sweeper go by; its value is summary[...]
     )
     if trainer.is_global_zero:
-        metrics = {"hp/val_bpc": summary["val_bpc"], "hp/tokens_per_s": summary["tokens_per_s"]}
+        metrics = {
+            f"hp/{monitor.replace('/', '_')}": module.last_val[monitor],
+            "hp/tokens_per_s": summary["tokens_per_s"],
+        }
         if summary.get("peak_bytes") is not None:
             metrics["hp/peak_bytes"] = summary["peak_bytes"]
         trainer_extras.log_final(
@@ -311,3 +360,26 @@ def fit(job: Job) -> dict:
         )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def fit(job: Job) -> dict:
+    """Train one model; return (and write) the run summary."""
+    cfg = job.cfg
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    if world > 1 and in_multirun() and not ranks_started_elsewhere():
+        return fit_in_own_process(job)
+    quiet_lightning()
+    if cfg.memory.host_cache and cache_host_memory():
+        log.info("host memory cache: freed CPU memory stays in the process (memory.host_cache)")
+    preemption = Preemption(job.run_dir / "checkpoints" / "last.ckpt")  # handlers before work
+    module = build_module(job)
+    parts = build_trainer(job, module, preemption)
+    train, val = build_streams(job, parts.trainer)
+    if parts.trainer.world_size > 1:
+        # The weights are already built (DDP copies rank 0's to every rank anyway); from here on
+        # each rank draws its own dropout masks, as the streams of one process do.
+        L.seed_everything(cfg.seed + parts.trainer.global_rank, workers=True, verbose=False)
+    log_start(job, module, parts.trainer)
+    plan_memory(job, module, parts.trainer)
+    wall = run(job, module, parts.trainer, train, val)
+    return write_summary(job, module, parts, val, wall)

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from seqtrain.data import Corpus
-from seqtrain.model import ModelConfig, RecurrentLM
+from seqtrain.data import BYTES, Corpus, DataSpec
+from seqtrain.model import ModelConfig, RecurrentModel
+from seqtrain.tasks import LanguageModelling, build_model
 
+# The default task: next-byte prediction.
+BYTE_LM = LanguageModelling(DataSpec("tokens", BYTES.vocab_size, BYTES.vocab_size))
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 # The scalars issue #2 requires of every run's TensorBoard events.
@@ -60,9 +63,9 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def tiny_model() -> RecurrentLM:
+def tiny_model() -> RecurrentModel:
     torch.manual_seed(0)
-    return RecurrentLM(ModelConfig(embedding_size=8, hidden_size=12, num_layers=2), 256)
+    return build_model(ModelConfig(embedding_size=8, hidden_size=12, num_layers=2), BYTE_LM)
 
 
 def counting_corpus(n: int, doc_starts: list[int] | None = None) -> Corpus:

@@ -44,7 +44,7 @@ def _checkpoint(tmp: Path, trained: Path, edit) -> str:
 
 
 def _vocab_100(ckpt: dict) -> None:
-    ckpt["hyper_parameters"]["vocab_size"] = 100
+    ckpt["hyper_parameters"]["spec"]["input_size"] = 100
 
 
 # (id, arguments given the tmp dir and a trained checkpoint, the message's tell-tale part)
@@ -125,7 +125,7 @@ CASES = [
     (
         "checkpoint of another vocabulary",
         lambda t, c: [f"ckpt_path={_checkpoint(t, c, _vocab_100)}"],
-        "has a vocabulary of 100, this run 256",
+        "trained on data of kind tokens, input_size 100",
     ),
     (
         "resume with options that change the model",

@@ -35,7 +35,7 @@ def test_every_target_served_exactly_once_in_stream_order(batch: int, stride: in
     targets = torch.cat([streams[i].targets for i in range(len(streams))], dim=1)  # (B, L)
     L = streams.length  # steps per stream
     assert streams.length == 1000 // batch
-    tokens = torch.from_numpy(corpus.tokens.astype(np.int64))
+    tokens = torch.from_numpy(corpus.values.astype(np.int64))
     for b in range(batch):  # contiguous across windows: stream b is one slice of the corpus
         assert torch.equal(inputs[b], tokens[b * L : (b + 1) * L])
         assert torch.equal(targets[b], tokens[b * L + 1 : (b + 1) * L + 1])  # shifted by one
@@ -64,8 +64,8 @@ def test_ranks_read_disjoint_streams_that_cover_the_split() -> None:
 def test_split_is_contiguous_and_keeps_document_starts() -> None:
     corpus = counting_corpus(1000, [0, 100, 920, 960])
     parts = split_corpus(corpus, [0.9, 0.05, 0.05])
-    assert [len(p.tokens) for p in parts.values()] == [900, 50, 50]
-    assert np.array_equal(np.concatenate([p.tokens for p in parts.values()]), corpus.tokens)
+    assert [len(p.values) for p in parts.values()] == [900, 50, 50]
+    assert np.array_equal(np.concatenate([p.values for p in parts.values()]), corpus.values)
     assert parts["train"].doc_starts.tolist() == [0, 100]
     assert parts["val"].doc_starts.tolist() == [0, 20]
     assert parts["test"].doc_starts.tolist() == [0, 10]
@@ -77,14 +77,14 @@ def test_stdlib_corpus_is_sorted_sources_without_site_packages(tmp_path) -> None
     assert not any("site-packages" in f.parts for f in files)
     corpus = concat_files(files[:20], "stdlib")
     sizes = [f.stat().st_size for f in files[:20]]
-    assert len(corpus.tokens) == sum(sizes)
+    assert len(corpus.values) == sum(sizes)
     assert len(corpus.doc_starts) == sum(1 for s in sizes if s > 0)
 
 
 def test_non_utf8_bytes_are_data(tmp_path) -> None:
     path = tmp_path / "binary.txt"
     path.write_bytes(bytes(range(256)) * 3)
-    assert read_text_file(path).tokens.tolist() == list(range(256)) * 3
+    assert read_text_file(path).values.tolist() == list(range(256)) * 3
 
 
 def _empty_file(directory):

@@ -57,7 +57,7 @@ def test_ranks_read_disjoint_blocks_that_cover_the_split() -> None:
     whole = Streams(corpus, batch_size=4, stride=16)
     ranks = [Streams(corpus, 2, 16, rank=r, world_size=2) for r in range(2)]
     # Rank r's streams are streams 2r, 2r+1 of one process with the global batch.
-    assert torch.equal(torch.cat([r.tokens for r in ranks]), whole.tokens)
+    assert torch.equal(torch.cat([r.inputs for r in ranks]), whole.inputs)
     assert torch.equal(torch.cat([r.resets for r in ranks]), whole.resets)
     served = [
         np.concatenate([r[i].targets.flatten().numpy() for i in range(len(r))]).tolist()

@@ -24,21 +24,22 @@ from seqtrain.memory import (
     plan_chunk,
     plan_memory,
 )
-from seqtrain.model import ModelConfig, RecurrentLM
+from seqtrain.model import ModelConfig, RecurrentModel
+from seqtrain.tasks import build_model
 from seqtrain.tbptt import Engine
 
-from .conftest import assert_close
+from .conftest import BYTE_LM, assert_close
 
 V = 256
 
 
-def model(backend: str = "cudnn", **options: object) -> RecurrentLM:
+def model(backend: str = "cudnn", **options: object) -> RecurrentModel:
     torch.manual_seed(0)
     cfg = ModelConfig(backend=backend, embedding_size=8, hidden_size=12, num_layers=2, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notices
         warnings.simplefilter("ignore", DeprecationWarning)
-        return RecurrentLM(cfg, V)
+        return build_model(cfg, BYTE_LM)
 
 
 def batch(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,11 +49,11 @@ def batch(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, torch.zeros(b, t, dtype=torch.bool)
 
 
-def grads(m: RecurrentLM, chunk: int | None, seed: int = 7) -> dict[str, torch.Tensor]:
+def grads(m: RecurrentModel, chunk: int | None, seed: int = 7) -> dict[str, torch.Tensor]:
     """Gradients of one summed-loss update over a (3, 24) batch, RNG seeded the same each time."""
     x, y, r = batch(3, 24)
     torch.manual_seed(seed)
-    loss, _, _ = Engine(m, 24).run(x, y, r, None, chunk=chunk)
+    loss, _, _ = Engine(m, BYTE_LM, 24).run(x, y, r, None, chunk=chunk)
     loss.backward()
     out = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
@@ -146,7 +147,7 @@ def test_without_dropout_checkpointing_equals_one_pass() -> None:
 def test_backward_flops_rise_by_the_recomputed_forward() -> None:
     m = model("modular")
     x, y, r = batch(3, 24)
-    engine = Engine(m, 24)
+    engine = Engine(m, BYTE_LM, 24)
 
     def flops(chunk: int | None) -> tuple[int, int]:
         with FlopCounterMode(display=False) as fwd:
@@ -183,9 +184,9 @@ def test_engine_reports_saved_bytes_per_update() -> None:
     m = model()
     x, y, r = batch(2, 32)
     window = tbptt.Window(x, y, r, 0)
-    kept = Engine(m, 32)
+    kept = Engine(m, BYTE_LM, 32)
     kept.train_update(window, lambda loss: loss.backward())
-    chunked = Engine(m, 32, chunk=4)
+    chunked = Engine(m, BYTE_LM, 32, chunk=4)
     chunked.train_update(window, lambda loss: loss.backward())
     assert 0 < chunked.saved_bytes < kept.saved_bytes / 3
 
@@ -199,9 +200,9 @@ def test_saved_bytes_at_three_window_lengths_follow_the_prediction(mode) -> None
         return None if mode == "none" else math.ceil(math.sqrt(t))
 
     def saved(t: int) -> int:
-        return measure_update(Engine(m, t), B, t, V, chunk(t)).saved_bytes
+        return measure_update(Engine(m, BYTE_LM, t), B, t, chunk(t)).saved_bytes
 
-    first = {chunk(16): measure_update(Engine(m, 16), B, 16, V, chunk(16))}
+    first = {chunk(16): measure_update(Engine(m, BYTE_LM, 16), B, 16, chunk(16))}
     calibrated = MemoryModel.from_shapes(m, B, 16).calibrated(first)
     for t in (64, 256):
         predicted = MemoryModel.from_shapes(m, B, t)
@@ -216,7 +217,7 @@ def test_probe_leaves_gradients_and_random_stream_untouched() -> None:
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    measure_update(Engine(m, 16), 2, 16, V, 4)
+    measure_update(Engine(m, BYTE_LM, 16), 2, 16, 4)
     assert torch.equal(torch.rand(3), expected)
     assert all(p.grad is None for p in m.parameters())
 
@@ -229,16 +230,16 @@ def test_probe_leaves_gradients_and_random_stream_untouched() -> None:
 def test_planner_keeps_to_several_budgets() -> None:
     m = model()
     T, B = 96, 4
-    engine = Engine(m, T)
-    none = measure_update(engine, B, T, V, None).peak_bytes
-    smallest = measure_update(engine, B, T, V, 8).peak_bytes
+    engine = Engine(m, BYTE_LM, T)
+    none = measure_update(engine, B, T, None).peak_bytes
+    smallest = measure_update(engine, B, T, 8).peak_bytes
     chunks = []
     for fraction in (0.0, 0.3, 0.6, 1.2):  # from near the minimum to more than enough
         budget = int(smallest * 1.05 + fraction * (none - smallest))
-        plan = plan_memory(MemoryConfig("auto", budget=str(budget)), engine, B, V, say=print)
+        plan = plan_memory(MemoryConfig("auto", budget=str(budget)), engine, B, say=print)
         assert plan.chunk == engine.chunk
         assert plan.peak_bytes <= budget, f"budget {budget}: {plan}"
-        assert measure_update(engine, B, T, V, plan.chunk).peak_bytes <= budget
+        assert measure_update(engine, B, T, plan.chunk).peak_bytes <= budget
         chunks.append(T if plan.chunk is None else plan.chunk)
     assert chunks == sorted(chunks) and chunks[-1] == T  # more budget: less recomputation
 
@@ -246,19 +247,19 @@ def test_planner_keeps_to_several_budgets() -> None:
 def test_budget_below_the_minimum_states_the_minimum() -> None:
     m = model()
     with pytest.raises(ValueError, match=r"below the minimum of [\d.]+ KiB .* \(chunk \d+\)"):
-        plan_memory(MemoryConfig("auto", budget="1KiB"), Engine(m, 64), 4, V)
+        plan_memory(MemoryConfig("auto", budget="1KiB"), Engine(m, BYTE_LM, 64), 4)
 
 
 def test_fixed_plan_over_budget_is_refused() -> None:
     m = model()
     with pytest.raises(ValueError, match="no checkpointing needs a peak of"):
-        plan_memory(MemoryConfig("none", budget="20KiB"), Engine(m, 64), 4, V)
+        plan_memory(MemoryConfig("none", budget="20KiB"), Engine(m, BYTE_LM, 64), 4)
 
 
 def test_plan_without_budget_is_measured_once() -> None:
     m = model()
-    engine = Engine(m, 64)
-    plan = plan_memory(MemoryConfig("auto"), engine, 4, V)
+    engine = Engine(m, BYTE_LM, 64)
+    plan = plan_memory(MemoryConfig("auto"), engine, 4)
     assert plan.chunk == 8 == engine.chunk and plan.probes == 1
     assert plan.saved_bytes > 0 and plan.peak_bytes >= plan.saved_bytes
 
@@ -338,7 +339,7 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
 
     cfg = DataConfig(source="copy", lag=3, max_bytes=70, batch_size=2)
     corpus = load_corpus(cfg)
-    examples = corpus.tokens.reshape(9, 7)  # 9 examples of lag + 4 bytes
+    examples = corpus.values.reshape(9, 7)  # 9 examples of lag + 4 bytes
     assert bytes(examples[0, 1:]).startswith(b"...?")
     assert (examples[:, 0] == examples[:, 5]).all() and set(examples[:, 0]) <= set(ALPHABET)
     assert corpus.doc_starts.tolist() == list(range(0, 63, 7))
@@ -346,7 +347,8 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
     streams = Streams(split_corpus(corpus, cfg.split)["train"], 2, 7)
     assert streams.length % 7 == 0 and bool((streams.resets[0] == streams.resets[1]).all())
     with pytest.raises(
-        ConfigError, match="data.source=adding: no such option; choose from text, copy"
+        ConfigError,
+        match="data.source=adding: no such option; choose from text, series, copy, mackey_glass",
     ):
         load_corpus(DataConfig(source="adding", max_bytes=70))
     result = recall(model(), lag=3, count=8)

@@ -130,8 +130,8 @@ def on_updates(monkeypatch, updates: set[int], action) -> None:
     Counting updates, not forward calls, keeps the memory planner's probe forward (before
     training starts) out of the count.
     """
-    original_step = module_module.LanguageModelModule.training_step
-    original_logits = model_module.RecurrentLM.logits
+    original_step = module_module.SequenceModule.training_step
+    original_logits = model_module.RecurrentModel.predict
     count = {"updates": 0}
 
     def training_step(self, batch, batch_idx):
@@ -144,8 +144,8 @@ def on_updates(monkeypatch, updates: set[int], action) -> None:
             return action(out)
         return out
 
-    monkeypatch.setattr(module_module.LanguageModelModule, "training_step", training_step)
-    monkeypatch.setattr(model_module.RecurrentLM, "logits", logits)
+    monkeypatch.setattr(module_module.SequenceModule, "training_step", training_step)
+    monkeypatch.setattr(model_module.RecurrentModel, "predict", logits)
 
 
 def poison_logits(monkeypatch, bad_updates: set[int]) -> None:

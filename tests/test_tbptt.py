@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from seqtrain.data import Window
 from seqtrain.tbptt import Engine, reset
 
-from .conftest import assert_close
+from .conftest import BYTE_LM, assert_close
 
 
 def window(x: torch.Tensor, index: int, resets: torch.Tensor | None = None) -> Window:
@@ -46,7 +46,7 @@ def test_stateful_eval_equals_one_pass(tiny_model) -> None:
     tiny_model.eval()
     x = torch.randint(0, 256, (2, 33))
     y = torch.randint(0, 256, (2, 33))
-    engine = Engine(tiny_model, window=10)
+    engine = Engine(tiny_model, BYTE_LM, window=10)
     total = 0.0
     for i, a in enumerate(range(0, 33, 10)):
         total += engine.eval_window(
@@ -68,14 +68,16 @@ def test_window_of_whole_sequence_equals_full_bptt(tiny_model, chunk) -> None:
     w = window(x, 0)
     full_loss(tiny_model, w.inputs, w.targets).backward()
     expected = grads(tiny_model)
-    Engine(tiny_model, window=24, chunk=chunk).train_update(w, lambda loss: loss.backward())
+    Engine(tiny_model, BYTE_LM, window=24, chunk=chunk).train_update(
+        w, lambda loss: loss.backward()
+    )
     for name, g in grads(tiny_model).items():
         assert_close(g, expected[name], 1e-6, name)
 
 
 def test_state_is_carried_detached_across_updates(tiny_model) -> None:
     x = torch.randint(0, 256, (2, 16))
-    engine = Engine(tiny_model, window=8)
+    engine = Engine(tiny_model, BYTE_LM, window=8)
     engine.train_update(window(x[:, :8], 0), lambda loss: loss.backward())
     tiny_model.zero_grad()
     carried = engine.state
@@ -91,7 +93,7 @@ def test_state_is_carried_detached_across_updates(tiny_model) -> None:
 
 def test_no_carry_starts_every_window_from_zero(tiny_model) -> None:
     x = torch.randint(0, 256, (2, 16))
-    engine = Engine(tiny_model, window=8, carry=False)
+    engine = Engine(tiny_model, BYTE_LM, window=8, carry=False)
     engine.train_update(window(x[:, :8], 0), lambda loss: None)
     second = window(x[:, 8:], 1)
     result = engine.train_update(second, lambda loss: None)
@@ -103,7 +105,7 @@ def test_k1_less_than_k2_trains_newest_k1_with_k2_steps_of_history(tiny_model) -
     """Token p sits at position p, so the embedding rows with gradient show how far back it goes."""
     k1, k2 = 4, 10
     x = torch.arange(24).view(1, 24).repeat(2, 1)  # (B, T): token = position
-    engine = Engine(tiny_model, window=k2, stride=k1)
+    engine = Engine(tiny_model, BYTE_LM, window=k2, stride=k1)
     seen = []
     for i, a in enumerate(range(0, 20, k1)):  # five updates: new positions a .. a+3
         w = window(x[:, a : a + k1], i)
@@ -140,7 +142,7 @@ def test_mid_window_reset_restarts_only_that_stream(tiny_model) -> None:
     resets = torch.zeros(3, 12, dtype=torch.bool)
     resets[1, 5] = True
     start = tuple(torch.randn_like(s) for s in tiny_model(x[:, :1])[1])
-    engine = Engine(tiny_model, window=12)
+    engine = Engine(tiny_model, BYTE_LM, window=12)
     _, state, _ = engine.run(x, y, resets, start)
     _, untouched, _ = engine.run(x, y, torch.zeros_like(resets), start)
     _, fresh = tiny_model(x[1:2, 5:])  # stream 1 from a zero state at step 5
@@ -151,7 +153,7 @@ def test_mid_window_reset_restarts_only_that_stream(tiny_model) -> None:
 
 def test_new_epoch_drops_the_carried_state(tiny_model) -> None:
     x = torch.randint(0, 256, (2, 8))
-    engine = Engine(tiny_model, window=8)
+    engine = Engine(tiny_model, BYTE_LM, window=8)
     engine.train_update(window(x, 0), lambda loss: None)
     result = engine.train_update(window(x, 0), lambda loss: None)  # index 0 again: a new epoch
     expected = full_loss(tiny_model, x, torch.roll(x, -1, 1)).item()

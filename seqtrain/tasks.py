@@ -1,0 +1,174 @@
+"""What a window is trained for: the task owns the model's input layer and head, the loss of a
+segment's outputs, the figures a run reports and which of them picks the best checkpoint.
+
+The engine (tbptt.py) only calls `loss`; the model (model.py) only calls `input_layer` and `head`;
+the Lightning module, train.py and the tools name metrics through `metrics` and `monitor`. A task
+is chosen by `task.name` (the `task` config group); a user's own is `task.name=my_module:MyTask`
+(docs/tasks.md). Built-ins:
+
+    lm          next-token cross-entropy over a vocabulary; loss (nats) and bpc = loss / ln 2
+    regression  next-step continuous targets; MSE and nMSE = MSE / variance of the train targets
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqtrain.data import BYTES, DataSpec
+from seqtrain.errors import ConfigError, DataError
+from seqtrain.model import ModelConfig, RecurrentModel, TokenEmbedding
+from seqtrain.registry import Registry
+
+
+@dataclass
+class TaskConfig:
+    name: str = "lm"  # lm | regression | module:Name (a class like those below)
+
+
+class Task:
+    """The protocol every task follows (subclass it, or write the same methods and attributes).
+
+    Built from the run's DataSpec, which the checkpoint keeps, so the same task (and its figures)
+    is rebuilt from the file alone.
+    """
+
+    kind: ClassVar[str]  # the data it reads: "tokens" or "series" (DataSpec.kind)
+    monitor: ClassVar[str]  # the metric (lower is better) that picks best.ckpt and sweeps on
+    generates_text: ClassVar[bool] = False  # whether `generate` (and text samples) work
+
+    def __init__(self, spec: DataSpec) -> None:
+        self.spec = spec
+
+    def input_layer(self, cfg: ModelConfig) -> nn.Module:
+        """(B, T) or (B, T, F) inputs -> (B, T, cfg.embedding_size), fed to the recurrent stack."""
+        raise NotImplementedError
+
+    def head(self, features: int) -> nn.Module:
+        """(B, T, features) recurrent outputs -> (B, T, ...) outputs `loss` compares to targets."""
+        raise NotImplementedError
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Summed over the target elements; the engine divides by their number (targets.numel())."""
+        raise NotImplementedError
+
+    def metrics(self, loss: float) -> dict[str, float]:
+        """Figures from a mean loss, by name without prefix (train/, val/): {"bpc": ...}."""
+        raise NotImplementedError
+
+    def random_batch(self, batch: int, window: int, generator: torch.Generator) -> tuple:
+        """(inputs, targets) of one window's shape and dtype, for the memory probe."""
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, prompt: bytes, length: int, **options: object) -> str:
+        """Tasks with generates_text: `length` tokens sampled after `prompt`, as text with it."""
+        raise NotImplementedError
+
+
+TASKS: Registry[type[Task]] = Registry("task.name")
+
+
+def build_task(cfg: TaskConfig, spec: DataSpec) -> Task:
+    """The task of `cfg` on data described by `spec`; a task that cannot read it is one line."""
+    task_type = TASKS.get(cfg.name)
+    if task_type.kind != spec.kind:
+        readers = [n for n in TASKS if TASKS.get(n).kind == spec.kind]
+        raise DataError(
+            f"task.name={cfg.name} trains on {task_type.kind} data but this corpus is "
+            f"{spec.kind}; use task={' or task='.join(readers)}, or another data.source"
+        )
+    return task_type(spec)
+
+
+def build_model(cfg: ModelConfig, task: Task) -> RecurrentModel:
+    return RecurrentModel(cfg, task.input_layer, task.head)
+
+
+@TASKS.register("lm")
+class LanguageModelling(Task):
+    """Next-token prediction: embedding -> stack -> linear head over the vocabulary."""
+
+    kind = "tokens"
+    monitor = "bpc"
+    generates_text = True
+
+    def input_layer(self, cfg: ModelConfig) -> nn.Module:
+        return TokenEmbedding(self.spec.input_size, cfg.embedding_size, cfg.embedding_dropout)
+
+    def head(self, features: int) -> nn.Module:
+        return nn.Linear(features, self.spec.target_size)  # (B, T, H) -> (B, T, V) logits
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="sum")
+
+    def metrics(self, loss: float) -> dict[str, float]:
+        # bits per token from nats per token; with bytes it is bits per byte, as for enwik8
+        return {"bpc": loss / math.log(2)}
+
+    def random_batch(self, batch: int, window: int, generator: torch.Generator) -> tuple:
+        V, device = self.spec.input_size, generator.device
+        x = torch.randint(0, V, (batch, window), device=device, generator=generator)  # (B, T)
+        y = torch.randint(0, V, (batch, window), device=device, generator=generator)  # (B, T)
+        return x, y
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        prompt: bytes,
+        length: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> str:
+        device = next(model.parameters()).device
+        start = BYTES.encode(prompt)
+        x = torch.tensor(start.tolist(), dtype=torch.long, device=device)  # (T0,)
+        logits, state = model(x.view(1, -1))  # (1, T0, V)
+        out = []
+        for _ in range(length):
+            step = logits[0, -1].float() / max(temperature, 1e-6)  # (V,)
+            if top_k is not None:
+                kth = torch.topk(step, top_k).values[-1]
+                step = step.masked_fill(step < kth, float("-inf"))
+            token = torch.multinomial(F.softmax(step, -1), 1, generator=generator)  # (1,)
+            out.append(int(token))
+            logits, state = model(token.view(1, 1), state)
+        return BYTES.decode(start.tolist() + out)
+
+
+@TASKS.register("regression")
+class Regression(Task):
+    """Per-step continuous targets: input projection -> stack -> linear head, MSE loss."""
+
+    kind = "series"
+    monitor = "nmse"
+
+    def input_layer(self, cfg: ModelConfig) -> nn.Module:
+        if cfg.embedding_dropout > 0:
+            raise ConfigError(
+                f"model.embedding_dropout={cfg.embedding_dropout}: drops token embeddings; "
+                "task=regression has an input projection instead, set it to 0"
+            )
+        return nn.Linear(self.spec.input_size, cfg.embedding_size)  # (B, T, F) -> (B, T, E)
+
+    def head(self, features: int) -> nn.Module:
+        return nn.Linear(features, self.spec.target_size)  # (B, T, H) -> (B, T, K)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs.float() - targets).square().sum()  # float32 even under bf16 autocast
+
+    def metrics(self, loss: float) -> dict[str, float]:
+        # nMSE 1 = no better than predicting each column's training mean
+        return {"mse": loss, "nmse": loss / self.spec.target_variance}
+
+    def random_batch(self, batch: int, window: int, generator: torch.Generator) -> tuple:
+        F_, K, device = self.spec.input_size, self.spec.target_size, generator.device
+        x = torch.randn(batch, window, F_, device=device, generator=generator)  # (B, T, F)
+        y = torch.randn(batch, window, K, device=device, generator=generator)  # (B, T, K)
+        return x, y
