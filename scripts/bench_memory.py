@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from seqtrain.data import BYTES, DataSpec
 from seqtrain.memory import (
     MemoryConfig,
     MemoryModel,
@@ -39,13 +40,15 @@ from seqtrain.memory import (
     parse_size,
     plan_memory,
 )
-from seqtrain.model import ModelConfig, RecurrentLM
+from seqtrain.model import ModelConfig, RecurrentModel
+from seqtrain.tasks import TaskConfig, build_model, build_task
 from seqtrain.tbptt import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
-V = 256
+V = BYTES.vocab_size
 PLANS = ("none", "chunk", "auto")
 TARGET_T = 2048
+TASK = build_task(TaskConfig(), DataSpec("tokens", V, V))  # byte-level LM
 
 
 def say(message: str) -> None:
@@ -71,17 +74,17 @@ def timed_update(engine: Engine, x: torch.Tensor, y: torch.Tensor, chunk: int | 
     }
 
 
-def bench_length(args: argparse.Namespace, model: RecurrentLM, T: int, none_fit: dict) -> dict:
+def bench_length(args: argparse.Namespace, model: RecurrentModel, T: int, none_fit: dict) -> dict:
     """All plans at one sequence length; none_fit extrapolates `none` beyond --none-limit."""
     device = next(model.parameters()).device
-    engine = Engine(model, T)
+    engine = Engine(model, TASK, T)
     budget = parse_size(args.budget)
     sqrt_chunk = math.ceil(math.sqrt(T))
     measured: dict[int | None, Usage] = {}
 
     def measure(chunk: int | None) -> Usage:
         if chunk not in measured:
-            measured[chunk] = measure_update(engine, args.batch, T, V, chunk)
+            measured[chunk] = measure_update(engine, args.batch, T, chunk)
         return measured[chunk]
 
     rows: dict[str, dict] = {}
@@ -101,7 +104,6 @@ def bench_length(args: argparse.Namespace, model: RecurrentLM, T: int, none_fit:
         MemoryConfig("auto", budget=args.budget),
         engine,
         args.batch,
-        V,
         say=lambda line: say(f"[T={T}]   planner: {line}"),
         measured=measured,
     )
@@ -323,8 +325,8 @@ def main() -> None:
         args.sizes, args.hidden, args.batch, args.budget = [64, 128, 256, 512], 128, 8, "6MiB"
         args.reps, args.target_reps = 2, 0
     torch.manual_seed(0)
-    model = RecurrentLM(
-        ModelConfig(hidden_size=args.hidden, num_layers=args.layers, backend="cudnn"), V
+    model = build_model(
+        ModelConfig(hidden_size=args.hidden, num_layers=args.layers, backend="cudnn"), TASK
     ).to(args.device)
     from seqtrain.cells import kernel_name
 

@@ -1,9 +1,9 @@
 """seqtrain's training throughput against a plain hand-written PyTorch TBPTT loop.
 
-Both train the same model (embedding -> nn.LSTM -> linear) on the same byte streams for the same
-number of updates, with the same work per update (forward + backward over a window, detached state
-carry, global-norm clipping, AdamW, LR schedule). Runs are interleaved and repeated; the figure is
-the median of per-pair ratios, so machine noise hits both sides alike.
+Both train the same model (nn.Embedding -> nn.LSTM -> nn.Linear) on the same byte streams for the
+same number of updates, with the same work per update (forward + backward over a window, detached
+state carry, global-norm clipping, AdamW, LR schedule). Runs are interleaved and repeated; the
+figure is the median of per-pair ratios, so machine noise hits both sides alike.
 
     python scripts/bench_tbptt.py               # ~1 minute on 2 CPU cores
     python scripts/bench_tbptt.py --quick       # a smoke run
@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 from seqtrain import train
 from seqtrain.config import validate
-from seqtrain.data import VOCAB_SIZE, Streams, load_corpus, split_corpus
-from seqtrain.model import ModelConfig, RecurrentLM
-from seqtrain.module import lr_factor
+from seqtrain.data import BYTES, Streams, load_corpus, split_corpus
+from seqtrain.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,21 +58,26 @@ def run_plain(overrides: dict) -> float:
     torch.manual_seed(cfg.seed)
     corpus = split_corpus(load_corpus(cfg.data), cfg.data.split)["train"]
     streams = Streams(corpus, cfg.data.batch_size, cfg.tbptt.window)
-    model = RecurrentLM(ModelConfig(**vars(cfg.model)), VOCAB_SIZE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    steps = cfg.trainer.max_steps
+    V, E, H = BYTES.vocab_size, cfg.model.embedding_size, cfg.model.hidden_size
+    embedding, lstm, head = nn.Embedding(V, E), nn.LSTM(E, H, batch_first=True), nn.Linear(H, V)
+    params = [*embedding.parameters(), *lstm.parameters(), *head.parameters()]
+    betas = tuple(cfg.optim.optimizer["betas"])
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=betas)
+    steps, warmup = cfg.trainer.max_steps, cfg.optim.schedule["warmup_steps"]
+    min_lr = cfg.optim.schedule["min_lr_ratio"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.optim, steps)
+        optimizer, lambda s: lr_factor(s, warmup, min_lr, steps)
     )
     state, tokens = None, 0
     start = time.perf_counter()
     for step in range(steps):
         w = streams[step % len(streams)]
-        logits, state = model(w.inputs, state)  # (B, T, V)
+        h, state = lstm(embedding(w.inputs), state)  # (B, T, H)
+        logits = head(h)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), w.targets.flatten())
         loss.backward()
         state = tuple(s.detach() for s in state)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()

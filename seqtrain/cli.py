@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -140,7 +141,17 @@ def composition_error(err: Exception) -> ConfigError:
         if "not in struct" in str(cause) or "not in" in str(cause).splitlines()[0]:
             return unknown_key(cause.full_key)
         return ConfigError(f"{cause.full_key}: {str(cause).splitlines()[0]}")
-    return ConfigError(str(err).strip().splitlines()[0])
+    # An error inside a config file: Hydra folds the OmegaConf error into its text.
+    text = str(err).strip()
+    where = re.match(r"In '([^']+)'", text)
+    key = re.search(r"full_key: (\S+)", text)
+    lines = text.splitlines()
+    detail = lines[1].strip() if len(lines) > 1 and where else lines[0]
+    if key and " not in " in detail:
+        detail = str(unknown_key(key.group(1)))
+    elif key:
+        detail = f"{key.group(1)}: {detail}"
+    return ConfigError(f"{where.group(1)}.yaml: {detail}" if where else detail)
 
 
 def sweep_choices(overrides: list[str]) -> tuple[list[list[str]], list[str]]:

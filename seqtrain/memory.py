@@ -298,23 +298,20 @@ class MemoryModel:
 
     @classmethod
     def from_shapes(cls, model: nn.Module, batch_size: int, window: int) -> MemoryModel:
-        """What backprop through the cells needs, per step: inputs, gates, cell and hidden
-        states of every layer, and the head's input and log-softmax; their gradients are the
-        backward's transients. Kernels keep more (oneDNN's and cuDNN's workspaces) or less: the
-        probe corrects the per-step terms."""
-        cfg = model.cfg  # RecurrentModel's ModelConfig; E: the input layer's output size
-        f = next(model.parameters()).element_size()
-        H, L, E, V = cfg.hidden_size, cfg.num_layers, cfg.embedding_size, model.head.out_features
-        # V: the head's outputs (logits and log-softmax for lm; K outputs for regression)
-        out = cfg.output_size
-        lstm = cfg.cell == "lstm"
-        gates = 4 if lstm else 3
-        per_layer = [(E if k == 0 else out) + gates * H + H + out for k in range(L)]
-        step = batch_size * f * (sum(per_layer) + out + 2 * V)
-        state = L * batch_size * f * (out + (H if lstm else 0))
+        """What backprop needs per step: the recurrent stack's own estimate (inputs, gates, cell
+        and hidden states of every layer: cells.Shapes.activation_elements_per_step), plus the
+        head's input and its V outputs twice (logits and log-softmax for lm, K for regression);
+        their gradients are the backward's transients. Kernels keep more (oneDNN's and cuDNN's
+        workspaces) or less: the probe corrects the per-step terms."""
+        rnn, f = model.rnn, next(model.parameters()).element_size()
+        V = model.head.out_features
+        step = f * (
+            rnn.activation_elements_per_step(batch_size) + batch_size * (rnn.output_size + 2 * V)
+        )
+        state = f * sum(math.prod(shape) for shape in rnn.state_shapes(batch_size))
         grads = sum(p.numel() * p.element_size() for p in model.parameters())
         # scratch: one layer's weight gradients before they are added to the accumulated ones
-        layer = max(p.numel() * p.element_size() for p in model.rnn.parameters())
+        layer = max(p.numel() * p.element_size() for p in rnn.parameters())
         return cls(window, state, grads, float(grads + 2 * layer), float(step), float(2 * step))
 
     def segments(self, chunk: int | None) -> tuple[int, int]:

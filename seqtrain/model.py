@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqtrain import cells
-from seqtrain.tbptt import State
+from seqtrain.cells import State
 
 # Options that belong to the recurrent stack (handed to cells.build_recurrent as keywords).
 CELL_OPTIONS = (

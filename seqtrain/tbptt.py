@@ -21,10 +21,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from seqtrain.cells import State  # (h, c) for LSTM, (h,) for GRU; each (num_layers, B, H)
 from seqtrain.data import Window
 from seqtrain.memory import SavedBytes, checkpointed
-
-State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (num_layers, B, H)
 
 
 @dataclass

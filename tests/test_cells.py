@@ -517,7 +517,9 @@ def test_training_is_the_same_with_the_onednn_fast_paths_off_or_on(
     """Three updates of a tiny language model through the TBPTT engine: the losses with every
     private op refused equal those with the fast paths, to float32 rounding."""
     from seqtrain.cells import onednn
-    from seqtrain.model import ModelConfig, RecurrentLM
+    from seqtrain.data import DataSpec
+    from seqtrain.model import ModelConfig
+    from seqtrain.tasks import LanguageModelling, build_model
 
     def refuse(op: str) -> object:
         raise AttributeError(op)
@@ -531,7 +533,8 @@ def test_training_is_the_same_with_the_onednn_fast_paths_off_or_on(
         else:
             monkeypatch.setattr(onednn, "find", onednn.find)
         torch.manual_seed(0)
-        model = RecurrentLM(ModelConfig(backend="modular", embedding_size=8, hidden_size=16), 32)
+        task = LanguageModelling(DataSpec("tokens", 32, 32))
+        model = build_model(ModelConfig(backend="modular", embedding_size=8, hidden_size=16), task)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         data = torch.randint(0, 32, (4, 17))
         out, state = [], None

@@ -73,6 +73,17 @@ def test_hydra_searchpath_adds_options(my_conf: Path, tmp_path: Path) -> None:
     assert "num_layers: 2" in done.stdout  # (+debug=tiny sets hidden_size after model=)
 
 
+def test_a_bad_key_inside_an_own_experiment_names_the_file_and_the_key(
+    my_conf: Path, tmp_path: Path
+) -> None:
+    (my_conf / "experiment" / "old.yaml").write_text("# @package _global_\noptim:\n  betas: 1\n")
+    done = seqtrain("--config-dir", str(my_conf), "+experiment=old", *TINY)
+    assert one_line_error(done) == (
+        "seqtrain: error: experiment/old.yaml: optim.betas is not a key; 'optim' takes: "
+        "optimizer, lr, weight_decay, grad_clip, schedule, max_skipped"
+    )
+
+
 def test_unknown_option_lists_the_whole_search_path(my_conf: Path) -> None:
     done = seqtrain("--config-dir", str(my_conf), "model=nope")
     assert "model=nope: no such option; choose from lstm, my_model" in one_line_error(done)
