@@ -21,9 +21,9 @@ backward than the log/exp chains (tests/test_scan.py checks them against the log
 
 Why the scan runs in linear space, in chunks, and not as Feng et al.'s log-space (Heinsen) scan
 ``log h_t = A_t + logcumsumexp(log b_s - A_s)`` with ``A_t = cumsum(log a)``:
-  * it cancels: A_t grows like t * mean(log a); at T = 4096 with saturated gates |A_t| reaches
-    1e3-1e4, and adding two such numbers in float32 leaves an absolute error of eps * |A_t| in
-    log h_t, a relative error of 1e-4 and more in h_t, however small the true contributions;
+  * it cancels: A_t grows like t * mean(log a), and adding two numbers of that size in float32
+    leaves an absolute error of eps * |A_t| in log h_t, a relative error in h_t that grows with
+    T however small the true contributions (docs/bench_scan.md has it measured);
   * it needs b_t > 0 and h_0 > 0: the RG-LRU's b_t and a carried state of any sign need a sign
     split (two scans);
   * a reset (a_t = 0, log a_t = -inf) turns A_t - A_s into -inf - (-inf) = NaN.
