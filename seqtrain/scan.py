@@ -187,7 +187,7 @@ class MinGRU(ScanCell):
     """minGRU: h_t = (1 - z_t) h_{t-1} + z_t g(k_h), z_t = sigmoid(k_z), (k_z, k_h) = W x_t + b.
 
     Parameters: ``proj`` (nn.Linear I -> 2H; rows z, h). Init: nn.Linear's, U(+-1/sqrt(I)) for
-    weight and bias, as in Feng et al.'s reference."""
+    weight and bias."""
 
     saved_floats, saved_masks = 5, 1  # a, z, g, sigmoid(k_h) in g, h; g's branch
 
