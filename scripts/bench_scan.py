@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from seqtrain.cells.scan import SCAN_CELLS, ScanStack, linear_scan  # noqa: E402
 from seqtrain.memory import cache_host_memory  # noqa: E402
-from seqtrain.scan import SCAN_CELLS, ScanStack, linear_scan  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -116,9 +116,18 @@ class RecurrentModel(nn.Module):
         )
         self.head = head(cfg.output_size)  # (B, T, H) -> (B, T, V or K)
 
-    def features(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    @property
+    def resets_inside(self) -> bool:
+        """Whether the stack drops a stream's state at its document starts itself (scan cells),
+        given the window's resets; otherwise the engine cuts the window there."""
+        return getattr(self.rnn, "resets_inside", False)
+
+    def features(
+        self, x: Tensor, state: State | None = None, resets: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """resets (B, T) bool only for a stack with resets_inside."""
         e = dropout(self.embedding(x), self.cfg.input_dropout, self.cfg.variational, self.training)
-        h, state = self.rnn(e, state)  # (B, T, H)
+        h, state = self.rnn(e, state) if resets is None else self.rnn(e, state, resets)  # (B, T, H)
         return dropout(h, self.cfg.dropout, self.cfg.variational, self.training), state
 
     def predict(self, h: Tensor) -> Tensor:

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from seqtrain.memory import SavedBytes
-from seqtrain.scan import (
+from seqtrain.cells.scan import (
     RGLRU_C,
     SCAN_CELLS,
     ResidualBlock,
@@ -18,6 +17,7 @@ from seqtrain.scan import (
     linear_scan,
     residual_stack,
 )
+from seqtrain.memory import SavedBytes
 
 CELLS = list(SCAN_CELLS)
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -405,3 +405,91 @@ def test_residual_block_passes_resets_to_scan_cores() -> None:
     y, _ = block(x, None, resets)
     fresh, _ = block(x[:1, 3:])
     assert_near(y[0, 3:], fresh[0], 1e-12, "reset inside the block")
+
+
+# ---------------------------------------------------------------------------------------------
+# Under seqtrain: the registry, the engine's resets, the command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_scan_cells_are_registered_for_modular_only(cell: str) -> None:
+    from seqtrain import cells
+
+    rnn = cells.build_recurrent("modular", cell, 5, 6, 2)
+    assert isinstance(rnn, ScanStack) and rnn.num_states == 1 and rnn.output_size == 6
+    assert cells.kernel_name(rnn, torch.device("cpu")).startswith("chunked linear scan")
+    with pytest.raises(ValueError, match=f"does not run model.cell={cell}|backends that run"):
+        cells.check_options("cudnn", cell, 1)
+    with pytest.raises(ValueError, match="model.zoneout=0.1 is not supported"):
+        cells.check_options("modular", cell, 1, zoneout=0.1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_engine_passes_resets_into_the_scan_instead_of_cutting(cell: str, monkeypatch) -> None:
+    """A window with document starts: resets inside the scan (one segment) give the loss and
+    gradients of the engine's segment cuts with the state masked between them."""
+    from seqtrain.data import DataSpec
+    from seqtrain.model import ModelConfig, RecurrentModel
+    from seqtrain.tasks import LanguageModelling, build_model
+    from seqtrain.tbptt import Engine
+
+    torch.manual_seed(0)
+    task = LanguageModelling(DataSpec("tokens", 16, 16))
+    model = build_model(
+        ModelConfig(backend="modular", cell=cell, embedding_size=4, hidden_size=6, num_layers=2),
+        task,
+    ).double()
+    x = torch.randint(0, 16, (3, 12))
+    y = torch.randint(0, 16, (3, 12))
+    resets = torch.zeros(3, 12, dtype=torch.bool)
+    resets[0, 4] = resets[2, 7] = resets[1, 0] = True
+    state = (torch.randn(2, 3, 6, dtype=torch.float64),)
+
+    def run(inside: bool) -> tuple[Tensor, list[Tensor]]:
+        monkeypatch.setattr(RecurrentModel, "resets_inside", property(lambda self: inside))
+        model.zero_grad()
+        loss, final, _ = Engine(model, task, 12).run(x, y, resets, state)
+        (loss + final[0].sum()).backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    original = RecurrentModel.features
+    monkeypatch.setattr(
+        RecurrentModel, "features", lambda self, *a: calls.append(a[-1]) or original(self, *a)
+    )
+    loss_in, grads_in = run(True)
+    assert len(calls) == 1 and calls[0] is not None, "one segment, resets handed to the stack"
+    calls.clear()
+    loss_cut, grads_cut = run(False)
+    assert len(calls) == 3 and all(r is None for r in calls), "cut at steps 0, 4 and 7"
+    assert torch.allclose(loss_in, loss_cut, atol=1e-10, rtol=0)
+    for a, b in zip(grads_in, grads_cut, strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_scan_cell_trains_evaluates_and_samples_through_the_cli(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from .test_cli import ENV
+
+    run = tmp_path / "run"
+    common = dict(capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "seqtrain", "+debug=tiny", "model.cell=mingru",
+         "model.backend=modular", f"hydra.run.dir={run}"], **common,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "chunked linear scan" in (run / "cli.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    ev = subprocess.run([sys.executable, "-m", "seqtrain.evaluate", ckpt, "split=val"], **common)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(ev.stdout)["bpc"] == pytest.approx(summary["val_bpc"], abs=1e-4)
+    sample = subprocess.run(
+        [sys.executable, "-m", "seqtrain.sample", ckpt, "length=20", "prompt=def "], **common
+    )
+    assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-2000:]

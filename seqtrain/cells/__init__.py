@@ -17,6 +17,7 @@ Package layout, one module per family:
     compiled.py      how jit (TorchScript loops) and compile (torch.compile'd steps) run them
     stack.py         cell -> layer -> stack for modular, jit and compile; CellSpec; registrations
     custom.py        the adapter for a user's cell named by import path
+    scan.py          minGRU, minLSTM, RG-LRU: diagonal recurrences trained by a chunked scan
     onednn.py        oneDNN's private ops behind a once-per-process check with a public fallback
     flat_weights.py  nn.RNNBase._flat_weights behind the same kind of check
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqtrain.cells import cudnn, custom, onednn, stack  # noqa: F401 - imports register
+from seqtrain.cells import cudnn, custom, onednn, scan, stack  # noqa: F401 - imports register
 from seqtrain.cells.base import (
     OPTION_DEFAULTS,
     TABLE,
@@ -77,6 +78,8 @@ def build_recurrent(
 def kernel_name(module: nn.Module, device: torch.device) -> str:
     """What actually runs, for the startup log (the backend name alone does not say it)."""
     device = torch.device(device)
+    if hasattr(module, "kernel"):  # a family that names its own kernel (scan.ScanStack)
+        return module.kernel(device)
     if isinstance(module, cudnn.CudnnRecurrent):
         if device.type == "cuda":
             return "cuDNN" if torch.backends.cudnn.is_available() else "native fused"

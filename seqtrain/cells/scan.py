@@ -37,10 +37,12 @@ function), so backward keeps only a_t and h_t per step, not the scan's intermedi
 Resets: at a reset position t of stream n, h_{t-1} is treated as 0 for that stream (a_t := 0), so
 the stream continues exactly as a fresh run from t with a zero state, inside one window.
 
-Shapes follow the rest of seqtrain (see cells.py): batch-first ``forward(x: (B, T, I), state) ->
-(y: (B, T, H), state)``; ``state`` is the plain tuple ``(h,)`` with ``h: (num_layers, B, H)``; zero
-state when None. Coefficients and the scan run in float32 at least (float64 stays float64), so
-under bf16 autocast only the projections run in bf16 and the T-step accumulation does not.
+Registered as ``model.cell=mingru | minlstm | rglru`` with ``model.backend=modular`` (no cell
+options: the cell math is the paper's). Shapes follow the rest of seqtrain (see the package):
+batch-first ``forward(x: (B, T, I), state) -> (y: (B, T, H), state)``; ``state`` is the plain
+tuple ``(h,)`` with ``h: (num_layers, B, H)``; zero state when None. Coefficients and the scan
+run in float32 at least (float64 stays float64), so under bf16 autocast only the projections run
+in bf16 and the T-step accumulation does not.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-State = tuple[Tensor, ...]
+from seqtrain.cells.base import State, register
+
 FORMS = ("scan", "step")
 RGLRU_C = 8.0  # Griffin's fixed exponent scale c: a_t = a^(c r_t)
 
@@ -276,7 +279,13 @@ class ScanStack(nn.Module):
     ``forward(x: (B, T, I), state: (h,) | None, resets: (B, T) bool | None) -> (y: (B, T, H),
     (h,))`` with ``h: (num_layers, B, H)`` the final states; zero state when None. ``form="scan"``
     trains by the chunked scan, ``form="step"`` loops over time (the reference). Parameters:
-    ``layers.{k}.*`` as named by the cell (see MinGRU, MinLSTM, RGLRU)."""
+    ``layers.{k}.*`` as named by the cell (see MinGRU, MinLSTM, RGLRU).
+
+    ``resets_inside``: the scan drops a stream's carried state at its document starts itself, so
+    the engine passes a window's resets instead of cutting it into segments there."""
+
+    num_states = 1
+    resets_inside = True
 
     def __init__(
         self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, form: str = "scan"
@@ -295,6 +304,14 @@ class ScanStack(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(SCAN_CELLS[cell](i, hidden_size) for i in sizes)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def kernel(self, device: torch.device) -> str:
+        """What runs, for the startup log (cells.kernel_name)."""
+        return f"chunked linear scan ({self.form} form), python"
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, int, int]]:
         """Shapes of the state tuple: one (num_layers, B, H) tensor."""
@@ -425,3 +442,14 @@ def residual_stack(
     return ResidualStack(
         [ResidualBlock(make_core(), width, expansion) for _ in range(num_layers)], width
     )
+
+
+def _build_scan_stack(
+    cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
+) -> ScanStack:
+    """The registry's builder: the options are all off (no scan registration declares any)."""
+    return ScanStack(cell, input_size, hidden_size, num_layers)
+
+
+for _name in SCAN_CELLS:
+    register(_name, "modular", ())(_build_scan_stack)
