@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -60,6 +62,28 @@ def start_run(run_dir: Path, overrides: Sequence[str], env: dict[str, str]) -> s
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
+
+
+def assert_exact_resume(tmp_path: Path, args: Sequence[str], env: dict[str, str]) -> dict:
+    """Run `args` once uninterrupted and once stopped by SIGTERM as training starts, then resumed
+    with resume=auto: every step's train/loss must be bit-identical. Returns both summaries."""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    code, _, err = finish(start_run(reference, args, env))
+    assert code == 0, err[-2000:]
+    proc = start_run(stopped, args, env)
+    for line in proc.stdout:
+        if "model:" in line:  # the startup line: signal handlers are installed
+            proc.send_signal(signal.SIGTERM)
+            break
+    code, _, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    code, _, err = finish(start_run(stopped, [*args, "resume=auto"], env))
+    assert code == 0, err[-2000:]
+    expected = read_scalars(reference, "train/loss")
+    assert expected and read_scalars(stopped, "train/loss") == expected  # every step
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (reference, stopped)]
+    assert summaries[1]["resumed_from"] and summaries[1]["steps"] == summaries[0]["steps"]
+    return {"reference": summaries[0], "resumed": summaries[1]}
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from seqtrain.cells import BACKENDS, base, build_recurrent, check_options, kerne
 from seqtrain.cells.stack import CellSpec, register_cell
 from seqtrain.errors import ConfigError
 
+from .conftest import assert_exact_resume
 from .test_cli import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,18 +74,14 @@ def test_user_cell_trains_evaluates_and_samples_through_the_cli(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_user_cell_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    """resume=auto rebuilds the user's stack and loads weights, optimizer and state into it."""
-    from .test_reliability import tiny_job
-
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    from seqtrain import train
-
-    job = ("model.backend=modular", f"model.cell={TINY}", "trainer.max_steps=6")
-    first = train.fit(tiny_job(tmp_path, *job))
-    (tmp_path / "summary.json").unlink()
-    again = train.fit(tiny_job(tmp_path, *job, "resume=auto"))
-    assert again["steps"] == 6 and again["val_bpc"] == first["val_bpc"]
+@pytest.mark.slow
+def test_user_cell_resumes_exactly_after_a_stop(tmp_path: Path) -> None:
+    """Stopped by SIGTERM mid-run and resumed: the user's stack is rebuilt from the import path
+    and every step's loss equals the uninterrupted run's (zoneout: the RNG must match too)."""
+    args = ["+debug=tiny", "trainer.max_steps=40", "trainer.val_check_interval=20"]
+    args += ["trainer.sample_length=0", "model.backend=modular", f"model.cell={TINY}"]
+    runs = assert_exact_resume(tmp_path, [*args, "model.zoneout=0.1"], with_path(PLUGINS))
+    assert runs["resumed"]["val_bpc"] == runs["reference"]["val_bpc"]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ Mackey-Glass source, its figures, the command line end to end, exact resume, bad
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from seqtrain.synthetic import mackey_glass
 from seqtrain.tasks import Regression, build_model, build_task
 from seqtrain.tbptt import Engine
 
-from .conftest import ROOT, assert_close, finish, read_scalars, start_run
+from .conftest import ROOT, assert_close, assert_exact_resume, read_scalars
 from .test_cli import ENV
 from .test_config import composed
 
@@ -254,25 +253,8 @@ def test_sampling_a_regression_checkpoint_is_one_line(series_run: Path) -> None:
 
 def test_regression_resume_after_sigterm_is_exact(tmp_path) -> None:
     run = [*SERIES, "model.dropout=0.1", "trainer.max_steps=60"]  # dropout: the RNG must match
-    reference = tmp_path / "reference"
-    code, _, err = finish(start_run(reference, run, ENV))
-    assert code == 0, err[-2000:]
-    stopped = tmp_path / "stopped"
-    proc = start_run(stopped, run, ENV)
-    for line in proc.stdout:
-        if "model:" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    code, _, err = finish(proc)
-    assert code == 128 + signal.SIGTERM, err[-2000:]
-    code, _, err = finish(start_run(stopped, [*run, "resume=auto"], ENV))
-    assert code == 0, err[-2000:]
-    expected = read_scalars(reference, "train/loss")
-    assert len(expected) == 60
-    assert read_scalars(stopped, "train/loss") == expected  # bit-identical, every step
-    summary = json.loads((stopped / "summary.json").read_text())
-    want = json.loads((reference / "summary.json").read_text())
-    assert summary["val_nmse"] == want["val_nmse"] and summary["resumed_from"]
+    runs = assert_exact_resume(tmp_path, run, ENV)
+    assert runs["resumed"]["val_nmse"] == runs["reference"]["val_nmse"]
 
 
 # --- bad input: one line, exit 2 -----------------------------------------------------------------
