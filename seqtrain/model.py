@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,13 +31,30 @@ CELL_OPTIONS = (
 )
 
 
+class Block(NamedTuple):
+    """How model.block stacks the layers: a builder and its check, both with build_recurrent's
+    arguments (the check raises a one-line ValueError)."""
+
+    build: Callable[..., nn.Module]
+    check: Callable[..., None]
+
+
+BLOCKS = {
+    "plain": Block(cells.build_recurrent, cells.check_options),
+    "residual": Block(cells.build_residual, cells.check_residual),
+}
+
+
 @dataclass
 class ModelConfig:
     backend: str = "cudnn"  # cell implementation: cudnn | jit | modular | compile
     cell: str = "lstm"  # lstm | gru
     embedding_size: int = 64  # E: byte embeddings (few symbols need few dimensions), or inputs
     hidden_size: int = 512  # H: state size per layer
-    num_layers: int = 1  # stacked recurrent layers
+    num_layers: int = 1  # stacked recurrent layers (or residual blocks)
+    # plain: the cells stacked; residual: per layer a pre-norm block (norm, a one-layer cell,
+    # a gated MLP, residual adds), as scan cells are usually stacked: compare cells in one block
+    block: str = "plain"
     dropout: float = 0.0  # between layers and on the output of the stack
     input_dropout: float = 0.0  # on the embeddings fed to the stack
     embedding_dropout: float = 0.0  # drops whole symbols' embedding rows (AWD-LSTM)
@@ -106,7 +124,7 @@ class RecurrentModel(nn.Module):
         self.cfg = cfg
         # Built in this order (input layer, stack, head): the same seed gives the same weights.
         self.embedding = input_layer(cfg)  # (B, T[, F]) -> (B, T, E)
-        self.rnn = cells.build_recurrent(
+        self.rnn = BLOCKS[cfg.block].build(
             cfg.backend,
             cfg.cell,
             cfg.embedding_size,

@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from seqtrain.cells.blocks import ResidualBlock, residual_stack
 from seqtrain.cells.scan import (
     RGLRU_C,
     SCAN_CELLS,
-    ResidualBlock,
     ScanStack,
     linear_scan,
-    residual_stack,
 )
 from seqtrain.memory import SavedBytes
 
@@ -376,7 +375,7 @@ def test_residual_stack_keeps_the_contract(core: str) -> None:
     """Shapes and state layout kept, gradients reach x and every parameter, and the state carried
     across two windows gives the one-window result: for scan cells and nn.LSTM alike."""
     torch.manual_seed(0)
-    model = residual_stack(CORES[core], width=6, num_layers=2).double()
+    model = residual_stack(CORES[core], 6, width=6, num_layers=2).double()
     assert isinstance(model.blocks[0], ResidualBlock)
     x = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
     y, state = model(x)
@@ -413,16 +412,69 @@ def test_residual_block_passes_resets_to_scan_cores() -> None:
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_scan_cells_are_registered_for_modular_only(cell: str) -> None:
+def test_scan_cells_are_registered_for_modular_and_compile(cell: str) -> None:
     from seqtrain import cells
 
     rnn = cells.build_recurrent("modular", cell, 5, 6, 2)
     assert isinstance(rnn, ScanStack) and rnn.num_states == 1 and rnn.output_size == 6
     assert cells.kernel_name(rnn, torch.device("cpu")).startswith("chunked linear scan")
-    with pytest.raises(ValueError, match=f"does not run model.cell={cell}|backends that run"):
-        cells.check_options("cudnn", cell, 1)
+    for backend in ("cudnn", "jit"):
+        with pytest.raises(ValueError, match="backends that run it: modular, compile"):
+            cells.check_options(backend, cell, 1)
     with pytest.raises(ValueError, match="model.zoneout=0.1 is not supported"):
         cells.check_options("modular", cell, 1, zoneout=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", CELLS)
+def test_compile_computes_the_modular_scan_and_copies(cell: str) -> None:
+    """compile fuses each layer's coefficients; outputs and gradients are eager's, and the module
+    deep-copies and pickles (the compiled graphs live outside it)."""
+    import copy
+    import pickle
+
+    from seqtrain import cells
+
+    torch.manual_seed(0)
+    eager = cells.build_recurrent("modular", cell, 5, 6, 2)
+    compiled = cells.build_recurrent("compile", cell, 5, 6, 2)
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn(3, 9, 5, requires_grad=True)
+    resets = torch.zeros(3, 9, dtype=torch.bool)
+    resets[1, 4] = True
+    outs = []
+    for rnn in (eager, compiled):
+        y, (h,) = rnn(x, None, resets)
+        grads = torch.autograd.grad(y.sum() + h.sum(), [x, *rnn.parameters()])
+        outs.append((y, h, grads))
+    assert_near(outs[1][0], outs[0][0], 1e-5, "compiled y")
+    assert_near(outs[1][1], outs[0][1], 1e-5, "compiled h")
+    for got, want in zip(outs[1][2], outs[0][2], strict=True):
+        assert_near(got, want, 1e-5, "compiled gradient")
+    for twin in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+        assert_near(twin(x, None, resets)[0], outs[1][0], 0.0, "copy")
+
+
+@pytest.mark.parametrize(
+    ("backend", "cell"), [("cudnn", "lstm"), ("modular", "gru"), ("modular", "mingru")]
+)
+def test_residual_blocks_around_any_registered_cell(backend: str, cell: str) -> None:
+    """model.block=residual: the blocks keep the stack contract the engine and the memory
+    planner read, whatever the core, and take the width from an input of another size."""
+    from seqtrain import cells
+
+    torch.manual_seed(0)
+    rnn = cells.build_residual(backend, cell, 5, 6, 3, dropout=0.1)
+    x = torch.randn(2, 7, 5)
+    y, state = rnn(x)
+    assert y.shape == (2, 7, 6) and [tuple(s.shape) for s in state] == rnn.state_shapes(2)
+    assert rnn.num_states == (2 if cell == "lstm" else 1) and rnn.output_size == 6
+    assert rnn.resets_inside == (cell == "mingru")
+    assert rnn.activation_elements_per_step(2) > 0
+    assert cells.kernel_name(rnn, torch.device("cpu")).startswith("residual blocks around")
+    y2, _ = rnn(x, state)
+    y2.sum().backward()
+    assert all(p.grad is not None for p in rnn.parameters())
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -466,6 +518,19 @@ def test_engine_passes_resets_into_the_scan_instead_of_cutting(cell: str, monkey
     assert torch.allclose(loss_in, loss_cut, atol=1e-10, rtol=0)
     for a, b in zip(grads_in, grads_cut, strict=True):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.slow
+def test_scan_cells_in_residual_blocks_resume_exactly(tmp_path) -> None:
+    """Stopped by SIGTERM and resumed: every step's loss equals the uninterrupted run's."""
+    from .conftest import assert_exact_resume
+    from .test_cli import ENV
+
+    args = ["+debug=tiny", "trainer.max_steps=30", "trainer.val_check_interval=15"]
+    args += ["trainer.sample_length=0", "model.cell=minlstm", "model.backend=modular"]
+    args += ["model.block=residual", "model.num_layers=2", "model.dropout=0.1"]
+    runs = assert_exact_resume(tmp_path, args, ENV)
+    assert runs["resumed"]["val_bpc"] == runs["reference"]["val_bpc"]
 
 
 @pytest.mark.slow

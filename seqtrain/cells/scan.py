@@ -37,16 +37,18 @@ function), so backward keeps only a_t and h_t per step, not the scan's intermedi
 Resets: at a reset position t of stream n, h_{t-1} is treated as 0 for that stream (a_t := 0), so
 the stream continues exactly as a fresh run from t with a zero state, inside one window.
 
-Registered as ``model.cell=mingru | minlstm | rglru`` with ``model.backend=modular`` (no cell
-options: the cell math is the paper's). Shapes follow the rest of seqtrain (see the package):
-batch-first ``forward(x: (B, T, I), state) -> (y: (B, T, H), state)``; ``state`` is the plain
-tuple ``(h,)`` with ``h: (num_layers, B, H)``; zero state when None. Coefficients and the scan
-run in float32 at least (float64 stays float64), so under bf16 autocast only the projections run
-in bf16 and the T-step accumulation does not.
+Registered as ``model.cell=mingru | minlstm | rglru`` with ``model.backend=modular`` or
+``compile`` (which compiles each layer's coefficients; no cell options: the math is the
+paper's). Shapes follow the rest of seqtrain (see the package): batch-first ``forward(x: (B, T,
+I), state) -> (y: (B, T, H), state)``; ``state`` is the plain tuple ``(h,)`` with ``h:
+(num_layers, B, H)``; zero state when None. Coefficients and the scan run in float32 at least
+(float64 stays float64), so under bf16 autocast only the projections run in bf16 and the T-step
+accumulation does not.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -55,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqtrain.cells.base import State, register
+from seqtrain.cells.compiled import CompiledStep, tensor_key
 
 FORMS = ("scan", "step")
 RGLRU_C = 8.0  # Griffin's fixed exponent scale c: a_t = a^(c r_t)
@@ -170,9 +173,15 @@ class ScanCell(nn.Module):
         return a * h.to(a.dtype) + b
 
     def forward(
-        self, x: Tensor, h0: Tensor, resets: Tensor | None = None, form: str = "scan"
+        self,
+        x: Tensor,
+        h0: Tensor,
+        resets: Tensor | None = None,
+        form: str = "scan",
+        coefficients: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
-        """All states (B, T, H) from x (B, T, I) and h0 (B, H); resets (B, T) bool."""
+        """All states (B, T, H) from x (B, T, I) and h0 (B, H); resets (B, T) bool.
+        `coefficients` replaces self.coefficients in the scan form (the compiled one)."""
         if form == "step":
             h = h0
             out = []
@@ -180,7 +189,7 @@ class ScanCell(nn.Module):
                 h = self.step(x[:, t], h, None if resets is None else resets[:, t])
                 out.append(h)
             return torch.stack(out, dim=1)
-        a, b = self.coefficients(x)  # (B, T, H) each
+        a, b = (coefficients or self.coefficients)(x)  # (B, T, H) each
         if resets is not None:
             a = a.masked_fill(resets[..., None], 0.0)
         return linear_scan(a, b, h0.to(a.dtype))
@@ -288,7 +297,13 @@ class ScanStack(nn.Module):
     resets_inside = True
 
     def __init__(
-        self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, form: str = "scan"
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        form: str = "scan",
+        backend: str = "modular",
     ) -> None:
         super().__init__()
         if cell not in SCAN_CELLS:
@@ -300,7 +315,7 @@ class ScanStack(nn.Module):
                 raise ValueError(f"{name}={value} must be at least 1")
         if num_layers < 1:
             raise ValueError(f"num_layers={num_layers} must be at least 1")
-        self.cell, self.form = cell, form
+        self.cell, self.form, self.backend = cell, form, backend
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(SCAN_CELLS[cell](i, hidden_size) for i in sizes)
@@ -311,7 +326,8 @@ class ScanStack(nn.Module):
 
     def kernel(self, device: torch.device) -> str:
         """What runs, for the startup log (cells.kernel_name)."""
-        return f"chunked linear scan ({self.form} form), python"
+        coefficients = "torch.compile (inductor)" if self.backend == "compile" else "python"
+        return f"chunked linear scan ({self.form} form), {coefficients} coefficients"
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, int, int]]:
         """Shapes of the state tuple: one (num_layers, B, H) tensor."""
@@ -363,93 +379,36 @@ class ScanStack(nn.Module):
         finals = []
         y = x
         for k, layer in enumerate(self.layers):
-            y = layer(y, h0[k], resets, self.form)  # (B, T, H)
+            coefficients = None
+            if self.backend == "compile":  # one compiled graph per cell type and input shape
+                compiled = _COMPILED.setdefault(
+                    type(layer), CompiledStep(_coefficients, f"{self.cell} coefficients")
+                )
+                coefficients = functools.partial(compiled.get(tensor_key(y)), layer)
+            y = layer(y, h0[k], resets, self.form, coefficients)  # (B, T, H)
             finals.append(y[:, -1])
         return y, (torch.stack(finals),)
 
 
-# ---------------------------------------------------------------------------------------------
-# Residual blocks around any recurrent core
-# ---------------------------------------------------------------------------------------------
+def _coefficients(layer: ScanCell, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The projections and gate math of one layer: what `compile` fuses (the scan stays eager:
+    its Python loop would unroll into the graph)."""
+    return layer.coefficients(x)
 
 
-class GatedMLP(nn.Module):
-    """GeGLU: W_out (gelu(W_gate x) * W_up x), hidden = expansion * width (Griffin uses 3)."""
-
-    def __init__(self, width: int, expansion: int = 3) -> None:
-        super().__init__()
-        self.up = nn.Linear(width, 2 * expansion * width)  # rows gate, up
-        self.down = nn.Linear(expansion * width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.up(x).chunk(2, dim=-1)  # (B, T, expansion * width) each
-        return self.down(F.gelu(gate) * up)
+_COMPILED: dict[type, CompiledStep] = {}  # per process, not on the module: it deep-copies
 
 
-class ResidualBlock(nn.Module):
-    """Pre-norm residual block: x + core(norm(x)), then + mlp(norm(.)).
+def _builder(backend: str) -> Callable[..., ScanStack]:
+    def build(
+        cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
+    ) -> ScanStack:
+        """The registry's builder: the options are all off (no scan registration has any)."""
+        return ScanStack(cell, input_size, hidden_size, num_layers, backend=backend)
 
-    `core` is any module with seqtrain's forward contract, width -> width: ``core(x, state) ->
-    (y, state)`` (a ScanStack, ``nn.LSTM(width, width, batch_first=True)``, a seqtrain cell stack),
-    so cells are compared inside the same block. ``resets`` is passed on only when given (cores
-    without it then still work). RMSNorm, as Griffin."""
-
-    def __init__(self, core: nn.Module, width: int, expansion: int = 3) -> None:
-        super().__init__()
-        self.core = core
-        self.norm_core = nn.RMSNorm(width)
-        self.norm_mlp = nn.RMSNorm(width)
-        self.mlp = GatedMLP(width, expansion)
-
-    def forward(
-        self, x: Tensor, state: State | None = None, resets: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        kwargs = {} if resets is None else {"resets": resets}
-        y, state = self.core(self.norm_core(x), state, **kwargs)  # (B, T, width)
-        x = x + y
-        return x + self.mlp(self.norm_mlp(x)), state
-
-
-class ResidualStack(nn.Module):
-    """`ResidualBlock`s in sequence, then a final RMSNorm (the residual stream grows with depth).
-
-    The state concatenates the blocks' states along the layer dimension, so it keeps the
-    contract: each tensor (blocks x core layers, B, H)."""
-
-    def __init__(self, blocks: list[ResidualBlock], width: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.norm_out = nn.RMSNorm(width)
-
-    def forward(
-        self, x: Tensor, state: State | None = None, resets: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        n = len(self.blocks)
-        per_block = (
-            [None] * n if state is None else list(zip(*(s.chunk(n) for s in state), strict=True))
-        )
-        finals = []
-        for block, s in zip(self.blocks, per_block, strict=True):
-            x, s = block(x, None if s is None else tuple(s), resets)  # (B, T, width)
-            finals.append(s)
-        return self.norm_out(x), tuple(torch.cat(parts) for parts in zip(*finals, strict=True))
-
-
-def residual_stack(
-    make_core: Callable[[], nn.Module], width: int, num_layers: int, expansion: int = 3
-) -> ResidualStack:
-    """`num_layers` residual blocks around fresh cores, ``make_core() -> module`` width -> width."""
-    return ResidualStack(
-        [ResidualBlock(make_core(), width, expansion) for _ in range(num_layers)], width
-    )
-
-
-def _build_scan_stack(
-    cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
-) -> ScanStack:
-    """The registry's builder: the options are all off (no scan registration declares any)."""
-    return ScanStack(cell, input_size, hidden_size, num_layers)
+    return build
 
 
 for _name in SCAN_CELLS:
-    register(_name, "modular", ())(_build_scan_stack)
+    for _backend in ("modular", "compile"):
+        register(_name, _backend, ())(_builder(_backend))
