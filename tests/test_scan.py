@@ -19,6 +19,7 @@ from seqtrain.cells.scan import (
 from seqtrain.memory import SavedBytes
 
 CELLS = list(SCAN_CELLS)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -58,8 +59,8 @@ def run(
     state = None if h0 is None else (h0.clone().requires_grad_(),)
     y, (h,) = stack(x, state, resets)
     g = torch.Generator().manual_seed(2)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
-    loss = loss + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)).sum()
+    loss = loss + (h * torch.randn(h.shape, generator=g, dtype=h.dtype).to(h.device)).sum()
     names, params = zip(*stack.named_parameters(), strict=True)
     wrt = [x, *params] + ([state[0]] if state else [])
     grads = torch.autograd.grad(loss, wrt)
@@ -99,6 +100,17 @@ def test_scan_matches_step_long(cell: str, h0: bool, resets: bool, dtype: torch.
     stack = make(cell, dtype, inp=3, H=3, L=1)
     x, s, r = inputs(stack, 2, 4096, dtype, h0, resets)
     compare(run(stack, x, s, r, "scan"), run(stack, x, s, r, "step"), TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_scan_matches_step_on_every_device(cell: str, device: str) -> None:
+    """float32, an initial state and resets, T spanning several chunks, on CPU and CUDA."""
+    stack = make(cell, torch.float32).to(device)
+    x, h0, resets = (
+        None if t is None else t.to(device) for t in inputs(stack, 3, 50, torch.float32, True, True)
+    )
+    compare(run(stack, x, h0, resets, "scan"), run(stack, x, h0, resets, "step"), 1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 10])
