@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,13 +31,30 @@ CELL_OPTIONS = (
 )
 
 
+class Block(NamedTuple):
+    """How model.block stacks the layers: a builder and its check, both with build_recurrent's
+    arguments (the check raises a one-line ValueError)."""
+
+    build: Callable[..., nn.Module]
+    check: Callable[..., None]
+
+
+BLOCKS = {
+    "plain": Block(cells.build_recurrent, cells.check_options),
+    "residual": Block(cells.build_residual, cells.check_residual),
+}
+
+
 @dataclass
 class ModelConfig:
     backend: str = "cudnn"  # cell implementation: cudnn | jit | modular | compile
     cell: str = "lstm"  # lstm | gru
     embedding_size: int = 64  # E: byte embeddings (few symbols need few dimensions), or inputs
     hidden_size: int = 512  # H: state size per layer
-    num_layers: int = 1  # stacked recurrent layers
+    num_layers: int = 1  # stacked recurrent layers (or residual blocks)
+    # plain: the cells stacked; residual: per layer a pre-norm block (norm, a one-layer cell,
+    # a gated MLP, residual adds), as scan cells are usually stacked: compare cells in one block
+    block: str = "plain"
     dropout: float = 0.0  # between layers and on the output of the stack
     input_dropout: float = 0.0  # on the embeddings fed to the stack
     embedding_dropout: float = 0.0  # drops whole symbols' embedding rows (AWD-LSTM)
@@ -106,7 +124,7 @@ class RecurrentModel(nn.Module):
         self.cfg = cfg
         # Built in this order (input layer, stack, head): the same seed gives the same weights.
         self.embedding = input_layer(cfg)  # (B, T[, F]) -> (B, T, E)
-        self.rnn = cells.build_recurrent(
+        self.rnn = BLOCKS[cfg.block].build(
             cfg.backend,
             cfg.cell,
             cfg.embedding_size,
@@ -116,9 +134,18 @@ class RecurrentModel(nn.Module):
         )
         self.head = head(cfg.output_size)  # (B, T, H) -> (B, T, V or K)
 
-    def features(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    @property
+    def resets_inside(self) -> bool:
+        """Whether the stack drops a stream's state at its document starts itself (scan cells),
+        given the window's resets; otherwise the engine cuts the window there."""
+        return getattr(self.rnn, "resets_inside", False)
+
+    def features(
+        self, x: Tensor, state: State | None = None, resets: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """resets (B, T) bool only for a stack with resets_inside."""
         e = dropout(self.embedding(x), self.cfg.input_dropout, self.cfg.variational, self.training)
-        h, state = self.rnn(e, state)  # (B, T, H)
+        h, state = self.rnn(e, state) if resets is None else self.rnn(e, state, resets)  # (B, T, H)
         return dropout(h, self.cfg.dropout, self.cfg.variational, self.training), state
 
     def predict(self, h: Tensor) -> Tensor:

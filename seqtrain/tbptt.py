@@ -60,14 +60,19 @@ def reset(state: State | None, keep: Tensor) -> State | None:
     return tuple(s * mask for s in state)
 
 
-def segment_bounds(length: int, resets: Tensor, cuts: list[int], chunk: int | None) -> list[int]:
+def segment_bounds(
+    length: int, resets: Tensor | None, cuts: list[int], chunk: int | None
+) -> list[int]:
     """Start positions of segments: every reset step, every forced cut, every chunk boundary.
 
     A fused kernel cannot zero one stream mid-sequence, so a window is run as segments that
-    start wherever any stream resets; the state is masked between segments. Chunk boundaries
-    count back from the end, so the last segment (never recomputed) is a whole chunk.
+    start wherever any stream resets; the state is masked between segments. A stack that resets
+    inside (resets None here) needs no such cuts. Chunk boundaries count back from the end, so
+    the last segment (never recomputed) is a whole chunk.
     """
-    starts = {0, *cuts, *torch.nonzero(resets.any(dim=0)).flatten().tolist()}
+    starts = {0, *cuts}
+    if resets is not None:
+        starts.update(torch.nonzero(resets.any(dim=0)).flatten().tolist())
     if chunk is not None:
         starts.update(range(length % chunk, length, chunk))
     return sorted(s for s in starts if 0 <= s < length)
@@ -100,8 +105,10 @@ class Engine:
     def history_length(self) -> int:
         return self.window - self.stride
 
-    def _segment(self, x: Tensor, y: Tensor, state: State | None, with_loss: bool):
-        h, state = self.model.features(x, state)  # (B, t, H)
+    def _segment(
+        self, x: Tensor, y: Tensor, resets: Tensor | None, state: State | None, with_loss: bool
+    ):
+        h, state = self.model.features(x, state, resets)  # (B, t, H)
         if not with_loss:
             return h.new_zeros(()), state
         outputs = self.model.predict(h)  # (B, t, V or K): lives only inside this segment
@@ -120,16 +127,17 @@ class Engine:
         """Run (B, T[, F]) inputs from `state`; return summed loss over positions >= loss_from, the
         final state, and the state at position `capture_at` (before the reset there)."""
         cuts = [loss_from] + ([capture_at] if capture_at is not None else [])
-        bounds = segment_bounds(x.shape[1], resets, cuts, chunk)
+        inside = getattr(self.model, "resets_inside", False)  # the stack resets streams itself
+        bounds = segment_bounds(x.shape[1], None if inside else resets, cuts, chunk)
         total = x.new_zeros((), dtype=torch.float32)
         captured = None
         for a, b in zip(bounds, [*bounds[1:], x.shape[1]], strict=True):
             if a == capture_at:
                 captured = state
             keep = ~resets[:, a]
-            if state is not None and not bool(keep.all()):
+            if not inside and state is not None and not bool(keep.all()):
                 state = reset(state, keep)
-            args = (x[:, a:b], y[:, a:b], state, a >= loss_from)
+            args = (x[:, a:b], y[:, a:b], resets[:, a:b] if inside else None, state, a >= loss_from)
             # The last segment's backward runs first: recomputing it would save nothing.
             if chunk is not None and b < x.shape[1] and torch.is_grad_enabled():
                 loss, state = checkpointed(self._segment, *args)

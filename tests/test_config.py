@@ -57,6 +57,20 @@ def test_char_lm_experiment_composes() -> None:
         (["model.dropout=1.5"], r"model.dropout=1.5: must be a probability in \[0, 1\)"),
         (["trainer.precision=16"], "trainer.precision=16: choose from"),
         (["memory.checkpoint=chunk"], "memory.chunk=None: memory.checkpoint=chunk needs"),
+        (["model.block=deep"], "model.block=deep: choose from plain, residual"),
+        (
+            ["model.block=residual", "model.proj_size=8"],
+            "model.proj_size=8: a residual block adds the cell's output to its input",
+        ),
+        (
+            [
+                "model.block=residual",
+                "model.cell=mingru",
+                "model.backend=modular",
+                "model.zoneout=0.1",
+            ],
+            "model.zoneout=0.1 is not supported by cell 'mingru'",
+        ),
     ],
 )
 def test_impossible_values_are_one_line_errors(overrides, message) -> None:

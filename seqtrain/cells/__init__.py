@@ -17,6 +17,8 @@ Package layout, one module per family:
     compiled.py      how jit (TorchScript loops) and compile (torch.compile'd steps) run them
     stack.py         cell -> layer -> stack for modular, jit and compile; CellSpec; registrations
     custom.py        the adapter for a user's cell named by import path
+    scan.py          minGRU, minLSTM, RG-LRU: diagonal recurrences trained by a chunked scan
+    blocks.py        pre-norm residual blocks around any one-layer stack (model.block=residual)
     onednn.py        oneDNN's private ops behind a once-per-process check with a public fallback
     flat_weights.py  nn.RNNBase._flat_weights behind the same kind of check
 
@@ -40,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqtrain.cells import cudnn, custom, onednn, stack  # noqa: F401 - imports register
+from seqtrain.cells import blocks, cudnn, custom, onednn, scan, stack  # noqa: F401 - registers
 from seqtrain.cells.base import (
     OPTION_DEFAULTS,
     TABLE,
@@ -60,6 +62,8 @@ __all__ = [
     "OPTION_DEFAULTS",
     "State",
     "build_recurrent",
+    "build_residual",
+    "check_residual",
     "check_options",
     "kernel_name",
 ]
@@ -74,9 +78,43 @@ def build_recurrent(
     return build(cell, input_size, hidden_size, num_layers, with_defaults(options))
 
 
+def _core_options(options: dict[str, object]) -> tuple[float, dict[str, object]]:
+    """A residual block's between-layer dropout (on its branch) and its core's options."""
+    core = {k: v for k, v in options.items() if k != "dropout"}
+    core["variational"] = bool(options.get("variational")) and bool(
+        options.get("recurrent_dropout")
+    )
+    return float(options.get("dropout", 0.0) or 0.0), core
+
+
+def check_residual(backend: str, cell: str, num_layers: int, **options: object) -> None:
+    """check_options for model.block=residual: each block's core is one layer of `cell`."""
+    if num_layers < 1:
+        raise ValueError(f"model.num_layers={num_layers} must be at least 1")
+    check_options(backend, cell, 1, **_core_options(options)[1])
+
+
+def build_residual(
+    backend: str, cell: str, input_size: int, hidden_size: int, num_layers: int, **options: object
+) -> nn.Module:
+    """`num_layers` pre-norm residual blocks, each around a one-layer stack of `cell` (blocks.py);
+    the between-layer dropout acts on each block's recurrent branch."""
+    check_residual(backend, cell, num_layers, **options)
+    dropout, options = _core_options(options)
+
+    def core() -> nn.Module:
+        return build_recurrent(backend, cell, hidden_size, hidden_size, 1, **options)
+
+    return blocks.residual_stack(core, input_size, hidden_size, num_layers, dropout=dropout)
+
+
 def kernel_name(module: nn.Module, device: torch.device) -> str:
     """What actually runs, for the startup log (the backend name alone does not say it)."""
     device = torch.device(device)
+    if hasattr(module, "kernel"):  # a family that names its own kernel (scan.ScanStack)
+        return module.kernel(device)
+    if isinstance(module, blocks.ResidualStack):
+        return f"residual blocks around {kernel_name(module.blocks[0].core, device)}"
     if isinstance(module, cudnn.CudnnRecurrent):
         if device.type == "cuda":
             return "cuDNN" if torch.backends.cudnn.is_available() else "native fused"
