@@ -115,3 +115,25 @@ def test_resume_under_ddp_is_exact(runs, tmp_path: Path) -> None:
     # Another world size cannot continue these streams: one line, before any work.
     code, _, err = finish(start(run_dir, *ONE, "resume=auto"))
     assert code != 0 and "holds the streams and state of 2 rank(s)" in err
+
+
+def test_a_regression_task_trains_alike_on_two_ranks(tmp_path: Path) -> None:
+    """The task plug-in changes nothing in the data layout: 2 ranks x B series streams train like
+    1 process x 2B, step by step, and report the same validation nMSE."""
+    series = ["+experiment=series", "trainer.accelerator=cpu", "data.length=3000"]
+    series += ["model.hidden_size=16", "model.embedding_size=4", "tbptt.window=20"]
+    series += [
+        "trainer.max_steps=16",
+        "trainer.val_check_interval=8",
+        "trainer.log_every_n_steps=1",
+    ]
+    runs = {}
+    for name, ranks in (("one", ONE), ("two", TWO)):
+        code, _, err = finish(start_run(tmp_path / name, [*series, *ranks], ENV))
+        assert code == 0, err[-3000:]
+        runs[name] = tmp_path / name
+    a, b = (read_scalars(runs[n], "train/loss") for n in ("one", "two"))
+    assert sorted(a) == sorted(b) and len(a) == 16
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in ("one", "two"))
+    assert s2["world_size"] == 2 and s2["val_nmse"] == pytest.approx(s1["val_nmse"], abs=1e-5)
