@@ -38,9 +38,9 @@ def read(path: str | Path) -> dict:
         raise CheckpointError(f"ckpt={path}: no such file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise CheckpointError(f"ckpt={path}: cannot read ({err.strerror})") from None
-    except Exception:  # noqa: BLE001 - unpickling garbage can raise anything at all
+    except Exception as err:  # noqa: BLE001 - unpickling garbage can raise anything at all
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+            raise CheckpointError(f"ckpt={path}: cannot read ({err.strerror})") from None
         raise CheckpointError(
             f"ckpt={path}: not a readable checkpoint (truncated, or not a PyTorch file); "
             "pass a complete one (resume=auto finds the newest in a run directory)"

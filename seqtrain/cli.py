@@ -152,10 +152,9 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
     """Train a prepared job in the folder this process owns; print where its results are."""
     from seqtrain import train
 
-    if rank_zero and not job.finished:
+    if rank_zero:
         rundir.remove_orphans(run_dir)
-        record_config(raw, run_dir)
-    summary = train.fit(job)
+    summary = train.fit(job, (lambda: record_config(raw, run_dir)) if rank_zero else None)
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -413,8 +414,10 @@ def write_summary(
     return summary
 
 
-def fit(job: Job) -> dict:
-    """Train one model; return (and write) the run summary."""
+def fit(job: Job, before_training: Callable[[], None] | None = None) -> dict:
+    """Train one model; return (and write) the run summary. `before_training` runs once every
+    check has passed, the memory plan included, right before the first update (the command
+    line writes the `.hydra/` record there, so a run refused by a late check writes nothing)."""
     cfg = job.cfg
     if job.finished:  # resume=auto of a finished run: its results stay as they are
         log.info(
@@ -440,5 +443,7 @@ def fit(job: Job) -> dict:
         L.seed_everything(cfg.seed + parts.trainer.global_rank, workers=True, verbose=False)
     log_start(job, module, parts.trainer)
     plan_memory(job, module, parts.trainer)
+    if before_training is not None:
+        before_training()
     wall = run(job, module, parts.trainer, train, val)
     return write_summary(job, module, parts, val, wall)
