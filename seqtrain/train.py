@@ -166,17 +166,17 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     start_window, finished = 0, False
     if resume_from is not None:
         ckpt = read(resume_from)
+        ranks = len(ckpt.get("seqtrain", {}).get("ranks", [None]))
+        if ranks != world:  # first: a world size also changes data.batch_size per rank
+            raise CheckpointError(
+                f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
+                f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
+            )
         check_resumable(ckpt, cfg, spec, resume_from)
         start_window = ckpt["seqtrain"]["windows"]
         finished = (
             ckpt["global_step"] >= cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
         )
-        ranks = len(ckpt["seqtrain"].get("ranks", [None]))
-        if ranks != world:
-            raise CheckpointError(
-                f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
-                f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
-            )
     log.info(
         "corpus %s: %s %s, %s documents; train/val/test %s",
         corpus.name,
