@@ -255,6 +255,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 def fixed_changes(saved: dict, current: dict) -> list[str]:
     """`key=saved (now current)` for each RESUME_FIXED setting that differs."""
     before, now = flat(upgrade(saved)), flat(current)
+    if isinstance(before.get("data.path"), str):  # kept as typed by earlier versions
+        before["data.path"] = str(Path(before["data.path"]).expanduser().resolve())
     keys = sorted(set(before) | set(now))
     fixed = [k for k in keys if any(k == p or k.startswith(p + ".") for p in RESUME_FIXED)]
     return [

@@ -149,6 +149,8 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     """Load and check the machine, the data, the task and the resume checkpoint; writes
     nothing."""
     check_machine(cfg)
+    if cfg.data.path is not None:  # checkpoints keep the file itself: evaluate reads it anywhere
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     resume_from = resume_point(cfg, run_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
     corpus = load_corpus(cfg.data)

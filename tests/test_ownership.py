@@ -296,3 +296,13 @@ def test_max_bytes_reads_only_the_slice(tmp_path: Path, monkeypatch) -> None:
     cfg = validate(composed(*TINY, f"data.path={big}", "data.max_bytes=60000"))
     corpus = data.load_corpus(cfg.data)
     assert len(corpus.values) == 60000 and reads == [60000]
+
+
+def test_a_checkpoint_keeps_the_corpus_path_resolved(tmp_path: Path, monkeypatch) -> None:
+    from seqtrain import train
+
+    (tmp_path / "c.txt").write_bytes((Path(__file__).read_bytes() * 30)[:60000])
+    monkeypatch.chdir(tmp_path)
+    train.fit(train.prepare(validate(composed(*TINY, "data.path=c.txt")), tmp_path / "run"))
+    saved = read(tmp_path / "run" / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]
+    assert saved["data"]["path"] == str((tmp_path / "c.txt").resolve())  # evaluate from anywhere
