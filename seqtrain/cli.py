@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -84,11 +85,15 @@ def record_config(raw: DictConfig, run_dir: Path) -> None:
     """Hydra's .hydra/ record, written only once the run is known to start (hydra.output_subdir
     is null so that a refused run leaves an earlier run's record untouched)."""
     record = run_dir / ".hydra"
-    record.mkdir(parents=True, exist_ok=True)
     hydra_cfg = HydraConfig.get()
-    OmegaConf.save(raw, record / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    try:
+        record.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(raw, record / "config.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    except OSError as err:
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+        raise ConfigError(f"hydra.run.dir={run_dir}: cannot write .hydra/ ({reason})") from None
 
 
 def resume_command(run_dir: Path) -> str:

@@ -306,3 +306,11 @@ def test_a_checkpoint_keeps_the_corpus_path_resolved(tmp_path: Path, monkeypatch
     train.fit(train.prepare(validate(composed(*TINY, "data.path=c.txt")), tmp_path / "run"))
     saved = read(tmp_path / "run" / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]
     assert saved["data"]["path"] == str((tmp_path / "c.txt").resolve())  # evaluate from anywhere
+
+
+def test_sample_takes_a_prompt_that_is_not_utf8(finished, capsys) -> None:
+    from seqtrain import sample
+
+    ckpt = finished / "checkpoints" / "last.ckpt"
+    sample.main([f"ckpt={ckpt}", "prompt=\udcff\udcfe", "length=5"])  # bytes 0xff 0xfe, as argv
+    assert capsys.readouterr().out.strip()
