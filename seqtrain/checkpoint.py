@@ -8,7 +8,10 @@ versions hold {"config", "vocab_size"} (byte LMs); `read` upgrades them.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,10 @@ from seqtrain.errors import CheckpointError, ConfigError
 from seqtrain.model import RecurrentModel
 from seqtrain.tasks import Task, build_model, build_task
 
+log = logging.getLogger("seqtrain")
+# What training writes into every checkpoint; a file without them cannot be resumed from.
+RESUME_KEYS = ("state_dict", "global_step", "optimizer_states", "seqtrain")
+
 
 def read(path: str | Path) -> dict:
     """Load a checkpoint file as plain data (weights_only: no code runs from the file)."""
@@ -31,7 +38,9 @@ def read(path: str | Path) -> dict:
         raise CheckpointError(f"ckpt={path}: no such file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - unpickling garbage can raise anything at all
+    except Exception as err:  # noqa: BLE001 - unpickling garbage can raise anything at all
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+            raise CheckpointError(f"ckpt={path}: cannot read ({err.strerror})") from None
         raise CheckpointError(
             f"ckpt={path}: not a readable checkpoint (truncated, or not a PyTorch file); "
             "pass a complete one (resume=auto finds the newest in a run directory)"
@@ -41,6 +50,8 @@ def read(path: str | Path) -> dict:
             f"ckpt={path}: not a seqtrain checkpoint (no config inside); pass one written by "
             "python -m seqtrain"
         )
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt={path}: holds no weights (state_dict missing)")
     ckpt["hyper_parameters"] = upgrade_hyper_parameters(ckpt["hyper_parameters"])
     return ckpt
 
@@ -73,6 +84,18 @@ def config_of(ckpt: dict, overrides: dict | None = None) -> Config:
         raise CheckpointError(str(err)) from None
 
 
+def check_device(device: str) -> None:
+    """device=cuda on a machine without CUDA is one line, not torch's traceback."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"device={device}: choose from cpu, cuda, cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this machine has no CUDA GPU; use device=cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device}: choose from cpu, cuda, cuda:N")
+
+
 def spec_of(ckpt: dict) -> DataSpec:
     return DataSpec(**ckpt["hyper_parameters"]["spec"])
 
@@ -94,6 +117,12 @@ def load_model(ckpt: dict, cfg: Config) -> RecurrentModel:
         raise CheckpointError(
             f"checkpoint weights do not fit the configured model: {detail}"
         ) from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint weights {', '.join(bad)} hold NaN or infinite values; use an earlier "
+            "checkpoint (a diverged run keeps its last good weights in nonfinite.ckpt)"
+        )
     return model.eval()
 
 
@@ -117,7 +146,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except Exception as err:
+            Path(tmp).unlink(missing_ok=True)
+            raise CheckpointError(
+                f"cannot write {target} ({write_failure(err, target.parent)}); "
+                "the previous checkpoint there is kept"
+            ) from err
+        except BaseException:  # a signal or kill mid-write: the old file stays
             Path(tmp).unlink(missing_ok=True)
             raise
         directory = os.open(target.parent, os.O_RDONLY)
@@ -127,20 +162,114 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
+def write_failure(err: Exception, directory: Path) -> str:
+    """Why a write failed, in words: torch.save reports a full disk as a serialisation error."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "no space left on device"
+    try:
+        if shutil.disk_usage(directory).free < 2**20:
+            return "no space left on device"
+    except OSError:
+        pass
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """The files resume=auto may continue from: last.ckpt (periodic, final, or written by a
+    stop) and its versions. best.ckpt is the best validation so far, not where the run stopped,
+    and nonfinite.ckpt is where it diverged: each is a resume point only when named."""
+    return sorted((run_dir / "checkpoints").glob("last*.ckpt"))
+
+
 def newest_complete(run_dir: Path) -> Path | None:
-    """The most advanced checkpoint in run_dir/checkpoints that loads; None if there is none."""
-    found = []
-    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+    """The most advanced complete last checkpoint in run_dir/checkpoints; None if the folder
+    holds no checkpoint at all. One it cannot use is logged with the reason; when none can be
+    used, CheckpointError names the file and the reason (resume never overwrites what it could
+    not read)."""
+    found, skipped = [], []
+    for path in resume_candidates(run_dir):
         try:
-            found.append((read(path)["global_step"], path.stat().st_mtime, path))
-        except (CheckpointError, KeyError):
-            continue
-    return max(found)[2] if found else None
+            ckpt = read(path)
+            missing = [k for k in RESUME_KEYS if k not in ckpt]
+            if missing:
+                raise CheckpointError(f"ckpt={path}: lacks {', '.join(missing)}")
+            found.append((ckpt["global_step"], path.stat().st_mtime, path))
+        except CheckpointError as err:
+            skipped.append((path, str(err)))
+    if found:
+        for path, reason in skipped:
+            log.warning("resume=auto: skipped %s: %s", path, reason)
+        return max(found)[2]
+    if skipped:
+        path, reason = skipped[0]
+        raise CheckpointError(
+            f"resume=auto: {reason}; it is left as it is: fix it, name another with "
+            "ckpt_path=..., or pass resume=fresh to start over"
+        )
+    others = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    if others:
+        raise CheckpointError(
+            f"resume=auto: {run_dir / 'checkpoints'} holds no last.ckpt (only "
+            f"{', '.join(others)}); name one with ckpt_path=..., or pass resume=fresh"
+        )
+    return None
+
+
+# Settings a resumed run must share with its checkpoint (dotted-key prefixes; docs/reliability.md
+# has the table). data.* and tbptt.* lay out the streams and place the data cursor; optim.lr,
+# weight_decay and the optimizer's arguments are restored from the checkpoint's optimizer state,
+# so a new value would be silently ignored; seed is replaced by the restored RNG states.
+RESUME_FIXED = (
+    "data.source",
+    "data.path",
+    "data.url",
+    "data.sha256",
+    "data.max_bytes",
+    "data.batch_size",
+    "data.split",
+    "data.lag",
+    "data.length",
+    "data.target_path",
+    "data.target_columns",
+    "data.doc_starts_path",
+    "tbptt",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.optimizer",
+    "seed",
+)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fixed_changes(saved: dict, current: dict) -> list[str]:
+    """`key=saved (now current)` for each RESUME_FIXED setting that differs."""
+    before, now = flat(upgrade(saved)), flat(current)
+    if isinstance(before.get("data.path"), str):  # kept as typed by earlier versions
+        before["data.path"] = str(Path(before["data.path"]).expanduser().resolve())
+    keys = sorted(set(before) | set(now))
+    fixed = [k for k in keys if any(k == p or k.startswith(p + ".") for p in RESUME_FIXED)]
+    return [
+        f"{k}={before.get(k)} (now {now.get(k)})"
+        for k in fixed
+        if k in before and before.get(k) != now.get(k)
+    ]
 
 
 def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None:
-    """Refuse to resume into a different model: the task, the data's kind and sizes and every
-    model option but the backend must match."""
+    """Refuse to resume into a different model or a different stream layout: the task, the
+    data's kind and sizes, the RESUME_FIXED settings and every model option but the backend
+    must match."""
     saved_spec = spec_of(ckpt)
     shape = ("kind", "input_size", "target_size")
     if any(getattr(saved_spec, k) != getattr(spec, k) for k in shape):
@@ -155,6 +284,19 @@ def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None
         raise CheckpointError(
             f"ckpt={path} was trained with task.name={saved_task} (now {cfg.task.name}); "
             "resume with the same task"
+        )
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"ckpt={path}: lacks {', '.join(missing)}; resume from a checkpoint written by "
+            "training (sample and evaluate need only the weights)"
+        )
+    changed = fixed_changes(ckpt["hyper_parameters"]["config"], to_dict(cfg))
+    if changed:
+        raise CheckpointError(
+            f"ckpt={path} was trained with {', '.join(changed)}; these fix the streams, the "
+            "data cursor or restored state: resume with the checkpoint's values, or train "
+            "anew in another hydra.run.dir"
         )
     saved = ckpt["hyper_parameters"]["config"]["model"]
     current = to_dict(cfg)["model"]

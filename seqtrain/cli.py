@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
+import math
 import os
 import re
 import signal
@@ -15,10 +17,15 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import (
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from seqtrain import rundir
 from seqtrain.config import unknown_key, validate
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.hydra_compat import parse_args
@@ -78,11 +85,15 @@ def record_config(raw: DictConfig, run_dir: Path) -> None:
     """Hydra's .hydra/ record, written only once the run is known to start (hydra.output_subdir
     is null so that a refused run leaves an earlier run's record untouched)."""
     record = run_dir / ".hydra"
-    record.mkdir(parents=True, exist_ok=True)
     hydra_cfg = HydraConfig.get()
-    OmegaConf.save(raw, record / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    try:
+        record.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(raw, record / "config.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+    except OSError as err:
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+        raise ConfigError(f"hydra.run.dir={run_dir}: cannot write .hydra/ ({reason})") from None
 
 
 def resume_command(run_dir: Path) -> str:
@@ -94,6 +105,28 @@ def resume_command(run_dir: Path) -> str:
     return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
 
 
+# The folders of the sweep jobs that failed in this process (a failed job does not stop a sweep).
+FAILED_JOBS: list[Path] = []
+
+
+def job_failed(message: str, run_dir: Path) -> float:
+    """A single run exits with the one line. In a sweep the job's folder records the error
+    (error.txt; the report lists the job as failed) and the sweep goes on: the job's objective
+    is NaN, which sweepers treat as a failed trial."""
+    from seqtrain.train import in_multirun
+
+    if not in_multirun():
+        fail(message)
+    print(f"seqtrain: error: job {run_dir}: {message}", file=sys.stderr)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(message + "\n")
+    except OSError:
+        pass  # the stderr line is the record then
+    FAILED_JOBS.append(run_dir)
+    return math.nan
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
@@ -101,18 +134,32 @@ def hydra_main(raw: DictConfig) -> float:
     from seqtrain import train  # heavy imports (Lightning) only once the config is known good
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Under DDP every rank runs this function; one of them owns the folder, speaks and writes.
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    lock = None
     try:
+        if rank_zero:
+            lock = rundir.acquire(run_dir)
         job = train.prepare(validate(raw), run_dir)
     except SeqtrainError as err:
-        fail(str(err))
-    # Under DDP every rank runs this function; one of them speaks and writes the record.
-    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
-    if rank_zero:
-        record_config(raw, run_dir)
+        rundir.release(lock)
+        rundir.discard_if_empty(run_dir)
+        return job_failed(str(err), run_dir)
     try:
-        summary = train.fit(job)
+        return run_job(raw, job, run_dir, rank_zero)
     except SeqtrainError as err:
-        fail(str(err))
+        return job_failed(str(err), run_dir)
+    finally:
+        rundir.release(lock)
+
+
+def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
+    """Train a prepared job in the folder this process owns; print where its results are."""
+    from seqtrain import train
+
+    if rank_zero:
+        rundir.remove_orphans(run_dir)
+    summary = train.fit(job, (lambda: record_config(raw, run_dir)) if rank_zero else None)
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:
@@ -121,6 +168,8 @@ def hydra_main(raw: DictConfig) -> float:
         sys.exit(128 + int(getattr(signal, stopped)))  # as if the signal had killed it
     objective = summary[summary["monitor"].replace("/", "_")]  # the task's primary figure
     if rank_zero:
+        if job.finished:
+            print(f"\n{run_dir} had finished: nothing to train; its results are unchanged")
         print(f"\nrun directory: {run_dir}")
         print(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
         print(f"tensorboard --logdir {run_dir}")
@@ -175,6 +224,20 @@ def sweep_choices(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
     return runs, ranged
 
 
+def check_run_dir(overrides: list[str]) -> None:
+    """A run folder Hydra cannot create or write its log into fails inside Hydra, in many lines."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or "$" in value:
+            continue
+        path = Path(value.strip("'\"")).expanduser()
+        near = next((p for p in (path, *path.parents) if p.exists()), None)
+        if near is not None and not near.is_dir():
+            raise ConfigError(f"{key}={value}: {near} is a file; choose a folder")
+        if near is not None and not os.access(near, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={value}: {near} is not writable; choose another folder")
+
+
 def check_command_line(args: argparse.Namespace) -> None:
     """Compose the config as Hydra will (same primary config, --config-dir and hydra.searchpath)
     and report what fails in one line, before Hydra itself would print many."""
@@ -189,7 +252,11 @@ def check_command_line(args: argparse.Namespace) -> None:
         paths = [f"file://{extra}", *(given[-1].value() if given else [])]
         overrides = [o.input_line for o in parsed if o.key_or_group != "hydra.searchpath"]
         overrides.append("hydra.searchpath=[" + ",".join(f"'{p}'" for p in paths) + "]")
-    runs, ranged = sweep_choices(overrides)
+    try:
+        runs, ranged = sweep_choices(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"override syntax: {str(err).splitlines()[0]}") from None
+    check_run_dir(overrides)
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         for run in runs:
             try:
@@ -211,3 +278,10 @@ def main() -> None:
         except ConfigError as err:
             fail(str(err))
     hydra_main()
+    if FAILED_JOBS:  # a sweep that went on past failed jobs: its status counts them
+        print(
+            f"seqtrain: error: {len(FAILED_JOBS)} sweep job(s) failed: "
+            f"{' '.join(map(str, FAILED_JOBS))} (each folder's error.txt says why)",
+            file=sys.stderr,
+        )
+        sys.exit(min(len(FAILED_JOBS), 125))

@@ -8,6 +8,7 @@ one-line error before any work starts. Each group's dataclass lives in the file 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ assert "copy" in SOURCES, synthetic  # importing synthetic registers the generat
 PRECISIONS = ("32-true", "bf16-mixed")
 # No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
 STRATEGIES = ("auto", "ddp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+RESUME = ("auto", "fresh")  # fresh: start from step 0 even over a run's checkpoints
 
 
 @dataclass
@@ -147,7 +150,7 @@ def validate(raw: DictConfig | dict) -> Config:
     _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
     _require(
-        len(d.split) == 3 and all(f >= 0 for f in d.split) and min(d.split) > 0,
+        len(d.split) == 3 and all(0 < f < math.inf for f in d.split),
         "data.split",
         d.split,
         "must be three positive fractions [train, val, test]",
@@ -184,8 +187,9 @@ def validate(raw: DictConfig | dict) -> Config:
         m.proj_size,
         f"must be 0 (off) or in 1..{m.hidden_size - 1} (below model.hidden_size)",
     )
+    _require(math.isfinite(m.forget_bias), "model.forget_bias", m.forget_bias, "must be finite")
     _require(
-        m.cell_clip is None or m.cell_clip > 0,
+        m.cell_clip is None or 0 < m.cell_clip < math.inf,
         "model.cell_clip",
         m.cell_clip,
         "must be > 0 or null",
@@ -224,6 +228,12 @@ def validate(raw: DictConfig | dict) -> Config:
         tr.val_check_interval > 0, "trainer.val_check_interval", tr.val_check_interval, positive
     )
     _require(tr.devices > 0, "trainer.devices", tr.devices, positive)
+    _require(
+        tr.accelerator in ACCELERATORS,
+        "trainer.accelerator",
+        tr.accelerator,
+        f"choose from {', '.join(ACCELERATORS)}",
+    )
     _require(tr.num_nodes > 0, "trainer.num_nodes", tr.num_nodes, positive)
     _require(
         tr.strategy in STRATEGIES,
@@ -239,13 +249,16 @@ def validate(raw: DictConfig | dict) -> Config:
     )
     _require(tr.log_every_n_steps > 0, "trainer.log_every_n_steps", tr.log_every_n_steps, positive)
     _require(tr.checkpoint_every > 0, "trainer.checkpoint_every", tr.checkpoint_every, positive)
-    _require(cfg.resume in (None, "auto"), "resume", cfg.resume, "must be auto or null")
+    _require(
+        cfg.resume in (None, *RESUME), "resume", cfg.resume, f"choose from {', '.join(RESUME)}"
+    )
     _require(
         cfg.resume is None or cfg.ckpt_path is None,
         "resume",
         cfg.resume,
-        "give either resume=auto or ckpt_path=PATH, not both",
+        f"give either resume={cfg.resume} or ckpt_path=PATH, not both",
     )
+    _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be in 0..2**32-1 (numpy's range)")
     _require(tr.sample_length >= 0, "trainer.sample_length", tr.sample_length, "must be >= 0")
     # Last: these import the classes the config names (Lightning, torch.optim).
     optim.check(o)

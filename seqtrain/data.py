@@ -115,18 +115,31 @@ def concat_files(files: list[Path], name: str) -> Corpus:
     return Corpus(BYTES.encode(b"".join(blobs)), np.unique(np.concatenate([[0], nonempty])), name)
 
 
-def read_text_file(path: str | Path) -> Corpus:
+def read_text_file(path: str | Path, max_bytes: int | None = None) -> Corpus:
+    """The file's bytes, at most max_bytes of them (only those are read: a slice of a large
+    file costs the slice). A FIFO or device would block or never end, so it is refused."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data.path={path}: no such file; pass an existing text file")
-    if p.is_dir():
-        raise DataError(f"data.path={path}: is a directory; pass a text file")
     try:
-        raw = p.read_bytes()
+        if not p.exists():
+            raise DataError(f"data.path={path}: no such file; pass an existing text file")
+        if p.is_dir():
+            raise DataError(f"data.path={path}: is a directory; pass a text file")
+        if not p.is_file():
+            raise DataError(
+                f"data.path={path}: is not a regular file (a FIFO, device or socket); pass a "
+                "text file"
+            )
+        with p.open("rb") as f:
+            raw = f.read() if max_bytes is None else f.read(max_bytes)
     except OSError as err:
         raise DataError(
             f"data.path={path}: cannot read ({err.strerror}); check its permissions"
         ) from err
+    except MemoryError:
+        raise DataError(
+            f"data.path={path}: {p.stat().st_size:,} bytes do not fit in memory; set "
+            "data.max_bytes to train on a slice"
+        ) from None
     if not raw:
         raise DataError(f"data.path={path}: the file is empty; pass a file with text in it")
     return Corpus(BYTES.encode(raw), np.zeros(1, dtype=np.int64), p.name)
@@ -176,9 +189,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 def text_source(cfg: DataConfig) -> Corpus:
     """data.path, else the file at data.url (downloaded once), else Python's standard library."""
     if cfg.path is not None:
-        return read_text_file(cfg.path)
+        return read_text_file(cfg.path, cfg.max_bytes)
     if cfg.url is not None:
-        return read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir))
+        return read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir), cfg.max_bytes)
     return concat_files(stdlib_files(), "python-stdlib")
 
 

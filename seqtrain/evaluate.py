@@ -15,7 +15,7 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from seqtrain.checkpoint import config_of, load_model, read, task_of
+from seqtrain.checkpoint import check_device, config_of, load_model, read, task_of
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.data import (
     SPLITS,
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.split not in SPLITS:
             raise ConfigError(f"split={args.split}: choose from {', '.join(SPLITS)}")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ConfigError(f"batch_size={args.batch_size}: must be a positive integer")
+        check_device(args.device)
         print(json.dumps(evaluate(args, overrides)))
     except SeqtrainError as err:
         fail(str(err))

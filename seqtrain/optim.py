@@ -73,12 +73,12 @@ def warmup_cosine(
 
 def check(optim: OptimConfig) -> None:
     """One-line errors for what would otherwise fail when training starts."""
-    if optim.lr <= 0:
-        raise ConfigError(f"optim.lr={optim.lr}: must be > 0")
-    if optim.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={optim.weight_decay}: must be >= 0")
-    if optim.grad_clip is not None and optim.grad_clip <= 0:
-        raise ConfigError(f"optim.grad_clip={optim.grad_clip}: must be > 0 or null")
+    if not 0 < optim.lr < math.inf:
+        raise ConfigError(f"optim.lr={optim.lr}: must be > 0 and finite")
+    if not 0 <= optim.weight_decay < math.inf:
+        raise ConfigError(f"optim.weight_decay={optim.weight_decay}: must be >= 0 and finite")
+    if optim.grad_clip is not None and not 0 < optim.grad_clip < math.inf:
+        raise ConfigError(f"optim.grad_clip={optim.grad_clip}: must be > 0 and finite, or null")
     if optim.max_skipped <= 0:
         raise ConfigError(f"optim.max_skipped={optim.max_skipped}: must be a positive integer")
     for name in ("lr", "weight_decay"):

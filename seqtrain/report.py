@@ -33,12 +33,15 @@ class Job:
     path: Path  # the job's directory
     overrides: dict[str, str]  # key -> value, as typed on the command line
     summary: dict | None  # summary.json, or None when the job has not finished
+    problem: str | None = None  # why the job's files could not be read, or its error.txt
 
     @property
     def status(self) -> str:
+        if self.problem is not None:
+            return self.problem
         if self.summary is None:
             return "no summary"
-        return self.summary.get("stopped_by") or "done"
+        return str(self.summary.get("stopped_by") or "done")
 
     def figure(self, name: str) -> float | None:
         """A numeric summary figure, or None when absent or not finite."""
@@ -79,15 +82,21 @@ class Report:
                     "val_loss": job.figure("val_loss"),
                     "tokens_per_s": job.figure("tokens_per_s"),
                     "peak_bytes": None if peak is None else int(peak),
-                    "steps": s.get("steps"),
-                    "tokens": s.get("tokens"),
+                    "steps": integer(s, "steps"),
+                    "tokens": integer(s, "tokens"),
                     "train_seconds": job.figure("train_seconds"),
-                    "backend": s.get("backend"),
-                    "device": s.get("device"),
+                    "backend": s.get("backend") if isinstance(s.get("backend"), str) else None,
+                    "device": s.get("device") if isinstance(s.get("device"), str) else None,
                     "status": job.status,
                 }
             )
         return rows
+
+
+def integer(summary: dict, key: str) -> int | None:
+    """A count from a summary; None when absent or not an integer (a bad row, not a crash)."""
+    value = summary.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def parse_overrides(lines: list[str]) -> dict[str, str]:
@@ -106,20 +115,45 @@ def find_jobs(root: Path) -> list[Job]:
     and submitit's logs are skipped)."""
     dirs = {p.parent for p in root.rglob("summary.json")}
     dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    dirs |= {p.parent for p in root.rglob("error.txt")}
     jobs = []
     for d in sorted(dirs):
         if ".submitit" in d.parts:
             continue
-        overrides_file = d / ".hydra" / "overrides.yaml"
-        overrides = (
-            parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
-            if overrides_file.is_file()
-            else {}
-        )
-        summary_file = d / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-        jobs.append(Job(d, overrides, summary))
+        jobs.append(read_job(d))
     return jobs
+
+
+def read_job(d: Path) -> Job:
+    """One job's overrides and summary; a file that cannot be read makes the job a bad row
+    (status `bad: ...`), never the end of the report; a job's error.txt makes it `failed: ...`."""
+    overrides, summary, problem = {}, None, None
+    overrides_file, summary_file, error_file = (
+        d / ".hydra" / "overrides.yaml",
+        d / "summary.json",
+        d / "error.txt",
+    )
+    try:
+        if overrides_file.is_file():
+            lines = yaml.safe_load(overrides_file.read_text()) or []
+            if not isinstance(lines, list):
+                raise ValueError("not a list of overrides")
+            overrides = parse_overrides(lines)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        problem = f"bad: .hydra/overrides.yaml ({str(err).splitlines()[0]})"
+    try:
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            if not isinstance(summary, dict):
+                summary, problem = None, "bad: summary.json is not a JSON object"
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problem = f"bad: summary.json ({str(err).splitlines()[0]})"
+    if error_file.is_file() and summary is None:
+        try:
+            problem = "failed: " + error_file.read_text(errors="replace").strip()
+        except OSError:
+            problem = "failed"
+    return Job(d, overrides, summary, problem)
 
 
 def build(roots: list[Path]) -> Report:
@@ -177,7 +211,7 @@ def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
             _fmt(row["val_bpc"], ".4f"),
             _fmt(row["tokens_per_s"], ",.0f"),
             _fmt(None if peak is None else peak / MIB, ",.1f"),
-            _fmt(row["steps"], "d"),
+            _fmt(row["steps"], "d"),  # an int or None (a bad field is None)
             row["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")

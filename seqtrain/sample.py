@@ -6,13 +6,15 @@ error that points to python -m seqtrain.evaluate.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 from omegaconf import MISSING
 
-from seqtrain.checkpoint import config_of, load_model, read, task_of
+from seqtrain.checkpoint import check_device, config_of, load_model, read, task_of
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.errors import ConfigError, SeqtrainError
 
@@ -37,11 +39,16 @@ def sample(args: SampleArgs, overrides: dict) -> str:
             f"ckpt={args.ckpt} is a task.name={cfg.task.name} model: sampling is for language "
             "models (task=lm); python -m seqtrain.evaluate ckpt=... reports its figures"
         )
+    vocab = task.spec.target_size
+    if args.top_k is not None and args.top_k > vocab:
+        raise ConfigError(
+            f"top_k={args.top_k}: the vocabulary has {vocab} symbols; choose 1..{vocab}"
+        )
     model = load_model(ckpt, cfg).to(args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     return task.generate(
         model,
-        args.prompt.encode(),
+        os.fsencode(args.prompt),  # bytes as given, valid UTF-8 or not: bytes are the tokens
         args.length,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -54,8 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         args, overrides = parse_key_values(
             sys.argv[1:] if argv is None else argv, SampleArgs, ("model",)
         )
-        if args.length < 0 or args.temperature <= 0 or (args.top_k is not None and args.top_k < 1):
-            raise ConfigError("length must be >= 0, temperature > 0 and top_k >= 1 (or null)")
+        if args.length < 1:
+            raise ConfigError(f"length={args.length}: must be a positive number of bytes")
+        if not 0 < args.temperature < math.inf:
+            raise ConfigError(f"temperature={args.temperature}: must be > 0 and finite")
+        if args.top_k is not None and args.top_k < 1:
+            raise ConfigError(f"top_k={args.top_k}: must be >= 1, or null for all")
+        check_device(args.device)
         if not args.prompt:
             raise ConfigError("prompt must not be empty; the model needs one byte to start from")
         print(sample(args, overrides))

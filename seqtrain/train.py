@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from seqtrain.data import (
     train_loader,
     with_targets,
 )
-from seqtrain.errors import CheckpointError, ConfigError
+from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory, plan_run
 from seqtrain.module import SequenceModule
 from seqtrain.tasks import build_task
@@ -79,18 +80,35 @@ class Job:
     spec: DataSpec  # what the model and task need to know about the data
     resume_from: Path | None
     start_window: int  # the data cursor to continue from (0 for a fresh run)
+    finished: bool = False  # resumed at trainer.max_steps with summary.json: nothing to do
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Checkpoints or a summary: the folder holds a run that a fresh start would overwrite."""
+    return (run_dir / "summary.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None; a fresh run never overwrites an old one."""
+    """The checkpoint to resume from, or None; no way of starting overwrites another run."""
     if cfg.ckpt_path is not None:
-        return Path(cfg.ckpt_path).expanduser()
+        path = Path(cfg.ckpt_path).expanduser()
+        own = (run_dir / "checkpoints").resolve()
+        if holds_run(run_dir) and path.resolve().parent != own:
+            raise CheckpointError(
+                f"{run_dir} already holds another run; resume from ckpt_path into a new "
+                "hydra.run.dir, or pass resume=auto to continue the run there"
+            )
+        return path
     if cfg.resume == "auto":
         found = newest_complete(run_dir)
         if found is None:
-            log.info("resume=auto: no complete checkpoint in %s; starting fresh", run_dir)
+            log.info("resume=auto: no checkpoint in %s; starting fresh", run_dir)
         return found
-    if list((run_dir / "checkpoints").glob("*.ckpt")):
+    if cfg.resume == "fresh":
+        if holds_run(run_dir):
+            log.warning("resume=fresh: starting %s over from step 0, replacing its run", run_dir)
+        return None
+    if holds_run(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
             "or choose another hydra.run.dir"
@@ -98,8 +116,41 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     return None
 
 
+def check_machine(cfg: Config) -> None:
+    """What this machine cannot run, in one line before anything is written (Lightning would
+    raise it after the corpus loaded, in many lines, or wait forever for absent nodes)."""
+    import torch
+
+    tr = cfg.trainer
+    if tr.accelerator in ("gpu", "cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"trainer.accelerator={tr.accelerator}: this machine has no CUDA GPU; use "
+                "trainer.accelerator=cpu or auto"
+            )
+        if tr.devices > count:
+            raise ConfigError(
+                f"trainer.devices={tr.devices}: this machine has {count} GPU(s); choose 1..{count}"
+            )
+        if tr.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("trainer.precision=bf16-mixed: this GPU has no bfloat16; use 32-true")
+    if tr.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps: this machine has no MPS device; use cpu")
+    if tr.num_nodes > 1 and not ranks_started_elsewhere():
+        raise ConfigError(
+            f"trainer.num_nodes={tr.num_nodes}: no cluster launcher started the other nodes "
+            "(SLURM or torchrun); start the run through one (docs/scaleout.md) or use "
+            "trainer.num_nodes=1"
+        )
+
+
 def prepare(cfg: Config, run_dir: Path) -> Job:
-    """Load and check the data, the task and the resume checkpoint; writes nothing."""
+    """Load and check the machine, the data, the task and the resume checkpoint; writes
+    nothing."""
+    check_machine(cfg)
+    if cfg.data.path is not None:  # checkpoints keep the file itself: evaluate reads it anywhere
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     resume_from = resume_point(cfg, run_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
     corpus = load_corpus(cfg.data)
@@ -114,17 +165,20 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
             f"trainer.sample_length={cfg.trainer.sample_length}: task.name={cfg.task.name} "
             "generates no text; set trainer.sample_length=0"
         )
-    start_window = 0
+    start_window, finished = 0, False
     if resume_from is not None:
         ckpt = read(resume_from)
-        check_resumable(ckpt, cfg, spec, resume_from)
-        start_window = ckpt["seqtrain"]["windows"]
-        ranks = len(ckpt["seqtrain"].get("ranks", [None]))
-        if ranks != world:
+        ranks = len(ckpt.get("seqtrain", {}).get("ranks", [None]))
+        if ranks != world:  # first: a world size also changes data.batch_size per rank
             raise CheckpointError(
                 f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
                 f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
             )
+        check_resumable(ckpt, cfg, spec, resume_from)
+        start_window = ckpt["seqtrain"]["windows"]
+        finished = (
+            ckpt["global_step"] >= cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
+        )
     log.info(
         "corpus %s: %s %s, %s documents; train/val/test %s",
         corpus.name,
@@ -133,7 +187,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         f"{len(corpus.doc_starts):,}",
         "/".join(f"{len(s.values):,}" for s in raw.values()),
     )
-    return Job(cfg, run_dir, splits, spec, resume_from, start_window)
+    return Job(cfg, run_dir, splits, spec, resume_from, start_window, finished)
 
 
 def ranks_started_elsewhere() -> bool:
@@ -183,7 +237,7 @@ def fit_in_own_process(job: Job) -> dict:
     if code >= 128:  # stopped by a signal (its checkpoint is saved): stop the sweep as well
         sys.exit(code)
     if code != 0:
-        raise RuntimeError(f"multirun job {job.run_dir} failed (exit code {code})")
+        raise SeqtrainError(f"the job's own process failed (exit code {code}); see its log")
     return json.loads((job.run_dir / "summary.json").read_text())
 
 
@@ -362,9 +416,19 @@ def write_summary(
     return summary
 
 
-def fit(job: Job) -> dict:
-    """Train one model; return (and write) the run summary."""
+def fit(job: Job, before_training: Callable[[], None] | None = None) -> dict:
+    """Train one model; return (and write) the run summary. `before_training` runs once every
+    check has passed, the memory plan included, right before the first update (the command
+    line writes the `.hydra/` record there, so a run refused by a late check writes nothing)."""
     cfg = job.cfg
+    if job.finished:  # resume=auto of a finished run: its results stay as they are
+        log.info(
+            "%s finished at trainer.max_steps=%d; summary.json is left as it was (raise "
+            "trainer.max_steps to train longer)",
+            job.run_dir,
+            cfg.trainer.max_steps,
+        )
+        return json.loads((job.run_dir / "summary.json").read_text())
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     if world > 1 and in_multirun() and not ranks_started_elsewhere():
         return fit_in_own_process(job)
@@ -381,5 +445,7 @@ def fit(job: Job) -> dict:
         L.seed_everything(cfg.seed + parts.trainer.global_rank, workers=True, verbose=False)
     log_start(job, module, parts.trainer)
     plan_memory(job, module, parts.trainer)
+    if before_training is not None:
+        before_training()
     wall = run(job, module, parts.trainer, train, val)
     return write_summary(job, module, parts, val, wall)

@@ -1,18 +1,24 @@
 """Every bad input exits non-zero before any work, with one line, and overwrites nothing.
 
-The cases here are the table in docs/errors.md; a test checks the two stay in step.
+The cases here are the table in docs/errors.md; a test checks the two stay in step. To add a
+case, add one Case row: its name, the arguments, the tell-tale part of the message and, when the
+run folder must hold something first, a setup; then its row in docs/errors.md.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from seqtrain import cli, train
+from seqtrain import cli, evaluate, sample, train
 from seqtrain.config import validate
 
 from .conftest import ROOT
@@ -47,7 +53,53 @@ def _vocab_100(ckpt: dict) -> None:
     ckpt["hyper_parameters"]["spec"]["input_size"] = 100
 
 
-# (id, arguments given the tmp dir and a trained checkpoint, the message's tell-tale part)
+def _nan_weights(ckpt: dict) -> None:
+    ckpt["state_dict"]["model.head.weight"].fill_(float("nan"))
+
+
+def _fifo(tmp: Path) -> str:
+    path = tmp / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+class Case(NamedTuple):
+    name: str
+    args: Callable[[Path, Path], list[str]]  # given the tmp dir and a trained checkpoint
+    message: str  # the tell-tale part of the one line
+    setup: Callable[[Path, Path], None] | None = None  # fills the run folder (run_dir, trained)
+    tool: str = "seqtrain"  # seqtrain | sample | evaluate
+    needs_no_cuda: bool = False  # the case is an error only on a machine without CUDA
+
+
+def _holds_run(run_dir: Path, trained: Path) -> None:
+    """The run folder holds the finished trained run's checkpoints and summary."""
+    shutil.copytree(trained.parent, run_dir / "checkpoints")
+    shutil.copy(trained.parent.parent / "summary.json", run_dir / "summary.json")
+
+
+def _cut_last(run_dir: Path, trained: Path) -> None:
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(trained.read_bytes()[:5000])
+
+
+def _only_best(run_dir: Path, trained: Path) -> None:
+    (run_dir / "checkpoints").mkdir()
+    shutil.copy(trained.parent / "best.ckpt", run_dir / "checkpoints" / "best.ckpt")
+
+
+def _locked(run_dir: Path, trained: Path) -> None:  # pid 1 is alive: another run owns it
+    (run_dir / ".seqtrain.lock").write_text(f"1 {socket.gethostname()}\n")
+
+
+def _locked_elsewhere(run_dir: Path, trained: Path) -> None:
+    (run_dir / ".seqtrain.lock").write_text("4242 node-17.cluster\n")
+
+
+def _resume(*args: str) -> Callable[[Path, Path], list[str]]:
+    return lambda t, c: ["resume=auto", *args]
+
+
 CASES = [
     (
         "missing corpus",
@@ -158,37 +210,353 @@ CASES = [
         "give either resume=auto or",
     ),
 ]
+CASES = [Case(*row) for row in CASES] + [
+    # A run owns its folder; no way of starting overwrites another run.
+    Case("run folder in use", lambda t, c: [], "in use by the run of pid 1", _locked),
+    Case(
+        "run folder locked by another host",
+        lambda t, c: [],
+        "in use by the run of pid 4242 on node-17.cluster",
+        _locked_elsewhere,
+    ),
+    Case(
+        "fresh run over a finished run",
+        lambda t, c: [],
+        "already holds checkpoints; pass resume=auto",
+        _holds_run,
+    ),
+    Case(
+        "ckpt_path into another run's folder",
+        lambda t, c: [f"ckpt_path={c}"],
+        "already holds another run; resume from ckpt_path into a new hydra.run.dir",
+        _holds_run,
+    ),
+    Case(
+        "resume over an unreadable last.ckpt",
+        _resume(),
+        "resume=auto: ckpt=",
+        _cut_last,
+    ),
+    Case(
+        "resume with only best.ckpt",
+        _resume(),
+        "holds no last.ckpt (only best.ckpt); name one with ckpt_path=",
+        _only_best,
+    ),
+    Case(
+        "run folder is a file",
+        lambda t, c: [f"hydra.run.dir={_file(t, 'afile', b'x')}"],
+        "is a file; choose a folder",
+    ),
+    Case(
+        "run folder under a file",
+        lambda t, c: [f"hydra.run.dir={_file(t, 'afile', b'x')}/run"],
+        "is a file; choose a folder",
+    ),
+    # Resume refuses what would make it wrong (docs/reliability.md has the table of settings).
+    Case(
+        "resume with another batch size",
+        _resume("data.batch_size=2"),
+        "data.batch_size=4 (now 2)",
+        _holds_run,
+    ),
+    Case(
+        "resume with another window",
+        _resume("tbptt.window=8"),
+        "tbptt.window=16 (now 8)",
+        _holds_run,
+    ),
+    Case(
+        "resume with another stride",
+        _resume("tbptt.stride=8"),
+        "tbptt.stride=None (now 8)",
+        _holds_run,
+    ),
+    Case(
+        "resume with another corpus slice",
+        _resume("data.max_bytes=50000"),
+        "data.max_bytes=60000 (now 50000)",
+        _holds_run,
+    ),
+    Case(
+        "resume with another learning rate",
+        _resume("optim.lr=0.01"),
+        "optim.lr=0.002 (now 0.01)",
+        _holds_run,
+    ),
+    Case("resume with another seed", _resume("seed=1"), "seed=1234 (now 1)", _holds_run),
+    Case(
+        "resume from a checkpoint without optimizer state",
+        lambda t, c: [f"ckpt_path={_checkpoint(t, c, lambda k: k.pop('optimizer_states'))}"],
+        "lacks optimizer_states",
+    ),
+    Case(
+        "checkpoint without weights",
+        lambda t, c: [f"ckpt_path={_checkpoint(t, c, lambda k: k.pop('state_dict'))}"],
+        "holds no weights (state_dict missing)",
+    ),
+    Case("unknown resume mode", lambda t, c: ["resume=yes"], "resume=yes: choose from auto, fresh"),
+    Case(
+        "resume fresh and a checkpoint",
+        lambda t, c: [f"ckpt_path={c}", "resume=fresh"],
+        "give either resume=fresh or ckpt_path=PATH",
+    ),
+    # What the machine cannot run.
+    Case(
+        "accelerator the machine lacks",
+        lambda t, c: ["trainer.accelerator=gpu"],
+        "trainer.accelerator=gpu: this machine has no CUDA GPU",
+        needs_no_cuda=True,
+    ),
+    Case(
+        "unknown accelerator",
+        lambda t, c: ["trainer.accelerator=tpu"],
+        "trainer.accelerator=tpu: choose from auto, cpu, gpu",
+    ),
+    Case(
+        "nodes without a cluster",
+        lambda t, c: ["trainer.num_nodes=2"],
+        "trainer.num_nodes=2: no cluster launcher started the other nodes",
+    ),
+    Case(
+        "budget below the minimum",
+        lambda t, c: ["memory.budget=1KB"],
+        "memory.budget=1KB: no checkpointing needs a peak of",
+    ),
+    # Values that pass a type check but cannot train.
+    Case("seed out of range", lambda t, c: ["seed=-1"], "seed=-1: must be in 0..2**32-1"),
+    Case(
+        "seed too large", lambda t, c: ["seed=4294967296"], "seed=4294967296: must be in 0..2**32-1"
+    ),
+    Case(
+        "infinite learning rate",
+        lambda t, c: ["optim.lr=inf"],
+        "optim.lr=inf: must be > 0 and finite",
+    ),
+    Case(
+        "NaN learning rate", lambda t, c: ["optim.lr=nan"], "optim.lr=nan: must be > 0 and finite"
+    ),
+    Case(
+        "max_skipped zero",
+        lambda t, c: ["optim.max_skipped=0"],
+        "optim.max_skipped=0: must be a positive",
+    ),
+    Case(
+        "negative weight decay",
+        lambda t, c: ["optim.weight_decay=-1"],
+        "optim.weight_decay=-1.0: must be >= 0",
+    ),
+    Case(
+        "infinite grad clip",
+        lambda t, c: ["optim.grad_clip=inf"],
+        "optim.grad_clip=inf: must be > 0 and finite",
+    ),
+    Case(
+        "NaN forget bias",
+        lambda t, c: ["model.forget_bias=nan"],
+        "model.forget_bias=nan: must be finite",
+    ),
+    Case(
+        "split with inf",
+        lambda t, c: ["data.split=[inf,0.05,0.05]"],
+        "must be three positive fractions",
+    ),
+    Case(
+        "devices zero", lambda t, c: ["trainer.devices=0"], "trainer.devices=0: must be a positive"
+    ),
+    Case(
+        "unknown precision",
+        lambda t, c: ["trainer.precision=16"],
+        "trainer.precision=16: choose from 32-true",
+    ),
+    Case(
+        "spawn strategy",
+        lambda t, c: ["trainer.strategy=ddp_spawn"],
+        "trainer.strategy=ddp_spawn: choose from auto, ddp",
+    ),
+    Case(
+        "max_steps zero",
+        lambda t, c: ["trainer.max_steps=0"],
+        "trainer.max_steps=0: must be a positive",
+    ),
+    Case(
+        "checkpoint interval zero",
+        lambda t, c: ["trainer.checkpoint_every=0"],
+        "trainer.checkpoint_every=0: must be a positive",
+    ),
+    Case(
+        "negative sample length",
+        lambda t, c: ["trainer.sample_length=-1"],
+        "trainer.sample_length=-1: must be >= 0",
+    ),
+    Case("unknown data source", lambda t, c: ["data.source=wiki"], "data.source=wiki"),
+    Case(
+        "unknown checkpoint mode",
+        lambda t, c: ["memory.checkpoint=all"],
+        "memory.checkpoint=all: choose from none, chunk, auto",
+    ),
+    Case(
+        "unreadable memory budget",
+        lambda t, c: ["memory.budget=lots"],
+        "memory.budget=lots: not a size",
+    ),
+    Case(
+        "override syntax error",
+        lambda t, c: ["model.hidden_size=[1"],
+        "override syntax: no viable alternative",
+    ),
+    Case(
+        "FIFO as corpus",
+        lambda t, c: [f"data.path={_fifo(t)}"],
+        "is not a regular file (a FIFO, device or socket)",
+    ),
+    # python -m seqtrain.sample and .evaluate keep the same promise for their arguments.
+    Case(
+        "sample length zero",
+        lambda t, c: [f"ckpt={c}", "length=0"],
+        "length=0: must be a positive",
+        tool="sample",
+    ),
+    Case(
+        "sample top_k above the vocabulary",
+        lambda t, c: [f"ckpt={c}", "top_k=1000"],
+        "top_k=1000: the vocabulary has 256 symbols",
+        tool="sample",
+    ),
+    Case(
+        "sample temperature NaN",
+        lambda t, c: [f"ckpt={c}", "temperature=nan"],
+        "temperature=nan: must be > 0 and finite",
+        tool="sample",
+    ),
+    Case(
+        "sample on CUDA without CUDA",
+        lambda t, c: [f"ckpt={c}", "device=cuda"],
+        "device=cuda: this machine has no CUDA GPU",
+        tool="sample",
+        needs_no_cuda=True,
+    ),
+    Case(
+        "sample an unknown device",
+        lambda t, c: [f"ckpt={c}", "device=abacus"],
+        "device=abacus: choose from cpu, cuda",
+        tool="sample",
+    ),
+    Case(
+        "sample non-finite weights",
+        lambda t, c: [f"ckpt={_checkpoint(t, c, _nan_weights)}"],
+        "hold NaN or infinite values",
+        tool="sample",
+    ),
+    Case(
+        "sample a missing checkpoint",
+        lambda t, c: ["ckpt=/no/such.ckpt"],
+        "ckpt=/no/such.ckpt: no such file",
+        tool="sample",
+    ),
+    Case(
+        "sample without a checkpoint",
+        lambda t, c: ["length=5"],
+        "ckpt is required: ckpt=...",
+        tool="sample",
+    ),
+    Case(
+        "sample an unknown key",
+        lambda t, c: [f"ckpt={c}", "lenght=5"],
+        "lenght is not a key; this command takes",
+        tool="sample",
+    ),
+    Case(
+        "evaluate an unknown split",
+        lambda t, c: [f"ckpt={c}", "split=dev"],
+        "split=dev: choose from train, val, test",
+        tool="evaluate",
+    ),
+    Case(
+        "evaluate batch size zero",
+        lambda t, c: [f"ckpt={c}", "batch_size=0"],
+        "batch_size=0: must be a positive",
+        tool="evaluate",
+    ),
+    Case(
+        "evaluate on CUDA without CUDA",
+        lambda t, c: [f"ckpt={c}", "device=cuda"],
+        "device=cuda: this machine has no CUDA GPU",
+        tool="evaluate",
+        needs_no_cuda=True,
+    ),
+    Case(
+        "evaluate non-finite weights",
+        lambda t, c: [f"ckpt={_checkpoint(t, c, _nan_weights)}"],
+        "hold NaN or infinite values",
+        tool="evaluate",
+    ),
+    Case(
+        "evaluate a moved corpus",
+        lambda t, c: [f"ckpt={c}", "data.path=/no/such.txt"],
+        "data.path=/no/such.txt: no such file",
+        tool="evaluate",
+    ),
+]
 
 
-@pytest.mark.parametrize(("name", "args", "message"), CASES, ids=[c[0] for c in CASES])
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under root and its bytes (Hydra's job log aside: it appends its own lines)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix != ".log"
+    }
+
+
+TOOLS = {"seqtrain": cli.main, "sample": sample.main, "evaluate": evaluate.main}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_and_touches_nothing(
-    name, args, message, trained, tmp_path, monkeypatch, capsys
+    case: Case, trained, tmp_path, monkeypatch, capsys
 ) -> None:
+    if case.needs_no_cuda and torch.cuda.is_available():
+        pytest.skip("an error only on a machine without CUDA")
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text("an: earlier run\n")
-    if name == "unreadable corpus":  # root reads any file, so fake the permission error
-        real = Path.read_bytes
+    if case.setup is not None:
+        case.setup(run_dir, trained)
+    before = files(run_dir)
+    args = case.args(tmp_path, trained)
+    if case.name == "unreadable corpus":  # root reads any file, so fake the permission error
+        real = Path.open
         monkeypatch.setattr(
             Path,
-            "read_bytes",
-            lambda p: (
+            "open",
+            lambda p, *a, **k: (
                 (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                 if p.name == "locked.txt"
-                else real(p)
+                else real(p, *a, **k)
             ),
         )
-    argv = ["seqtrain", *TINY, *args(tmp_path, trained), f"hydra.run.dir={run_dir}"]
-    monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
+    if case.tool == "seqtrain":
+        if not any(a.startswith("hydra.run.dir=") for a in args):
+            args.append(f"hydra.run.dir={run_dir}")
+        monkeypatch.setattr(sys, "argv", ["seqtrain", *TINY, *args])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            TOOLS[case.tool](args)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("seqtrain: error: ") and "\n" not in err, err
-    assert message in err
-    assert (run_dir / ".hydra" / "config.yaml").read_text() == "an: earlier run\n"
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "tensorboard").exists()
+    assert case.message in err, err
+    assert files(run_dir) == before  # nothing written, nothing overwritten
+    assert not (run_dir / ".seqtrain.lock").exists() or case.setup in (_locked, _locked_elsewhere)
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_at_least_sixty_cases() -> None:
+    assert len(CASES) >= 60, len(CASES)
 
 
 def test_a_run_directory_with_checkpoints_is_not_overwritten(
@@ -206,9 +574,9 @@ def test_a_run_directory_with_checkpoints_is_not_overwritten(
 
 def test_docs_table_lists_every_case() -> None:
     table = (ROOT / "docs" / "errors.md").read_text()
-    for name, _, message in CASES:
-        assert f"| {name} |" in table, name
-        assert message in table, message
+    for case in CASES:
+        assert f"| {case.name} |" in table, case.name
+        assert case.message in table, case.message
 
 
 def test_full_traceback_only_when_asked(tmp_path, monkeypatch) -> None:

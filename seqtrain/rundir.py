@@ -1,0 +1,108 @@
+"""A run owns its folder: a lock file names the owner; a refused run leaves no empty folder.
+
+Two runs writing one folder overwrite each other's checkpoints, summary.json and `.hydra/`, and
+mix two models under the same TensorBoard tags, so the second is refused in one line. The lock
+holds the owner's pid and host: a lock of a dead process on this host is stale (the run was
+killed) and is taken over, with a warning; one from another host cannot be checked, so it is
+refused with the path to delete once that run is known to be gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from pathlib import Path
+
+from seqtrain.errors import ConfigError
+
+log = logging.getLogger("seqtrain")
+LOCK = ".seqtrain.lock"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def owner(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) from a lock file; None when it is unreadable or half written."""
+    try:
+        pid, host = lock.read_text().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def acquire(run_dir: Path) -> Path | None:
+    """Take run_dir's lock; the lock path, or None when this process's parent holds it (a
+    multirun job run in its own process, train.fit_in_own_process). Raises ConfigError when
+    another live run owns the folder or the folder cannot be written."""
+    lock = run_dir / LOCK
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if run_dir.is_file() or not run_dir.is_dir():
+                raise ConfigError(
+                    f"hydra.run.dir={run_dir}: is a file; choose a folder for the run"
+                ) from None
+            held = owner(lock)
+            if held is None:
+                raise ConfigError(
+                    f"hydra.run.dir={run_dir}: its lock {lock} is unreadable; if no run uses "
+                    "the folder, delete the lock"
+                ) from None
+            pid, host = held
+            if host == socket.gethostname() and pid == os.getppid():
+                return None  # our parent process runs this job and holds the folder
+            if host != socket.gethostname() or alive(pid):
+                raise ConfigError(
+                    f"hydra.run.dir={run_dir}: in use by the run of pid {pid} on {host} "
+                    f"(lock {lock}); wait for it, or choose another hydra.run.dir"
+                ) from None
+            log.warning("%s: stale lock of pid %d (no such process); taking it over", lock, pid)
+            lock.unlink(missing_ok=True)
+            continue
+        except OSError as err:
+            reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+            raise ConfigError(f"hydra.run.dir={run_dir}: cannot write ({reason})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise ConfigError(f"hydra.run.dir={run_dir}: its lock {lock} keeps coming back; try again")
+
+
+def release(lock: Path | None) -> None:
+    if lock is not None and owner(lock) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Temporary files of a checkpoint write that a kill interrupted (AtomicCheckpointIO)."""
+    orphans = sorted((run_dir / "checkpoints").glob(".*.ckpt.*.tmp"))
+    for path in orphans:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by a run killed while saving a checkpoint", path)
+    return orphans
+
+
+def discard_if_empty(run_dir: Path) -> None:
+    """Remove a refused run's folder when nothing but empty log files is in it (Hydra creates
+    the folder and its job log before seqtrain can check anything)."""
+    try:
+        entries = list(run_dir.iterdir())
+        if all(p.is_file() and p.suffix == ".log" and p.stat().st_size == 0 for p in entries):
+            for p in entries:
+                p.unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass  # not ours to clean, or already gone
