@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+log = logging.getLogger("seqtrain")
 
 
 class Throughput(L.Callback):
@@ -60,12 +64,40 @@ class TextSamples(L.Callback):
                 logger.experiment.add_text("samples", f"```\n{text}\n```", trainer.global_step)
 
 
+class FinalValidation(L.Callback):
+    """Validate after the last update, so every finished run has its figures and a best.ckpt.
+
+    Lightning validates when a callback sets `should_stop` (once, also when the step is a
+    validation step anyway); without this a run shorter than trainer.val_check_interval would
+    never be validated inside fit, and best.ckpt never written.
+    """
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """checkpoints/best.ckpt: the weights with the best validation figure so far.
+
+    A validation pass abandoned by a stop signal has no figure; it is not compared.
+    """
+
+    def on_validation_end(self, trainer, module) -> None:
+        if module.last_val_step == trainer.global_step:
+            super().on_validation_end(trainer, module)
+
+
 class Preemption(L.Callback):
     """SIGTERM, SIGINT and SIGUSR1 finish the current update, save a checkpoint and stop.
 
     The handler only records the signal; the checkpoint is written between updates, where the
     model, optimizer, data cursor and carried state agree with each other. All ranks stop at the
-    same update: any rank's signal stops every rank.
+    same update: any rank's signal stops every rank. A stop request skips validation, and one
+    that lands during a validation pass abandons it (the module's `stop_requested`), so the run
+    ends within about one update and one save: preemption leaves ~30 s, a user a few.
+    A second signal says the save is under way; a third exits at once: checkpoints are written
+    atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -73,27 +105,62 @@ class Preemption(L.Callback):
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
         self.received: int | None = None
+        self.count = 0  # signals received so far
+        self.saving = False
+        self.saved = False
+        self.module: L.LightningModule | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signum
+        self.count += 1
+        self.received = self.received or signum
+        name = signal.Signals(signum).name
+        if self.count >= 3:
+            log.warning("%s again: aborting now; the previous complete checkpoint is kept", name)
+            os._exit(128 + signum)
+        if self.count == 2:
+            doing = f"saving {self.checkpoint}" if self.saving else "finishing the update"
+            log.warning("%s: still %s; send it once more to abort at once", name, doing)
+            return
+        log.warning("%s: stopping after the current update (saving %s)", name, self.checkpoint)
+        if self.module is not None:
+            self.module.stop_requested = True
+
+    def setup(self, trainer, module, stage: str) -> None:
+        self.module = module
+        if self.received is not None:  # a signal before the Trainer started
+            module.stop_requested = True
 
     def on_train_start(self, trainer, module) -> None:
         # Lightning wraps SIGTERM when fit starts (under DDP its handler kills the other ranks
         # from inside the signal handler); take it back so every signal waits for the update.
         signal.signal(signal.SIGTERM, self._handle)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def _stop_if_signalled(self, trainer, module) -> None:
+        """Every rank calls this at the same points: the signal is agreed on by all of them."""
         # The largest signal number any rank received: every rank stops, and names the signal.
         mine = torch.tensor(self.received or 0, device=module.device)
         signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
-        if not signum:
+        if not signum or self.saved:
             return
         self.received = signum
+        module.stop_requested = True  # the validation Lightning runs on should_stop is skipped
+        self.saving = True
         trainer.save_checkpoint(self.checkpoint, weights_only=False)
+        self.saving, self.saved = False, True
         trainer.should_stop = True
 
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._stop_if_signalled(trainer, module)
+
+    def on_validation_end(self, trainer, module) -> None:
+        # A signal during validation: the pass was abandoned, the weights are those of the last
+        # update, and the fit loop saves after validation anyway (checkpoint callbacks run last).
+        if not trainer.sanity_checking:
+            self._stop_if_signalled(trainer, module)
+
     def teardown(self, trainer, module, stage: str) -> None:
+        self.module = None
         for sig, handler in self.previous.items():  # the caller's handlers again
             signal.signal(sig, handler)
 

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -66,11 +67,24 @@ def parse_key_values(argv: list[str], schema: type, passthrough: tuple[str, ...]
     )
 
 
+def say(message: str, level: int = logging.INFO, file: TextIO | None = None) -> None:
+    """Print a line as it is (no log prefix) and record it in the run's log, cli.log.
+
+    The console's last lines (the result, a stop and its resume command, an error) are what a
+    user looks for later in the log; the file handlers are Hydra's, absent outside a run.
+    """
+    print(message, file=file or sys.stdout)
+    record = log.makeRecord(log.name, level, __file__, 0, message.strip(), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def fail(message: str) -> None:
     """One line and a non-zero exit; the traceback only when HYDRA_FULL_ERROR=1 asks for it."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise
-    print(f"seqtrain: error: {message}", file=sys.stderr)
+    say(f"seqtrain: error: {message}", logging.ERROR, sys.stderr)
     sys.exit(2)
 
 
@@ -116,14 +130,14 @@ def hydra_main(raw: DictConfig) -> float:
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:
-            print(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
-            print(f"resume with: {resume_command(run_dir)}")
+            say(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
+            say(f"resume with: {resume_command(run_dir)}")
         sys.exit(128 + int(getattr(signal, stopped)))  # as if the signal had killed it
     objective = summary[summary["monitor"].replace("/", "_")]  # the task's primary figure
     if rank_zero:
-        print(f"\nrun directory: {run_dir}")
-        print(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
-        print(f"tensorboard --logdir {run_dir}")
+        say(f"\nrun directory: {run_dir}")
+        say(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
+        say(f"tensorboard --logdir {run_dir}")
     return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression
 
 

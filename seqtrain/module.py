@@ -79,6 +79,9 @@ class SequenceModule(L.LightningModule):
         self.val_sums = (0.0, 0)  # (summed loss, target elements) over the running val pass
         self.last_val_step = -1
         self.last_val: dict[str, float] = {}
+        # Set by callbacks.Preemption on a stop signal: validation steps do nothing from then on,
+        # and a pass cut short this way reports no figures (best.ckpt ignores it).
+        self.stop_requested = False
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec) -> SequenceModule:
@@ -183,15 +186,19 @@ class SequenceModule(L.LightningModule):
         self.val_sums = (0.0, 0)
 
     def validation_step(self, batch: Window, batch_idx: int) -> None:
+        if self.stop_requested:  # the run is stopping: the rest of the pass is skipped
+            return
         total, count = self.engine.eval_window(batch)
         self.val_sums = (self.val_sums[0] + total, self.val_sums[1] + count)
 
     def on_validation_epoch_end(self) -> None:
         # Each rank read its own block of the val streams: the split's figure is all ranks' summed
-        # loss over all ranks' targets (reduce is the identity on one device).
-        sums = torch.tensor(self.val_sums, dtype=torch.float64, device=self.device)
-        total, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-        if count == 0:
+        # loss over all ranks' targets (reduce is the identity on one device). A pass any rank
+        # abandoned (a stop signal) has no figure.
+        stopped = float(self.stop_requested)
+        sums = torch.tensor((*self.val_sums, stopped), dtype=torch.float64, device=self.device)
+        total, count, stopped = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        if count == 0 or stopped:
             return
         loss = total / count
         figures = self.task.metrics(loss)

@@ -23,7 +23,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from seqtrain import cells, trainer_extras
-from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Throughput
+from seqtrain.callbacks import (
+    BestCheckpoint,
+    FinalValidation,
+    Preemption,
+    StepProgressBar,
+    TextSamples,
+    Throughput,
+)
 from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
 from seqtrain.config import Config, to_dict
 from seqtrain.data import (
@@ -193,7 +200,7 @@ class Parts:
 
     trainer: L.Trainer
     throughput: Throughput
-    best: ModelCheckpoint
+    best: BestCheckpoint
     preemption: Preemption
 
 
@@ -207,7 +214,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
     """Lightning's Trainer with seqtrain's checkpoints, logger and callbacks."""
     cfg, run_dir = job.cfg, job.run_dir
     throughput = Throughput()
-    best = ModelCheckpoint(
+    best = BestCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=f"val/{module.task.monitor}",  # the task's primary figure (val/bpc for lm)
@@ -240,6 +247,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
         logger=loggers,
         callbacks=[
             throughput,
+            FinalValidation(),
             best,
             last,
             TextSamples(prompt, cfg.trainer.sample_length),
@@ -338,7 +346,7 @@ def write_summary(
             "stopped_by": preemption.signal_name,
             "checkpoint": preemption.checkpoint,
         }
-    if module.last_val_step != trainer.global_step:  # the last update was not validated yet
+    if module.last_val_step != trainer.global_step:  # resumed from the final save: no update ran
         trainer.validate(module, eval_loader(val), verbose=False, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     monitor = f"val/{module.task.monitor}"
