@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -58,10 +60,18 @@ class TextSamples(L.Callback):
         if self.length == 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         text = module.sample(self.prompt, self.length, seed=trainer.global_step)
+        prompt = self.prompt.decode("utf-8", errors="replace")
+        generated = text[len(prompt) :] if text.startswith(prompt) else text
+        # Markdown collapses whitespace; code blocks show the text as generated, the prompt
+        # (the start of the val split) apart from what the model wrote after it.
+        shown = (
+            f"**prompt** ({len(self.prompt)} bytes of val text):\n```\n{prompt}\n```\n"
+            f"**generated** (step {trainer.global_step}, {self.length} bytes):\n"
+            f"```\n{generated}\n```"
+        )
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
-                # Markdown collapses whitespace; a code block shows the text as generated.
-                logger.experiment.add_text("samples", f"```\n{text}\n```", trainer.global_step)
+                logger.experiment.add_text("samples", shown, trainer.global_step)
 
 
 class FinalValidation(L.Callback):
@@ -170,13 +180,85 @@ class Preemption(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Training is one endless pass over the streams, so the bar counts updates to max_steps."""
+    """Training is one endless pass over the streams, so the bar counts updates to max_steps.
+
+    The bar goes to stderr, the stream train.build_trainer asks whether it is a terminal; the
+    log lines go to stdout, so `> log.txt` keeps the bar on the screen and control codes out of
+    the file.
+    """
 
     @property
     def total_train_batches(self) -> int:
         return self.trainer.max_steps
 
+    def init_train_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's bars write to sys.stdout
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+    def on_train_start(self, trainer, module) -> None:
+        # A resumed run starts inside its epoch, where Lightning skips on_train_epoch_start:
+        # the bar's total and starting point are set here as well.
+        super().on_train_start(trainer, module)
+        self._count_from(trainer)
+
     def on_train_epoch_start(self, trainer, module) -> None:
         super().on_train_epoch_start(trainer, module)
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.set_description("train")
+        self._count_from(trainer)
+
+    def _count_from(self, trainer) -> None:
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps
+        bar.initial = bar.n = trainer.global_step  # initial: tqdm's rate counts from here
+        bar.set_description("train")
+
+
+class ProgressLines(L.Callback):
+    """With no terminal (nohup, SLURM, a pipe): a plain log line every `every` updates or
+    `seconds`, whichever comes first, with the step, loss, speed and time left."""
+
+    def __init__(self, every: int, seconds: float) -> None:
+        self.every, self.seconds = every, seconds
+        self._start: tuple[float, int, int] | None = None  # (time, step, tokens) at the start
+        self._last: tuple[float, int] = (0.0, 0)  # (time, step) of the last line
+
+    def on_train_start(self, trainer, module) -> None:
+        now = time.perf_counter()
+        self._start = (now, trainer.global_step, module.tokens_seen)
+        self._last = (now, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now, step = time.perf_counter(), trainer.global_step
+        last_time, last_step = self._last
+        due = step - last_step >= self.every or now - last_time >= self.seconds
+        if not trainer.is_global_zero or not (due or step >= trainer.max_steps):
+            return
+        self._last = (now, step)
+        start_time, start_step, start_tokens = self._start
+        elapsed = now - start_time  # validation included: the time left is wall-clock time
+        speed = (module.tokens_seen - start_tokens) / elapsed if elapsed else 0.0
+        left = elapsed / (step - start_step) * (trainer.max_steps - step)
+        figures = module.task.metrics(module.train_loss)
+        log.info(
+            "step %d/%d (%d%%)  loss %.4f  %s  %s tokens/s  ETA %s",
+            step,
+            trainer.max_steps,
+            100 * step // trainer.max_steps,
+            module.train_loss,
+            "  ".join(f"{name} {value:.4f}" for name, value in figures.items()),
+            f"{speed:,.0f}",
+            duration(left),
+        )
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: what a progress line needs, no more."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

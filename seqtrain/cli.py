@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seqtrain.config import unknown_key, validate
@@ -39,10 +40,33 @@ def conf_dir() -> Path:
 CONF_DIR = conf_dir()
 
 
+def key_help(schema: type, passthrough: tuple[str, ...]) -> str:
+    """--help of a checkpoint tool: its module docstring, then each key with its default and the
+    comment it has in the dataclass (the source is the one place they are written)."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(schema), re.M))
+    lines = [inspect.getmodule(schema).__doc__.strip(), "", "Arguments are KEY=VALUE:"]
+    for f in dataclasses.fields(schema):
+        default = f.default
+        if default is MISSING:
+            default = "... (required)"
+        elif default is None:
+            default = "null"
+        elif isinstance(default, str):
+            default = repr(default)
+        lines.append(f"  {f.name}={default}".ljust(24) + f"  {comments.get(f.name, '')}")
+    for prefix in passthrough:
+        lines.append(f"  {prefix}.KEY=VALUE".ljust(24) + "  overrides the checkpoint's config")
+    return "\n".join(lines)
+
+
 def parse_key_values(argv: list[str], schema: type, passthrough: tuple[str, ...] = ()) -> tuple:
     """key=value arguments for the checkpoint tools (sample, evaluate), checked against a
-    dataclass. Keys under a `passthrough` prefix (e.g. `model.`) are returned as config overrides.
-    Values stay verbatim, so prompt="def " keeps its space."""
+    dataclass, as training takes Hydra's. Keys under a `passthrough` prefix (e.g. `model.`) are
+    returned as config overrides. Values stay verbatim, so prompt="def " keeps its space.
+    --help (-h) prints the keys and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(key_help(schema, passthrough))
+        sys.exit(0)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     known, overrides = {}, {}
     for arg in argv:

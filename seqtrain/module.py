@@ -261,6 +261,6 @@ class SequenceModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        text = self.task.generate(self.model, prompt, length, temperature=0.8, generator=generator)
+        text = self.task.generate(self.model, prompt, length, generator=generator)
         self.model.train(was_training)
         return text

@@ -27,6 +27,7 @@ from seqtrain.callbacks import (
     BestCheckpoint,
     FinalValidation,
     Preemption,
+    ProgressLines,
     StepProgressBar,
     TextSamples,
     Throughput,
@@ -231,7 +232,8 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
     )
     loggers = trainer_extras.build_loggers(cfg.logger, run_dir)  # logger=... (tensorboard)
     progress = cfg.trainer.progress_bar
-    show_progress = sys.stderr.isatty() if progress is None else progress
+    show_progress = sys.stderr.isatty() if progress is None else progress  # the bar's stream
+    lines = (cfg.trainer.progress_every, cfg.trainer.progress_seconds)
     prompt = job.splits["val"].values[:48].tobytes()  # read only by tasks that generate text
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -252,7 +254,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
             last,
             TextSamples(prompt, cfg.trainer.sample_length),
             preemption,
-            *([StepProgressBar()] if show_progress else []),
+            StepProgressBar() if show_progress else ProgressLines(*lines),
             *trainer_extras.build_callbacks(cfg.callbacks),  # +callbacks.NAME._target_=...
         ],
         # Under SLURM, Lightning's auto-requeue is off: submitit requeues and seqtrain's
