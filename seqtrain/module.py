@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import math
 import random
+import resource
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +31,14 @@ from seqtrain.tasks import build_model, build_task
 from seqtrain.tbptt import Engine
 
 log = logging.getLogger("seqtrain")
+MIB = 1 << 20  # TensorBoard's memory figures are in MiB: a reader can tell 143.9 from 150873702
+
+
+def host_rss_bytes() -> int:
+    """The process's resident-set high-water mark (memory.host_cache trades it for speed)."""
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def rng_state() -> dict:
@@ -147,15 +157,21 @@ class SequenceModule(L.LightningModule):
                 logger.log_metrics(metrics, step=self.windows_seen - 1)
 
     def memory_metrics(self, peak: int | None) -> dict[str, float]:
-        """memory/saved_bytes of every update; memory/peak_bytes of every update on CUDA, and on
-        CPU the profiled probe's (the profiler is too slow to run on every update)."""
+        """This update's memory in MiB: saved for backward, the process's resident high-water
+        mark, and on CUDA the update's peak. On CPU the peak is the probe's single measurement
+        (the profiler is too slow for every update): it is logged once, with the run's figures.
+        """
         self.saved_bytes = max(self.saved_bytes, self.engine.saved_bytes)
-        metrics = {"memory/saved_bytes": float(self.engine.saved_bytes)}
-        if peak is None and self.memory_plan is not None:
+        metrics = {
+            "memory/saved_MiB": self.engine.saved_bytes / MIB,
+            "memory/host_rss_MiB": host_rss_bytes() / MIB,
+        }
+        if peak is not None:
+            metrics["memory/peak_MiB"] = peak / MIB
+        elif self.memory_plan is not None:
             peak = self.memory_plan["peak_bytes"]
         if peak is not None:
             self.peak_bytes = max(self.peak_bytes or 0, peak)
-            metrics["memory/peak_bytes"] = float(peak)
         return metrics
 
     def skip_update(self, loss: float, grad_norm: float) -> None:
@@ -204,7 +220,11 @@ class SequenceModule(L.LightningModule):
         figures = self.task.metrics(loss)
         self.last_val = {"val/loss": loss, **{f"val/{k}": v for k, v in figures.items()}}
         self.last_val_step = self.global_step
-        self.log_dict(self.last_val, prog_bar=True, sync_dist=True)  # already equal on all ranks
+        # For the progress bar and best.ckpt's monitor; not for the loggers, where Lightning would
+        # add an `epoch` scalar (a count of passes over the streams, not of data seen).
+        self.log_dict(self.last_val, prog_bar=True, logger=False, sync_dist=True)
+        for logger in self.loggers:
+            logger.log_metrics(self.last_val, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What Lightning does not keep: the data cursor, the carried state and the RNGs.

@@ -48,7 +48,7 @@ from seqtrain.data import (
 )
 from seqtrain.errors import CheckpointError, ConfigError
 from seqtrain.memory import cache_host_memory, plan_run
-from seqtrain.module import SequenceModule
+from seqtrain.module import MIB, SequenceModule, host_rss_bytes
 from seqtrain.tasks import build_task
 
 log = logging.getLogger("seqtrain")
@@ -63,6 +63,41 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # prepare() refuses a run directory with checkpoints unless resuming from them.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+# The columns every run's HParams row has (model size, backend, window, rate); hparams() adds the
+# keys the command line set or swept.
+HPARAMS = (
+    "model.cell",
+    "model.backend",
+    "model.num_layers",
+    "model.hidden_size",
+    "tbptt.window",
+    "optim.lr",
+)
+
+
+def hparams(cfg: Config) -> dict:
+    """The HParams row: HPARAMS, then every key the command line set (a sweep's included) and
+    every config group it chose (+experiment=char_lm -> experiment: char_lm).
+
+    All ~60 keys would bury what differs between runs under columns that never change.
+    """
+    flat = flatten(to_dict(cfg))
+    row = {key: flat[key] for key in HPARAMS}
+    for override in command_line_overrides():
+        key, _, value = override.lstrip("+~").partition("=")
+        prefix = f"{key}."
+        matched = {k: v for k, v in flat.items() if k == key or k.startswith(prefix)}
+        row.update(matched or {key: value})  # a group choice, or a dict node's keys
+    return row
+
+
+def command_line_overrides() -> list[str]:
+    """The run's key=value overrides under Hydra (a multirun job's own values); none outside."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -339,6 +374,7 @@ def write_summary(
         "resumed_from": None if job.resume_from is None else str(job.resume_from),
         "saved_bytes": module.saved_bytes,  # the most one update held for backward
         "peak_bytes": module.peak_bytes,  # one update's high-water mark above the weights
+        "host_rss_bytes": host_rss_bytes(),  # the process's resident high-water mark
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
     preemption = parts.preemption
@@ -360,14 +396,13 @@ def write_summary(
     )
     if trainer.is_global_zero:
         metrics = {
-            f"hp/{monitor.replace('/', '_')}": module.last_val[monitor],
-            "hp/tokens_per_s": summary["tokens_per_s"],
+            monitor: module.last_val[monitor],  # the task's figure: val/bpc for lm
+            "perf/tokens_per_s": summary["tokens_per_s"],  # the run's, validation excluded
+            "memory/host_rss_MiB": summary["host_rss_bytes"] / MIB,
         }
         if summary.get("peak_bytes") is not None:
-            metrics["hp/peak_bytes"] = summary["peak_bytes"]
-        trainer_extras.log_final(
-            trainer.loggers, flatten(to_dict(cfg)), metrics, trainer.global_step
-        )
+            metrics["memory/peak_MiB"] = summary["peak_bytes"] / MIB
+        trainer_extras.log_final(trainer.loggers, hparams(cfg), metrics, trainer.global_step)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
