@@ -31,7 +31,7 @@ def started(run_dir: Path) -> subprocess.Popen:
     """A VALIDATING run, returned once its first validation pass is under way."""
     proc = start_run(run_dir, VALIDATING, ENV)
     for line in proc.stdout:
-        if "memory plan" in line:  # the last line before training starts
+        if "measured" in line:  # the memory line, the last one before training starts
             time.sleep(2.0)
             return proc
     raise AssertionError(f"the run never started: {proc.stderr.read()[-2000:]}")
