@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import re
 import signal
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import TextIO
 
@@ -132,6 +134,18 @@ def resume_command(run_dir: Path) -> str:
     return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
 
 
+def tensorboard_url(monitor: str, base: str = "http://localhost:6006") -> str:
+    """TensorBoard's time series with the loss and the task's figure pinned on top.
+
+    TensorBoard sorts scalar groups by name (memory/, optim/, perf/ before train/, val/), so
+    what matters is pinned instead, through the query parameter its page reads.
+    """
+    figure = monitor.partition("/")[2]  # bpc for lm, nmse for regression
+    tags = [f"{split}/{name}" for name in ("loss", figure) for split in ("train", "val")]
+    pins = json.dumps([{"plugin": "scalars", "tag": tag} for tag in tags], separators=(",", ":"))
+    return f"{base}/?pinnedCards={urllib.parse.quote(pins)}#timeseries"
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
@@ -162,6 +176,7 @@ def hydra_main(raw: DictConfig) -> float:
         say(f"\nrun directory: {run_dir}")
         say(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
         say(f"tensorboard --logdir {run_dir}")
+        say(f"  then open {tensorboard_url(summary['monitor'])}")
     return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression
 
 
