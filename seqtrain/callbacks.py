@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 log = logging.getLogger("seqtrain")
 
@@ -191,29 +192,28 @@ class StepProgressBar(TQDMProgressBar):
     def total_train_batches(self) -> int:
         return self.trainer.max_steps
 
-    def init_train_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):  # Lightning's bars write to sys.stdout
-            return super().init_train_tqdm()
+    def init_train_tqdm(self) -> Tqdm:
+        # Lightning's, on stderr, counting from the resumed step of max_steps from the first
+        # frame (a resumed run starts mid-epoch, where Lightning would show 309/?).
+        return Tqdm(
+            desc="train",
+            total=self.trainer.max_steps,
+            initial=self.trainer.global_step,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
-    def init_validation_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
+    def init_validation_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's bars write to sys.stdout
             return super().init_validation_tqdm()
 
-    def on_train_start(self, trainer, module) -> None:
-        # A resumed run starts inside its epoch, where Lightning skips on_train_epoch_start:
-        # the bar's total and starting point are set here as well.
-        super().on_train_start(trainer, module)
-        self._count_from(trainer)
-
     def on_train_epoch_start(self, trainer, module) -> None:
-        super().on_train_epoch_start(trainer, module)
-        self._count_from(trainer)
-
-    def _count_from(self, trainer) -> None:
-        bar = self.train_progress_bar
-        bar.total = trainer.max_steps
-        bar.initial = bar.n = trainer.global_step  # initial: tqdm's rate counts from here
-        bar.set_description("train")
+        """Nothing: Lightning's would reset the bar to 0 of an epoch; there is one endless one."""
 
 
 class ProgressLines(L.Callback):

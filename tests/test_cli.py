@@ -187,3 +187,28 @@ def test_training_help_is_seqtrains_own() -> None:
     done = seqtrain("--help")
     assert done.returncode == 0 and done.stdout.startswith("seqtrain: train recurrent")
     assert "cli is powered by Hydra" not in done.stdout and "+experiment=char_lm" in done.stdout
+
+
+def test_the_tensorboard_address_pins_loss_and_the_task_figure() -> None:
+    import urllib.parse
+
+    from seqtrain.cli import tensorboard_url
+
+    url = urllib.parse.urlsplit(tensorboard_url("val/bpc"))
+    pins = json.loads(urllib.parse.parse_qs(url.query)["pinnedCards"][0])
+    assert [p["tag"] for p in pins] == ["train/loss", "val/loss", "train/bpc", "val/bpc"]
+    assert url.fragment == "timeseries"
+
+
+def test_a_resumed_bar_counts_from_the_resumed_step_to_max_steps(tmp_path: Path) -> None:
+    assert seqtrain("+debug=tiny", f"hydra.run.dir={tmp_path}").returncode == 0  # to step 6
+    done = seqtrain(
+        "+debug=tiny", "trainer.max_steps=8", "trainer.progress_bar=true", "resume=auto",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    frames = done.stderr.replace("\r", "\n")  # the bar is on stderr, the log on stdout
+    bars = [line for line in frames.splitlines() if line.startswith("train:")]
+    assert frames.lstrip().startswith("train:  75%|") and "6/8" in bars[0]
+    assert all("/8 [" in bar for bar in bars)  # never 7/? (no total, no ETA)
+    assert "\r" not in done.stdout
