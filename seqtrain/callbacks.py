@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+log = logging.getLogger("seqtrain")
 
 
 class Throughput(L.Callback):
@@ -54,10 +61,42 @@ class TextSamples(L.Callback):
         if self.length == 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         text = module.sample(self.prompt, self.length, seed=trainer.global_step)
+        prompt = self.prompt.decode("utf-8", errors="replace")
+        generated = text[len(prompt) :] if text.startswith(prompt) else text
+        # Markdown collapses whitespace; code blocks show the text as generated, the prompt
+        # (the start of the val split) apart from what the model wrote after it.
+        shown = (
+            f"**prompt** ({len(self.prompt)} bytes of val text):\n```\n{prompt}\n```\n"
+            f"**generated** (step {trainer.global_step}, {self.length} bytes):\n"
+            f"```\n{generated}\n```"
+        )
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
-                # Markdown collapses whitespace; a code block shows the text as generated.
-                logger.experiment.add_text("samples", f"```\n{text}\n```", trainer.global_step)
+                logger.experiment.add_text("samples", shown, trainer.global_step)
+
+
+class FinalValidation(L.Callback):
+    """Validate after the last update, so every finished run has its figures and a best.ckpt.
+
+    Lightning validates when a callback sets `should_stop` (once, also when the step is a
+    validation step anyway); without this a run shorter than trainer.val_check_interval would
+    never be validated inside fit, and best.ckpt never written.
+    """
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """checkpoints/best.ckpt: the weights with the best validation figure so far.
+
+    A validation pass abandoned by a stop signal has no figure; it is not compared.
+    """
+
+    def on_validation_end(self, trainer, module) -> None:
+        if module.last_val_step == trainer.global_step:
+            super().on_validation_end(trainer, module)
 
 
 class Preemption(L.Callback):
@@ -65,7 +104,11 @@ class Preemption(L.Callback):
 
     The handler only records the signal; the checkpoint is written between updates, where the
     model, optimizer, data cursor and carried state agree with each other. All ranks stop at the
-    same update: any rank's signal stops every rank.
+    same update: any rank's signal stops every rank. A stop request skips validation, and one
+    that lands during a validation pass abandons it (the module's `stop_requested`), so the run
+    ends within about one update and one save: preemption leaves ~30 s, a user a few.
+    A second signal says the save is under way; a third exits at once: checkpoints are written
+    atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -73,27 +116,62 @@ class Preemption(L.Callback):
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
         self.received: int | None = None
+        self.count = 0  # signals received so far
+        self.saving = False
+        self.saved = False
+        self.module: L.LightningModule | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signum
+        self.count += 1
+        self.received = self.received or signum
+        name = signal.Signals(signum).name
+        if self.count >= 3:
+            log.warning("%s again: aborting now; the previous complete checkpoint is kept", name)
+            os._exit(128 + signum)
+        if self.count == 2:
+            doing = f"saving {self.checkpoint}" if self.saving else "finishing the update"
+            log.warning("%s: still %s; send it once more to abort at once", name, doing)
+            return
+        log.warning("%s: stopping after the current update (saving %s)", name, self.checkpoint)
+        if self.module is not None:
+            self.module.stop_requested = True
+
+    def setup(self, trainer, module, stage: str) -> None:
+        self.module = module
+        if self.received is not None:  # a signal before the Trainer started
+            module.stop_requested = True
 
     def on_train_start(self, trainer, module) -> None:
         # Lightning wraps SIGTERM when fit starts (under DDP its handler kills the other ranks
         # from inside the signal handler); take it back so every signal waits for the update.
         signal.signal(signal.SIGTERM, self._handle)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def _stop_if_signalled(self, trainer, module) -> None:
+        """Every rank calls this at the same points: the signal is agreed on by all of them."""
         # The largest signal number any rank received: every rank stops, and names the signal.
         mine = torch.tensor(self.received or 0, device=module.device)
         signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
-        if not signum:
+        if not signum or self.saved:
             return
         self.received = signum
+        module.stop_requested = True  # the validation Lightning runs on should_stop is skipped
+        self.saving = True
         trainer.save_checkpoint(self.checkpoint, weights_only=False)
+        self.saving, self.saved = False, True
         trainer.should_stop = True
 
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._stop_if_signalled(trainer, module)
+
+    def on_validation_end(self, trainer, module) -> None:
+        # A signal during validation: the pass was abandoned, the weights are those of the last
+        # update, and the fit loop saves after validation anyway (checkpoint callbacks run last).
+        if not trainer.sanity_checking:
+            self._stop_if_signalled(trainer, module)
+
     def teardown(self, trainer, module, stage: str) -> None:
+        self.module = None
         for sig, handler in self.previous.items():  # the caller's handlers again
             signal.signal(sig, handler)
 
@@ -103,13 +181,84 @@ class Preemption(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Training is one endless pass over the streams, so the bar counts updates to max_steps."""
+    """Training is one endless pass over the streams, so the bar counts updates to max_steps.
+
+    The bar goes to stderr, the stream train.build_trainer asks whether it is a terminal; the
+    log lines go to stdout, so `> log.txt` keeps the bar on the screen and control codes out of
+    the file.
+    """
 
     @property
     def total_train_batches(self) -> int:
         return self.trainer.max_steps
 
+    def init_train_tqdm(self) -> Tqdm:
+        # Lightning's, on stderr, counting from the resumed step of max_steps from the first
+        # frame (a resumed run starts mid-epoch, where Lightning would show 309/?).
+        return Tqdm(
+            desc="train",
+            total=self.trainer.max_steps,
+            initial=self.trainer.global_step,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def init_validation_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's bars write to sys.stdout
+            return super().init_validation_tqdm()
+
     def on_train_epoch_start(self, trainer, module) -> None:
-        super().on_train_epoch_start(trainer, module)
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.set_description("train")
+        """Nothing: Lightning's would reset the bar to 0 of an epoch; there is one endless one."""
+
+
+class ProgressLines(L.Callback):
+    """With no terminal (nohup, SLURM, a pipe): a plain log line every `every` updates or
+    `seconds`, whichever comes first, with the step, loss, speed and time left."""
+
+    def __init__(self, every: int, seconds: float) -> None:
+        self.every, self.seconds = every, seconds
+        self._start: tuple[float, int, int] | None = None  # (time, step, tokens) at the start
+        self._last: tuple[float, int] = (0.0, 0)  # (time, step) of the last line
+
+    def on_train_start(self, trainer, module) -> None:
+        now = time.perf_counter()
+        self._start = (now, trainer.global_step, module.tokens_seen)
+        self._last = (now, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now, step = time.perf_counter(), trainer.global_step
+        last_time, last_step = self._last
+        due = step - last_step >= self.every or now - last_time >= self.seconds
+        if not trainer.is_global_zero or not (due or step >= trainer.max_steps):
+            return
+        self._last = (now, step)
+        start_time, start_step, start_tokens = self._start
+        elapsed = now - start_time  # validation included: the time left is wall-clock time
+        speed = (module.tokens_seen - start_tokens) / elapsed if elapsed else 0.0
+        left = elapsed / (step - start_step) * (trainer.max_steps - step)
+        figures = module.task.metrics(module.train_loss)
+        log.info(
+            "step %d/%d (%d%%)  loss %.4f  %s  %s tokens/s  ETA %s",
+            step,
+            trainer.max_steps,
+            100 * step // trainer.max_steps,
+            module.train_loss,
+            "  ".join(f"{name} {value:.4f}" for name, value in figures.items()),
+            f"{speed:,.0f}",
+            duration(left),
+        )
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: what a progress line needs, no more."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

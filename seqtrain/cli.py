@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import inspect
+import json
 import logging
 import math
 import os
 import re
 import signal
 import sys
+import urllib.parse
 from pathlib import Path
+from typing import TextIO
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -22,7 +26,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seqtrain import rundir
@@ -45,10 +49,33 @@ def conf_dir() -> Path:
 CONF_DIR = conf_dir()
 
 
+def key_help(schema: type, passthrough: tuple[str, ...]) -> str:
+    """--help of a checkpoint tool: its module docstring, then each key with its default and the
+    comment it has in the dataclass (the source is the one place they are written)."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(schema), re.M))
+    lines = [inspect.getmodule(schema).__doc__.strip(), "", "Arguments are KEY=VALUE:"]
+    for f in dataclasses.fields(schema):
+        default = f.default
+        if default is MISSING:
+            default = "... (required)"
+        elif default is None:
+            default = "null"
+        elif isinstance(default, str):
+            default = repr(default)
+        lines.append(f"  {f.name}={default}".ljust(24) + f"  {comments.get(f.name, '')}")
+    for prefix in passthrough:
+        lines.append(f"  {prefix}.KEY=VALUE".ljust(24) + "  overrides the checkpoint's config")
+    return "\n".join(lines)
+
+
 def parse_key_values(argv: list[str], schema: type, passthrough: tuple[str, ...] = ()) -> tuple:
     """key=value arguments for the checkpoint tools (sample, evaluate), checked against a
-    dataclass. Keys under a `passthrough` prefix (e.g. `model.`) are returned as config overrides.
-    Values stay verbatim, so prompt="def " keeps its space."""
+    dataclass, as training takes Hydra's. Keys under a `passthrough` prefix (e.g. `model.`) are
+    returned as config overrides. Values stay verbatim, so prompt="def " keeps its space.
+    --help (-h) prints the keys and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(key_help(schema, passthrough))
+        sys.exit(0)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     known, overrides = {}, {}
     for arg in argv:
@@ -73,11 +100,24 @@ def parse_key_values(argv: list[str], schema: type, passthrough: tuple[str, ...]
     )
 
 
+def say(message: str, level: int = logging.INFO, file: TextIO | None = None) -> None:
+    """Print a line as it is (no log prefix) and record it in the run's log, cli.log.
+
+    The console's last lines (the result, a stop and its resume command, an error) are what a
+    user looks for later in the log; the file handlers are Hydra's, absent outside a run.
+    """
+    print(message, file=file or sys.stdout)
+    record = log.makeRecord(log.name, level, __file__, 0, message.strip(), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def fail(message: str) -> None:
     """One line and a non-zero exit; the traceback only when HYDRA_FULL_ERROR=1 asks for it."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise
-    print(f"seqtrain: error: {message}", file=sys.stderr)
+    say(f"seqtrain: error: {message}", logging.ERROR, sys.stderr)
     sys.exit(2)
 
 
@@ -117,7 +157,7 @@ def job_failed(message: str, run_dir: Path) -> float:
 
     if not in_multirun():
         fail(message)
-    print(f"seqtrain: error: job {run_dir}: {message}", file=sys.stderr)
+    say(f"seqtrain: error: job {run_dir}: {message}", logging.ERROR, sys.stderr)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(message + "\n")
@@ -125,6 +165,18 @@ def job_failed(message: str, run_dir: Path) -> float:
         pass  # the stderr line is the record then
     FAILED_JOBS.append(run_dir)
     return math.nan
+
+
+def tensorboard_url(monitor: str, base: str = "http://localhost:6006") -> str:
+    """TensorBoard's time series with the loss and the task's figure pinned on top.
+
+    TensorBoard sorts scalar groups by name (memory/, optim/, perf/ before train/, val/), so
+    what matters is pinned instead, through the query parameter its page reads.
+    """
+    figure = monitor.partition("/")[2]  # bpc for lm, nmse for regression
+    tags = [f"{split}/{name}" for name in ("loss", figure) for split in ("train", "val")]
+    pins = json.dumps([{"plugin": "scalars", "tag": tag} for tag in tags], separators=(",", ":"))
+    return f"{base}/?pinnedCards={urllib.parse.quote(pins)}#timeseries"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -163,16 +215,17 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:
-            print(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
-            print(f"resume with: {resume_command(run_dir)}")
+            say(f"\n{stopped}: stopped after step {step}; saved {ckpt}")
+            say(f"resume with: {resume_command(run_dir)}")
         sys.exit(128 + int(getattr(signal, stopped)))  # as if the signal had killed it
     objective = summary[summary["monitor"].replace("/", "_")]  # the task's primary figure
     if rank_zero:
         if job.finished:
-            print(f"\n{run_dir} had finished: nothing to train; its results are unchanged")
-        print(f"\nrun directory: {run_dir}")
-        print(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
-        print(f"tensorboard --logdir {run_dir}")
+            say(f"\n{run_dir} had finished: nothing to train; its results are unchanged")
+        say(f"\nrun directory: {run_dir}")
+        say(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
+        say(f"tensorboard --logdir {run_dir}")
+        say(f"  then open {tensorboard_url(summary['monitor'])}")
     return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression
 
 

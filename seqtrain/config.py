@@ -44,7 +44,10 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp (auto picks ddp when devices x num_nodes > 1)
     precision: str = "32-true"  # 32-true | bf16-mixed (carried state stays float32)
     log_every_n_steps: int = 10  # TensorBoard scalar interval
-    progress_bar: bool | None = None  # None: only when stderr is a terminal
+    # A progress bar on stderr; without one, plain progress lines in the log (nohup, SLURM, pipes).
+    progress_bar: bool | None = None  # None: the bar only when stderr is a terminal
+    progress_every: int = 100  # without the bar: a progress line every this many updates,
+    progress_seconds: float = 60.0  # or after this many seconds, whichever comes first
     sample_length: int = 300  # bytes of text generated at each validation (0 = none)
     checkpoint_every: int = 100  # write checkpoints/last.ckpt every this many updates
     # Any other lightning.Trainer argument, given as +trainer.NAME=VALUE (e.g. deterministic);
@@ -248,6 +251,9 @@ def validate(raw: DictConfig | dict) -> Config:
         f"choose from {', '.join(PRECISIONS)}",
     )
     _require(tr.log_every_n_steps > 0, "trainer.log_every_n_steps", tr.log_every_n_steps, positive)
+    _require(tr.progress_every > 0, "trainer.progress_every", tr.progress_every, positive)
+    seconds = tr.progress_seconds
+    _require(seconds > 0, "trainer.progress_seconds", seconds, "must be > 0")
     _require(tr.checkpoint_every > 0, "trainer.checkpoint_every", tr.checkpoint_every, positive)
     _require(
         cfg.resume in (None, *RESUME), "resume", cfg.resume, f"choose from {', '.join(RESUME)}"

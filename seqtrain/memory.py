@@ -479,8 +479,16 @@ def plan_memory(
         peak_bytes=usage.peak_bytes if usage else None,
         probes=len(measured),
     )
-    if usage is not None:
-        within = f" (budget {format_size(budget)})" if budget is not None else ""
+    if usage is not None and budget is None:
+        # No budget: the shape model chose nothing, so its uncalibrated guess (off by up to 2x
+        # on CPU) is not printed as a plan; summary.json keeps it beside the measurement.
+        say(
+            f"memory: {_describe(chunk)}, recomputes {plan.recompute:.0%} of the forward; "
+            f"one update measured: saved {format_size(usage.saved_bytes)}, "
+            f"peak {format_size(usage.peak_bytes)}"
+        )
+    elif usage is not None:
+        within = f" (budget {format_size(budget)})"
         say(
             f"memory plan: {_describe(chunk)}, recomputes {plan.recompute:.0%} of the forward; "
             f"saved {format_size(plan.predicted_saved_bytes)} predicted, "

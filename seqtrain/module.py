@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import math
 import random
+import resource
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +31,14 @@ from seqtrain.tasks import build_model, build_task
 from seqtrain.tbptt import Engine
 
 log = logging.getLogger("seqtrain")
+MIB = 1 << 20  # TensorBoard's memory figures are in MiB: a reader can tell 143.9 from 150873702
+
+
+def host_rss_bytes() -> int:
+    """The process's resident-set high-water mark (memory.host_cache trades it for speed)."""
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def rng_state() -> dict:
@@ -79,6 +89,9 @@ class SequenceModule(L.LightningModule):
         self.val_sums = (0.0, 0)  # (summed loss, target elements) over the running val pass
         self.last_val_step = -1
         self.last_val: dict[str, float] = {}
+        # Set by callbacks.Preemption on a stop signal: validation steps do nothing from then on,
+        # and a pass cut short this way reports no figures (best.ckpt ignores it).
+        self.stop_requested = False
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec) -> SequenceModule:
@@ -144,15 +157,21 @@ class SequenceModule(L.LightningModule):
                 logger.log_metrics(metrics, step=self.windows_seen - 1)
 
     def memory_metrics(self, peak: int | None) -> dict[str, float]:
-        """memory/saved_bytes of every update; memory/peak_bytes of every update on CUDA, and on
-        CPU the profiled probe's (the profiler is too slow to run on every update)."""
+        """This update's memory in MiB: saved for backward, the process's resident high-water
+        mark, and on CUDA the update's peak. On CPU the peak is the probe's single measurement
+        (the profiler is too slow for every update): it is logged once, with the run's figures.
+        """
         self.saved_bytes = max(self.saved_bytes, self.engine.saved_bytes)
-        metrics = {"memory/saved_bytes": float(self.engine.saved_bytes)}
-        if peak is None and self.memory_plan is not None:
+        metrics = {
+            "memory/saved_MiB": self.engine.saved_bytes / MIB,
+            "memory/host_rss_MiB": host_rss_bytes() / MIB,
+        }
+        if peak is not None:
+            metrics["memory/peak_MiB"] = peak / MIB
+        elif self.memory_plan is not None:
             peak = self.memory_plan["peak_bytes"]
         if peak is not None:
             self.peak_bytes = max(self.peak_bytes or 0, peak)
-            metrics["memory/peak_bytes"] = float(peak)
         return metrics
 
     def skip_update(self, loss: float, grad_norm: float) -> None:
@@ -183,21 +202,29 @@ class SequenceModule(L.LightningModule):
         self.val_sums = (0.0, 0)
 
     def validation_step(self, batch: Window, batch_idx: int) -> None:
+        if self.stop_requested:  # the run is stopping: the rest of the pass is skipped
+            return
         total, count = self.engine.eval_window(batch)
         self.val_sums = (self.val_sums[0] + total, self.val_sums[1] + count)
 
     def on_validation_epoch_end(self) -> None:
         # Each rank read its own block of the val streams: the split's figure is all ranks' summed
-        # loss over all ranks' targets (reduce is the identity on one device).
-        sums = torch.tensor(self.val_sums, dtype=torch.float64, device=self.device)
-        total, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-        if count == 0:
+        # loss over all ranks' targets (reduce is the identity on one device). A pass any rank
+        # abandoned (a stop signal) has no figure.
+        stopped = float(self.stop_requested)
+        sums = torch.tensor((*self.val_sums, stopped), dtype=torch.float64, device=self.device)
+        total, count, stopped = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        if count == 0 or stopped:
             return
         loss = total / count
         figures = self.task.metrics(loss)
         self.last_val = {"val/loss": loss, **{f"val/{k}": v for k, v in figures.items()}}
         self.last_val_step = self.global_step
-        self.log_dict(self.last_val, prog_bar=True, sync_dist=True)  # already equal on all ranks
+        # For the progress bar and best.ckpt's monitor; not for the loggers, where Lightning would
+        # add an `epoch` scalar (a count of passes over the streams, not of data seen).
+        self.log_dict(self.last_val, prog_bar=True, logger=False, sync_dist=True)
+        for logger in self.loggers:
+            logger.log_metrics(self.last_val, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What Lightning does not keep: the data cursor, the carried state and the RNGs.
@@ -254,6 +281,6 @@ class SequenceModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        text = self.task.generate(self.model, prompt, length, temperature=0.8, generator=generator)
+        text = self.task.generate(self.model, prompt, length, generator=generator)
         self.model.train(was_training)
         return text

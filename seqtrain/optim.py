@@ -8,6 +8,7 @@ clipping raises under manual optimisation).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 
 from seqtrain import targets
 from seqtrain.errors import ConfigError
+
+log = logging.getLogger("seqtrain")
 
 
 def adamw() -> dict[str, Any]:
@@ -58,6 +61,16 @@ def lr_factor(step: int, warmup_steps: int, min_lr_ratio: float, max_steps: int)
     return min_lr_ratio + (1 - min_lr_ratio) * cosine
 
 
+def effective_warmup(warmup_steps: int, max_steps: int) -> int:
+    """The warmup a run gets: as configured, unless it would last the whole run.
+
+    Warmup ending at or after trainer.max_steps never reaches optim.lr (a 50-step sweep with the
+    default 100 peaked at half of it), so it is scaled to the first tenth of the run instead;
+    check() says so once, before training.
+    """
+    return warmup_steps if warmup_steps < max_steps else max_steps // 10
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, min_lr_ratio: float, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -66,8 +79,9 @@ def warmup_cosine(
         raise ConfigError(f"optim.schedule.warmup_steps={warmup_steps}: must be >= 0")
     if not 0 <= min_lr_ratio <= 1:
         raise ConfigError(f"optim.schedule.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
+    warmup = effective_warmup(warmup_steps, max_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, min_lr_ratio, max_steps)
+        optimizer, lambda step: lr_factor(step, warmup, min_lr_ratio, max_steps)
     )
 
 
@@ -87,7 +101,17 @@ def check(optim: OptimConfig) -> None:
     targets.check("optim.optimizer", optim.optimizer, given=("params", "lr"))
     targets.check("optim.schedule", optim.schedule, given=("optimizer",))
     if optim.schedule["_target_"] == "seqtrain.optim.warmup_cosine":
-        warmup_cosine(torch.optim.SGD([torch.zeros(1)]), **_arguments(optim.schedule))
+        arguments = _arguments(optim.schedule)
+        warmup_cosine(torch.optim.SGD([torch.zeros(1)]), **arguments)
+        warmup, steps = arguments["warmup_steps"], arguments["max_steps"]
+        if effective_warmup(warmup, steps) != warmup:
+            log.warning(
+                "optim.schedule.warmup_steps=%d >= trainer.max_steps=%d: the LR would never reach "
+                "optim.lr; warming up over %d updates instead",
+                warmup,
+                steps,
+                effective_warmup(warmup, steps),
+            )
 
 
 def _arguments(node: dict[str, Any]) -> dict[str, Any]:

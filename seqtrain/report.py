@@ -48,10 +48,9 @@ class Job:
         if self.summary is None:
             return None
         value = self.summary.get(name)
-        if name == "peak_bytes" and value is None:  # accept memory/peak_bytes and {"memory": ..}
+        if name == "peak_bytes" and value is None:  # else the memory plan's measurement
             memory = self.summary.get("memory")
-            value = self.summary.get("memory/peak_bytes")
-            if value is None and isinstance(memory, dict):
+            if isinstance(memory, dict):
                 value = memory.get("peak_bytes")
         if isinstance(value, (int, float)) and math.isfinite(value):
             return float(value)

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 from seqtrain.checkpoint import check_device, config_of, load_model, read, task_of
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.tasks import SAMPLE_TEMPERATURE
 
 
 @dataclass
@@ -24,7 +25,7 @@ class SampleArgs:
     ckpt: str = MISSING  # a checkpoint written by training (checkpoints/last.ckpt, best.ckpt)
     prompt: str = "\n"  # text the model continues (bytes of its UTF-8 encoding)
     length: int = 400  # bytes to generate
-    temperature: float = 0.8  # < 1 sharpens, > 1 flattens the distribution
+    temperature: float = SAMPLE_TEMPERATURE  # < 1 sharpens, > 1 flattens the distribution
     top_k: int | None = None  # sample only among the k most likely bytes; null = all
     seed: int = 0  # the same seed gives the same text
     device: str = "cpu"  # cpu | cuda

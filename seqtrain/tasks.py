@@ -71,6 +71,9 @@ class Task:
 
 
 TASKS: Registry[type[Task]] = Registry("task.name")
+# Sampling's default, for the text logged at validation and for python -m seqtrain.sample: below
+# 1 sharpens the distribution, so an early model's samples show its words rather than noise.
+SAMPLE_TEMPERATURE = 0.8
 
 
 def build_task(cfg: TaskConfig, spec: DataSpec) -> Task:
@@ -122,7 +125,7 @@ class LanguageModelling(Task):
         model: nn.Module,
         prompt: bytes,
         length: int,
-        temperature: float = 1.0,
+        temperature: float = SAMPLE_TEMPERATURE,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> str:

@@ -24,7 +24,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from seqtrain import cells, trainer_extras
-from seqtrain.callbacks import Preemption, StepProgressBar, TextSamples, Throughput
+from seqtrain.callbacks import (
+    BestCheckpoint,
+    FinalValidation,
+    Preemption,
+    ProgressLines,
+    StepProgressBar,
+    TextSamples,
+    Throughput,
+)
 from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
 from seqtrain.config import Config, to_dict
 from seqtrain.data import (
@@ -41,7 +49,7 @@ from seqtrain.data import (
 )
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory, plan_run
-from seqtrain.module import SequenceModule
+from seqtrain.module import MIB, SequenceModule, host_rss_bytes
 from seqtrain.tasks import build_task
 
 log = logging.getLogger("seqtrain")
@@ -56,6 +64,41 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # prepare() refuses a run directory with checkpoints unless resuming from them.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+# The columns every run's HParams row has (model size, backend, window, rate); hparams() adds the
+# keys the command line set or swept.
+HPARAMS = (
+    "model.cell",
+    "model.backend",
+    "model.num_layers",
+    "model.hidden_size",
+    "tbptt.window",
+    "optim.lr",
+)
+
+
+def hparams(cfg: Config) -> dict:
+    """The HParams row: HPARAMS, then every key the command line set (a sweep's included) and
+    every config group it chose (+experiment=char_lm -> experiment: char_lm).
+
+    All ~60 keys would bury what differs between runs under columns that never change.
+    """
+    flat = flatten(to_dict(cfg))
+    row = {key: flat[key] for key in HPARAMS}
+    for override in command_line_overrides():
+        key, _, value = override.lstrip("+~").partition("=")
+        prefix = f"{key}."
+        matched = {k: v for k, v in flat.items() if k == key or k.startswith(prefix)}
+        row.update(matched or {key: value})  # a group choice, or a dict node's keys
+    return row
+
+
+def command_line_overrides() -> list[str]:
+    """The run's key=value overrides under Hydra (a multirun job's own values); none outside."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -247,7 +290,7 @@ class Parts:
 
     trainer: L.Trainer
     throughput: Throughput
-    best: ModelCheckpoint
+    best: BestCheckpoint
     preemption: Preemption
 
 
@@ -261,7 +304,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
     """Lightning's Trainer with seqtrain's checkpoints, logger and callbacks."""
     cfg, run_dir = job.cfg, job.run_dir
     throughput = Throughput()
-    best = ModelCheckpoint(
+    best = BestCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=f"val/{module.task.monitor}",  # the task's primary figure (val/bpc for lm)
@@ -278,7 +321,8 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
     )
     loggers = trainer_extras.build_loggers(cfg.logger, run_dir)  # logger=... (tensorboard)
     progress = cfg.trainer.progress_bar
-    show_progress = sys.stderr.isatty() if progress is None else progress
+    show_progress = sys.stderr.isatty() if progress is None else progress  # the bar's stream
+    lines = (cfg.trainer.progress_every, cfg.trainer.progress_seconds)
     prompt = job.splits["val"].values[:48].tobytes()  # read only by tasks that generate text
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -294,11 +338,12 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
         logger=loggers,
         callbacks=[
             throughput,
+            FinalValidation(),
             best,
             last,
             TextSamples(prompt, cfg.trainer.sample_length),
             preemption,
-            *([StepProgressBar()] if show_progress else []),
+            StepProgressBar() if show_progress else ProgressLines(*lines),
             *trainer_extras.build_callbacks(cfg.callbacks),  # +callbacks.NAME._target_=...
         ],
         # Under SLURM, Lightning's auto-requeue is off: submitit requeues and seqtrain's
@@ -383,6 +428,7 @@ def write_summary(
         "resumed_from": None if job.resume_from is None else str(job.resume_from),
         "saved_bytes": module.saved_bytes,  # the most one update held for backward
         "peak_bytes": module.peak_bytes,  # one update's high-water mark above the weights
+        "host_rss_bytes": host_rss_bytes(),  # the process's resident high-water mark
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
     preemption = parts.preemption
@@ -392,7 +438,7 @@ def write_summary(
             "stopped_by": preemption.signal_name,
             "checkpoint": preemption.checkpoint,
         }
-    if module.last_val_step != trainer.global_step:  # the last update was not validated yet
+    if module.last_val_step != trainer.global_step:  # resumed from the final save: no update ran
         trainer.validate(module, eval_loader(val), verbose=False, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     monitor = f"val/{module.task.monitor}"
@@ -404,14 +450,13 @@ def write_summary(
     )
     if trainer.is_global_zero:
         metrics = {
-            f"hp/{monitor.replace('/', '_')}": module.last_val[monitor],
-            "hp/tokens_per_s": summary["tokens_per_s"],
+            monitor: module.last_val[monitor],  # the task's figure: val/bpc for lm
+            "perf/tokens_per_s": summary["tokens_per_s"],  # the run's, validation excluded
+            "memory/host_rss_MiB": summary["host_rss_bytes"] / MIB,
         }
         if summary.get("peak_bytes") is not None:
-            metrics["hp/peak_bytes"] = summary["peak_bytes"]
-        trainer_extras.log_final(
-            trainer.loggers, flatten(to_dict(cfg)), metrics, trainer.global_step
-        )
+            metrics["memory/peak_MiB"] = summary["peak_bytes"] / MIB
+        trainer_extras.log_final(trainer.loggers, hparams(cfg), metrics, trainer.global_step)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

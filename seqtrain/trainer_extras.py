@@ -87,14 +87,35 @@ def build_callbacks(callbacks: dict[str, Any]) -> list:
 
 
 def log_final(loggers: list, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-    """The run's hyperparameters with its final metrics, then close every logger.
+    """The run's hyperparameters with its final figures, then close every logger.
 
-    TensorBoard pairs them in its hparams view; loggers without that get the metrics as scalars.
+    TensorBoard gets them as an HParams session of its own, in the subdirectory `final/`: its
+    table then lists the run's figures, and the time series get no extra cards (the figures carry
+    the tags of the series they summarise, one point each, under the run `final`). Other loggers
+    get the parameters and the figures as scalars at the last step.
     """
+    from lightning.pytorch.loggers import TensorBoardLogger  # Lightning only once training ran
+
     for logger in loggers:
-        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+        if isinstance(logger, TensorBoardLogger):
+            write_hparams(Path(logger.log_dir) / "final", params, metrics, step)
+        elif "metrics" in inspect.signature(logger.log_hyperparams).parameters:
             logger.log_hyperparams(params, metrics)
         else:
             logger.log_hyperparams(params)
             logger.log_metrics(metrics, step=step)
         logger.finalize("success")
+
+
+def write_hparams(
+    log_dir: Path, params: dict[str, Any], metrics: dict[str, float], step: int
+) -> None:
+    """One HParams session in `log_dir`: the parameters, and the metrics as scalars at `step`."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for summary in hparams(params, metrics):  # experiment, session start, session end
+            writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, step)

@@ -368,6 +368,8 @@ def test_kernel_name_says_what_runs() -> None:
     assert names["modular"] == "python loop, oneDNN GEMM"
     on_gpu = kernel_name(build_recurrent("cudnn", "gru", IN, H, 1), torch.device("cuda"))
     assert on_gpu in ("cuDNN", "native fused")
+    layernorm = kernel_name(build_recurrent("compile", "lstm", IN, H, 1, layernorm=True), cpu)
+    assert layernorm.startswith("python (layernorm: not torch.compile")  # its loop stays eager
 
 
 @pytest.mark.slow

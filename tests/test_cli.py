@@ -60,6 +60,24 @@ def test_run_writes_summary_events_and_checkpoints(run_dir: Path) -> None:
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+def test_without_a_terminal_progress_is_plain_lines_and_cli_log_ends_like_the_console(
+    run_dir: Path,
+) -> None:
+    log = (run_dir / "cli.log").read_text()
+    assert "\r" not in log and "\x1b" not in log  # no bar's control codes
+    assert "step 6/6 (100%)" in log and "tokens/s  ETA" in log
+    assert f"run directory: {run_dir}" in log and "val/bpc:" in log  # the result lines
+
+
+def test_short_runs_validate_at_the_end(tmp_path: Path) -> None:
+    # max_steps < val_check_interval: the last update is validated, best.ckpt written
+    done = seqtrain("+debug=tiny", "trainer.val_check_interval=50", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_checkpoint"] == str(tmp_path / "checkpoints" / "best.ckpt")
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+
+
 def test_tensorboard_has_the_promised_scalars_and_text(run_dir: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -148,3 +166,49 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for config in ("train.yaml", "experiment/char_lm.yaml", "model/lstm.yaml", "debug/tiny.yaml"):
         assert f"seqtrain/conf/{config}" in names, config
+
+
+@pytest.mark.parametrize(
+    ("module", "keys"),
+    [
+        ("seqtrain.sample", ("ckpt=... (required)", "temperature=0.8", "top_k=null")),
+        ("seqtrain.evaluate", ("split='test'", "batch_size=null", "data.KEY=VALUE")),
+    ],
+)
+def test_checkpoint_tools_have_help(module: str, keys: tuple[str, ...]) -> None:
+    done = seqtrain("--help", module=module)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"python -m {module} ckpt=PATH")
+    for key in keys:
+        assert key in done.stdout, key
+
+
+def test_training_help_is_seqtrains_own() -> None:
+    done = seqtrain("--help")
+    assert done.returncode == 0 and done.stdout.startswith("seqtrain: train recurrent")
+    assert "cli is powered by Hydra" not in done.stdout and "+experiment=char_lm" in done.stdout
+
+
+def test_the_tensorboard_address_pins_loss_and_the_task_figure() -> None:
+    import urllib.parse
+
+    from seqtrain.cli import tensorboard_url
+
+    url = urllib.parse.urlsplit(tensorboard_url("val/bpc"))
+    pins = json.loads(urllib.parse.parse_qs(url.query)["pinnedCards"][0])
+    assert [p["tag"] for p in pins] == ["train/loss", "val/loss", "train/bpc", "val/bpc"]
+    assert url.fragment == "timeseries"
+
+
+def test_a_resumed_bar_counts_from_the_resumed_step_to_max_steps(tmp_path: Path) -> None:
+    assert seqtrain("+debug=tiny", f"hydra.run.dir={tmp_path}").returncode == 0  # to step 6
+    done = seqtrain(
+        "+debug=tiny", "trainer.max_steps=8", "trainer.progress_bar=true", "resume=auto",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    frames = done.stderr.replace("\r", "\n")  # the bar is on stderr, the log on stdout
+    bars = [line for line in frames.splitlines() if line.startswith("train:")]
+    assert frames.lstrip().startswith("train:  75%|") and "6/8" in bars[0]
+    assert all("/8 [" in bar for bar in bars)  # never 7/? (no total, no ETA)
+    assert "\r" not in done.stdout

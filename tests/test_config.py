@@ -114,3 +114,20 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert factors[-1] == pytest.approx(floor)
     after = factors[warmup:]
     assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+
+
+def test_warmup_as_long_as_the_run_is_scaled_with_one_warning(caplog) -> None:
+    import torch
+
+    from seqtrain import optim
+
+    cfg = validate(composed("trainer.max_steps=50"))  # the default warmup is 100 updates
+    warnings = [r.getMessage() for r in caplog.records if "warmup_steps=100" in r.getMessage()]
+    assert len(warnings) == 1 and "warming up over 5 updates" in warnings[0]
+    optimizer, schedule = optim.build(cfg.optim, torch.nn.Linear(2, 2))
+    rates = []
+    for _ in range(50):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert max(rates) == pytest.approx(cfg.optim.lr)  # the configured rate is reached

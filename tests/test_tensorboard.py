@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from seqtrain.train import HPARAMS
+
 from .conftest import REQUIRED_SCALARS
 from .test_cli import ENV
 
@@ -39,9 +41,13 @@ def events(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert files
-    accs = [EventAccumulator(str(f), size_guidance={"scalars": 0}).Reload() for f in files]
-    return run_dir, accs
+    final = list((run_dir / "tensorboard" / "final").glob("events.out.tfevents.*"))
+    assert files and final
+    accs, finals = (
+        [EventAccumulator(str(f), size_guidance={"scalars": 0}).Reload() for f in group]
+        for group in (files, final)
+    )
+    return run_dir, list(accs), list(finals)
 
 
 def scalars(accs) -> dict[str, list[float]]:
@@ -53,25 +59,26 @@ def scalars(accs) -> dict[str, list[float]]:
 
 
 def test_scalars_are_grouped_and_finite(events) -> None:
-    _, accs = events
+    _, accs, finals = events
     values = scalars(accs)
     for tag in REQUIRED_SCALARS:
         assert tag in values, tag
-    for tag, series in values.items():
-        assert tag.startswith((*GROUPS, "hp/", "epoch")), f"{tag}: outside the groups {GROUPS}"
+    for tag, series in values.items():  # no epoch, no run-level hp/ points in the time series
+        assert tag.startswith(GROUPS), f"{tag}: outside the groups {GROUPS}"
         assert series and all(math.isfinite(v) for v in series), f"{tag}: not finite"
-    memory = [t for t in values if t.startswith("memory/")]
-    if memory:  # logged once the memory accounting is in; then every value must be a size
-        assert all(v >= 0 for t in memory for v in values[t])
+    # Sizes in MiB; on CPU the peak is the probe's one value, with the run's figures only.
+    assert {"memory/saved_MiB", "memory/host_rss_MiB"} <= set(values)
+    assert "memory/peak_MiB" not in values and "memory/peak_MiB" in scalars(finals)
+    assert all(0 <= v < 1 << 20 for t in values if t.startswith("memory/") for v in values[t])
 
 
 def test_hparams_hold_the_swept_values_and_final_metrics(events) -> None:
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run_dir, accs = events
+    run_dir, _, finals = events
     summary = json.loads((run_dir / "summary.json").read_text())
     hparams, metric_tags = {}, set()
-    for acc in accs:
+    for acc in finals:
         try:
             contents = acc.PluginTagToContent("hparams").values()
         except KeyError:  # an event file without the hparams summaries
@@ -84,17 +91,20 @@ def test_hparams_hold_the_swept_values_and_final_metrics(events) -> None:
     assert hparams, "no hparams in any event file"
     for key, value in SWEPT.items():  # numbers come back as floats
         assert hparams[key] == (value if isinstance(value, str) else pytest.approx(value)), key
-    want = {"hp/val_bpc", "hp/tokens_per_s"} | (
-        {"hp/peak_bytes"} if "peak_bytes" in summary else set()
-    )
-    assert want <= metric_tags
-    values = scalars(accs)
-    assert values["hp/val_bpc"][-1] == pytest.approx(summary["val_bpc"], rel=1e-6)
-    assert values["hp/tokens_per_s"][-1] == pytest.approx(summary["tokens_per_s"], rel=1e-6)
-    if "peak_bytes" in summary:
-        assert values["hp/peak_bytes"][-1] == pytest.approx(summary["peak_bytes"], rel=1e-6)
+    # The fixed columns and what the command line set; not the ~60 keys of the whole config.
+    assert set(hparams) == set(HPARAMS) | set(SWEPT) | {"debug"}
+    want = {"val/bpc", "perf/tokens_per_s", "memory/peak_MiB", "memory/host_rss_MiB"}
+    assert metric_tags == want
+    values = scalars(finals)
+    assert values["val/bpc"] == [pytest.approx(summary["val_bpc"], rel=1e-6)]
+    assert values["perf/tokens_per_s"] == [pytest.approx(summary["tokens_per_s"], rel=1e-6)]
+    assert values["memory/peak_MiB"] == [pytest.approx(summary["peak_bytes"] / 2**20, rel=1e-6)]
+    assert summary["host_rss_bytes"] > 0
 
 
-def test_text_samples_are_logged(events) -> None:
-    _, accs = events
-    assert any("samples/text_summary" in acc.Tags()["tensors"] for acc in accs)
+def test_text_samples_are_logged_with_the_prompt_marked(events) -> None:
+    _, accs, _ = events
+    samples = [e for acc in accs for e in acc.Tensors("samples/text_summary")]
+    assert samples
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("**prompt** (48 bytes of val text):") and "**generated** (step" in text

@@ -125,6 +125,10 @@ def kernel_name(module: nn.Module, device: torch.device) -> str:
         )
         if isinstance(module, custom.CustomStack):
             return f"{loop} loop, cell {module.cell}"
+        if module.backend in ("jit", "compile") and module.fused_layernorm:
+            # compiled.Loops scripts/compiles the plain LSTM and GRU loops only: the layernorm
+            # LSTM's loop stays eager Python whatever the backend.
+            loop = f"python (layernorm: not {loop})"
         if device.type == "cuda":
             return f"{loop} loop, cuBLAS GEMM"
         return f"{loop} loop, {'oneDNN' if onednn.enabled() else 'BLAS'} GEMM"
