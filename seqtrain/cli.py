@@ -160,7 +160,7 @@ def job_failed(message: str, run_dir: Path) -> float:
     say(f"seqtrain: error: job {run_dir}: {message}", logging.ERROR, sys.stderr)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(message + "\n")
+        rundir.write_atomic(run_dir / "error.txt", message + "\n")
     except OSError:
         pass  # the stderr line is the record then
     FAILED_JOBS.append(run_dir)

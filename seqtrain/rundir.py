@@ -86,6 +86,20 @@ def release(lock: Path | None) -> None:
         lock.unlink(missing_ok=True)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a kill mid-write leaves the previous file as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def remove_orphans(run_dir: Path) -> list[Path]:
     """Temporary files of a checkpoint write that a kill interrupted (AtomicCheckpointIO)."""
     orphans = sorted((run_dir / "checkpoints").glob(".*.ckpt.*.tmp"))

@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-from seqtrain import cells, trainer_extras
+from seqtrain import cells, rundir, trainer_extras
 from seqtrain.callbacks import (
     BestCheckpoint,
     FinalValidation,
@@ -319,7 +319,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
         every_n_train_steps=cfg.trainer.checkpoint_every,
         enable_version_counter=False,
     )
-    loggers = trainer_extras.build_loggers(cfg.logger, run_dir)  # logger=... (tensorboard)
+    loggers = trainer_extras.build_loggers(cfg.logger, run_dir, job.start_window)  # logger=...
     progress = cfg.trainer.progress_bar
     show_progress = sys.stderr.isatty() if progress is None else progress  # the bar's stream
     lines = (cfg.trainer.progress_every, cfg.trainer.progress_seconds)
@@ -457,7 +457,7 @@ def write_summary(
         if summary.get("peak_bytes") is not None:
             metrics["memory/peak_MiB"] = summary["peak_bytes"] / MIB
         trainer_extras.log_final(trainer.loggers, hparams(cfg), metrics, trainer.global_step)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rundir.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

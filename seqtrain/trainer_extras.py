@@ -76,9 +76,22 @@ def check(logger: dict[str, Any], callbacks: dict[str, Any]) -> None:
         targets.check(f"callbacks.{name}", node)
 
 
-def build_loggers(logger: dict[str, Any], run_dir: Path) -> list:
-    """The configured loggers, each writing under the run directory."""
-    return [targets.build(node, save_dir=run_dir) for node in logger.values()]
+def build_loggers(logger: dict[str, Any], run_dir: Path, first_step: int = 0) -> list:
+    """The configured loggers, each writing under the run directory.
+
+    A run resumed at update `first_step` redoes the updates after its checkpoint, whose points an
+    earlier process may have written already: TensorBoard's writer is told to purge every point
+    from `first_step` on (TensorBoard drops them when it reads the run), so no step shows twice.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger  # Lightning only once training runs
+
+    built = []
+    for key, node in logger.items():
+        given: dict[str, Any] = {"save_dir": run_dir}
+        if issubclass(targets.locate(f"logger.{key}", node["_target_"]), TensorBoardLogger):
+            given["purge_step"] = first_step
+        built.append(targets.build(node, **given))
+    return built
 
 
 def build_callbacks(callbacks: dict[str, Any]) -> list:

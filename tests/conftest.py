@@ -114,3 +114,12 @@ def read_scalars(run_dir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             events += acc.Scalars(tag)
     return {e.step: e.value for e in sorted(events, key=lambda e: e.wall_time)}
+
+
+def tensorboard_points(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar as TensorBoard shows it: the run's event files read together,
+    in order, with the points a later writer purged dropped."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]

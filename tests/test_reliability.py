@@ -19,7 +19,7 @@ from seqtrain import train
 from seqtrain.checkpoint import AtomicCheckpointIO, newest_complete, read
 from seqtrain.module import NonFiniteError
 
-from .conftest import finish, read_scalars, start_run
+from .conftest import finish, read_scalars, start_run, tensorboard_points
 from .test_cli import ENV
 from .test_config import composed
 
@@ -102,6 +102,9 @@ def test_sigkill_at_random_moments_leaves_a_resumable_checkpoint(
         code, _, err = finish(start(run_dir, "trainer.checkpoint_every=1", "resume=auto"))
         assert code == 0, err[-2000:]
         assert_same_run(run_dir, reference)
+        # TensorBoard reads the run's files together: the redone updates show once each.
+        points = tensorboard_points(run_dir, "train/loss")
+        assert dict(points) == read_scalars(reference, "train/loss") and len(points) == 150
 
 
 def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path: Path, monkeypatch) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,21 @@ def test_text_samples_are_logged_with_the_prompt_marked(events) -> None:
     assert samples
     text = samples[-1].tensor_proto.string_val[0].decode()
     assert text.startswith("**prompt** (48 bytes of val text):") and "**generated** (step" in text
+
+
+def test_a_resumed_run_purges_the_points_it_redoes(tmp_path: Path) -> None:
+    """A process killed after logging updates 5-9 but before checkpointing them: the resumed run
+    logs them again, and TensorBoard shows each step once, with the resumed run's value."""
+    from seqtrain.config import Config
+    from seqtrain.trainer_extras import build_loggers
+
+    from .conftest import tensorboard_points
+
+    for first_step, value in ((0, 1.0), (5, 2.0)):
+        (logger,) = build_loggers(Config().logger, tmp_path, first_step)
+        for step in range(first_step, 10):
+            logger.log_metrics({"train/loss": value}, step=step)
+        logger.finalize("success")
+    assert tensorboard_points(tmp_path, "train/loss") == [(s, 1.0) for s in range(5)] + [
+        (s, 2.0) for s in range(5, 10)
+    ]
