@@ -18,7 +18,6 @@ import argparse
 import math
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import matplotlib
@@ -27,25 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_cells import step as update  # noqa: E402  (one timed update, as bench_cells times it)
 from torch import Tensor, nn  # noqa: E402
 
 from seqtrain.cells.scan import SCAN_CELLS, ScanStack, linear_scan  # noqa: E402
 from seqtrain.memory import cache_host_memory  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def update(module: nn.Module, x: Tensor, state: tuple[Tensor, ...], device: torch.device) -> float:
-    """Seconds for one forward + backward over the window."""
-    sync(device)
-    start = time.perf_counter()
-    y, final = module(x, state)
-    (y.float().square().mean() + sum(s.float().sum() for s in final)).backward()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def lstm_hidden(params: int, input_size: int) -> int:

@@ -25,15 +25,12 @@ from seqtrain.cells.base import (
     CUSTOM,
     TABLE,
     Implementation,
-    Shapes,
     State,
-    check_input,
-    compute_dtype,
 )
 from seqtrain.cells.compiled import CompiledStep, tensor_key
 from seqtrain.cells.reference import (
+    LayeredStack,
     StepOptions,
-    between_layers,
     recurrent_input,
     variational_mask,
     zoneout,
@@ -68,7 +65,7 @@ def custom_step(cell: nn.Module, x: Tensor, state: State, opt: StepOptions) -> t
     return h, tuple(new)
 
 
-class CustomStack(Shapes, nn.Module):
+class CustomStack(LayeredStack):
     """The user's cell, one instance per layer, under seqtrain's stack contract."""
 
     def __init__(
@@ -92,22 +89,8 @@ class CustomStack(Shapes, nn.Module):
         for k in range(num_layers):
             self.add_module(f"cells_l{k}", cls(input_size if k == 0 else hidden_size, hidden_size))
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        shapes = self.state_shapes(x.shape[0])
-        check_input(x, state, shapes)
-        if state is None:
-            state = tuple(x.new_zeros(s, dtype=compute_dtype(x)) for s in shapes)
-        seq = x.transpose(0, 1)  # (T, B, I) time-major
-        finals: list[State] = []
-        for k in range(self.num_layers):
-            if k > 0:
-                seq = between_layers(seq, self.dropout, self.variational, self.training)
-            seq, final = self._layer(getattr(self, f"cells_l{k}"), seq, tuple(s[k] for s in state))
-            finals.append(final)
-        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
-        return seq.transpose(0, 1), new_state  # (B, T, H)
-
-    def _layer(self, cell: nn.Module, seq: Tensor, state: State) -> tuple[Tensor, State]:
+    def _layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
+        cell = getattr(self, f"cells_l{k}")
         mask = variational_mask(state[0], self.recurrent_dropout, self.variational, self.training)
         opt = StepOptions(self.training, self.zoneout, self.recurrent_dropout, mask, None)
         step = custom_step

@@ -9,9 +9,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from seqtrain.cells.base import State
+from seqtrain.cells.base import Shapes, State, check_input, compute_dtype
 
 
 class LayerWeights(NamedTuple):
@@ -131,3 +131,31 @@ def variational_mask(h: Tensor, p: float, variational: bool, training: bool) -> 
         return None
     keep = 1.0 - p
     return h.new_empty(h.shape).bernoulli_(keep).div_(keep)
+
+
+class LayeredStack(Shapes, nn.Module):
+    """The loop over layers that every stack of per-layer time loops shares (the built-in
+    cells' and a user's): a zero state when none is given, time-major inside, dropout between
+    layers, one `_layer(k, seq, state)` per layer, the final states stacked per layer."""
+
+    dropout: float
+    variational: bool
+
+    def _layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
+        """Layer k over a time-major window: seq (T, B, I) -> (T, B, H_out), its final state."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        shapes = self.state_shapes(x.shape[0])
+        check_input(x, state, shapes)
+        if state is None:
+            state = tuple(x.new_zeros(s, dtype=compute_dtype(x)) for s in shapes)
+        seq = x.transpose(0, 1)  # (T, B, I) time-major
+        finals: list[State] = []
+        for k in range(self.num_layers):
+            if k > 0:
+                seq = between_layers(seq, self.dropout, self.variational, self.training)
+            seq, final = self._layer(k, seq, tuple(s[k] for s in state))
+            finals.append(final)
+        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
+        return seq.transpose(0, 1), new_state  # (B, T, H_out)

@@ -19,20 +19,18 @@ from torch import Tensor, nn
 from seqtrain.cells import fused
 from seqtrain.cells.base import (
     ALL_OPTIONS,
-    Shapes,
     State,
     active,
-    check_input,
     compute_dtype,
     register,
 )
 from seqtrain.cells.compiled import loops, tensor_key
 from seqtrain.cells.cudnn import add_forget_bias
 from seqtrain.cells.reference import (
+    LayeredStack,
     LayerWeights,
     Step,
     StepOptions,
-    between_layers,
     gru_cell,
     lstm_cell,
     run_layer,
@@ -68,7 +66,7 @@ def register_cell(spec: CellSpec, backends: Iterable[str], options: Iterable[str
         register(spec.name, backend, options)(build)
 
 
-class RecurrentStack(Shapes, nn.Module):
+class RecurrentStack(LayeredStack):
     """The modular / jit / compile stack of one built-in cell."""
 
     def __init__(
@@ -134,21 +132,6 @@ class RecurrentStack(Shapes, nn.Module):
                 else:
                     p.uniform_(-bound, bound)
         add_forget_bias(self, self.num_layers, self.hidden_size, forget_bias)
-
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        shapes = self.state_shapes(x.shape[0])
-        check_input(x, state, shapes)
-        if state is None:
-            state = tuple(x.new_zeros(s, dtype=compute_dtype(x)) for s in shapes)
-        seq = x.transpose(0, 1)  # (T, B, I) time-major
-        finals: list[State] = []
-        for k in range(self.num_layers):
-            if k > 0:
-                seq = between_layers(seq, self.dropout, self.variational, self.training)
-            seq, final = self._layer(k, seq, tuple(s[k] for s in state))
-            finals.append(final)
-        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
-        return seq.transpose(0, 1), new_state  # (B, T, H_out)
 
     def _layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
         w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
