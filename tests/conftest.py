@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from seqtrain.tasks import LanguageModelling, build_model
 # The default task: next-byte prediction.
 BYTE_LM = LanguageModelling(DataSpec("tokens", BYTES.vocab_size, BYTES.vocab_size))
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+PLUGINS = ROOT / "tests" / "plugins"  # a user's own modules: cells, tasks, corpus sources
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 # The scalars issue #2 requires of every run's TensorBoard events.
 REQUIRED_SCALARS = (
@@ -49,6 +52,30 @@ def backend_flags(*flags: tuple[object, str, object]) -> Iterator[None]:
     finally:
         for obj, name, value in old:
             setattr(obj, name, value)
+
+
+def with_pythonpath(*paths: Path) -> dict[str, str]:
+    """ENV with `paths` first on PYTHONPATH: a user's modules, found as a user's would be."""
+    return {**ENV, "PYTHONPATH": os.pathsep.join([*map(str, paths), ENV.get("PYTHONPATH", "")])}
+
+
+def seqtrain(
+    *args: str,
+    module: str = "seqtrain",
+    cwd: Path | None = None,
+    env: dict | None = None,
+    prefix: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
+    """`python -m <module> args` to completion, as a user runs it; `prefix` wraps the command
+    (e.g. setpriv to drop root's file-access override)."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=ENV if env is None else env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def start_run(run_dir: Path, overrides: Sequence[str], env: dict[str, str]) -> subprocess.Popen:

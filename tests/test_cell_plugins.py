@@ -5,10 +5,7 @@ registration; the registrations alone decide what each backend refuses."""
 from __future__ import annotations
 
 import copy
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +16,8 @@ from seqtrain.cells import BACKENDS, base, build_recurrent, check_options, kerne
 from seqtrain.cells.stack import CellSpec, register_cell
 from seqtrain.errors import ConfigError
 
-from .conftest import assert_exact_resume
-from .test_cli import ENV
+from .conftest import PLUGINS, ROOT, assert_exact_resume, seqtrain, with_pythonpath
 
-ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = ROOT / "tests" / "plugins"
 TINY = "my_cells:TinyCell"
 
 
@@ -32,40 +26,32 @@ def plugins_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(PLUGINS))
 
 
-def with_path(*paths: Path) -> dict[str, str]:
-    return {**ENV, "PYTHONPATH": os.pathsep.join(str(p) for p in paths)}
-
-
-def run(*args: str, module: str = "seqtrain", env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
 @pytest.mark.slow
 def test_user_cell_trains_evaluates_and_samples_through_the_cli(tmp_path: Path) -> None:
     """As a user would: the module on PYTHONPATH, the cell named in the config; the checkpoint
     records model.cell, so evaluate and sample rebuild it; without the module, one line."""
-    env = with_path(PLUGINS, ROOT)
+    env = with_pythonpath(PLUGINS, ROOT)
     out = tmp_path / "run"
     train = ["+debug=tiny", "model.backend=modular", f"model.cell={TINY}", "model.num_layers=2"]
-    done = run(*train, "model.dropout=0.1", "model.zoneout=0.1", f"hydra.run.dir={out}", env=env)
+    done = seqtrain(
+        *train, "model.dropout=0.1", "model.zoneout=0.1", f"hydra.run.dir={out}", env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val/bpc:" in done.stdout
     ckpt = out / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert "model.rnn.cells_l1.hh.weight" in state
-    done = run(f"ckpt={ckpt}", "split=val", module="seqtrain.evaluate", env=env)
+    done = seqtrain(f"ckpt={ckpt}", "split=val", module="seqtrain.evaluate", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"bpc"' in done.stdout
-    done = run(f"ckpt={ckpt}", "length=20", "prompt=ab", module="seqtrain.sample", env=env)
+    done = seqtrain(f"ckpt={ckpt}", "length=20", "prompt=ab", module="seqtrain.sample", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ab") and len(done.stdout.encode()) >= 20
     # compile runs the same checkpoint (the step compiled).
-    done = run(f"ckpt={ckpt}", "split=val", "model.backend=compile", module="seqtrain.evaluate",
-               env=env)  # fmt: skip
+    compiled = [f"ckpt={ckpt}", "split=val", "model.backend=compile"]
+    done = seqtrain(*compiled, module="seqtrain.evaluate", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    missing = run(f"ckpt={ckpt}", module="seqtrain.evaluate", env=with_path(ROOT))
+    missing = seqtrain(f"ckpt={ckpt}", module="seqtrain.evaluate", env=with_pythonpath(ROOT))
     assert missing.returncode == 2
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1, missing.stderr
@@ -80,7 +66,7 @@ def test_user_cell_resumes_exactly_after_a_stop(tmp_path: Path) -> None:
     and every step's loss equals the uninterrupted run's (zoneout: the RNG must match too)."""
     args = ["+debug=tiny", "trainer.max_steps=40", "trainer.val_check_interval=20"]
     args += ["trainer.sample_length=0", "model.backend=modular", f"model.cell={TINY}"]
-    runs = assert_exact_resume(tmp_path, [*args, "model.zoneout=0.1"], with_path(PLUGINS))
+    runs = assert_exact_resume(tmp_path, [*args, "model.zoneout=0.1"], with_pythonpath(PLUGINS))
     assert runs["resumed"]["val_bpc"] == runs["reference"]["val_bpc"]
 
 

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REQUIRED_SCALARS
-
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
-
-
-def seqtrain(
-    *args: str, module: str = "seqtrain", cwd: Path | None = None, env: dict | None = None
-):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        env=ENV if env is None else env,
-        cwd=cwd,
-        timeout=300,
-    )
+from .conftest import ENV, REQUIRED_SCALARS, seqtrain
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from seqtrain import hydra_compat
 
+from . import conftest
 from .conftest import ROOT
 from .test_cli import ENV
 
@@ -23,14 +23,8 @@ ENV = {**ENV, "OMP_NUM_THREADS": "1"}
 
 
 def seqtrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seqtrain", *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=ROOT,  # tests.plugins is importable from here, as a user's own package would be
-        timeout=300,
-    )
+    # cwd: tests.plugins is importable from the root, as a user's own package would be
+    return conftest.seqtrain(*args, env=ENV, cwd=ROOT)
 
 
 def train(run_dir: Path, *args: str) -> dict:

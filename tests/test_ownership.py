@@ -17,7 +17,7 @@ from seqtrain import cli, report
 from seqtrain.checkpoint import newest_complete, read
 from seqtrain.config import validate
 
-from .conftest import finish, start_run
+from .conftest import finish, seqtrain, start_run
 from .test_cli import ENV
 from .test_config import composed
 
@@ -69,14 +69,7 @@ def test_two_runs_in_one_folder_the_second_is_refused(tmp_path: Path) -> None:
             break
     seconds = []
     for resume in ([], ["resume=auto"]):  # a fresh start or a resume: both would overwrite
-        second = subprocess.run(
-            [sys.executable, "-m", "seqtrain", *TINY, *resume, f"hydra.run.dir={run_dir}"],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            timeout=300,
-        )
-        seconds.append(second)
+        seconds.append(seqtrain(*TINY, *resume, f"hydra.run.dir={run_dir}"))
     first.send_signal(signal.SIGTERM)
     code, out, err = finish(first)
     for second in seconds:
@@ -166,13 +159,7 @@ def test_resume_over_an_unreadable_checkpoint_stops_and_keeps_it(finished, tmp_p
     last = run_dir / "checkpoints" / "last.ckpt"
     before = snapshot(run_dir)
     last.chmod(0)
-    done = subprocess.run(
-        [*DROP, sys.executable, "-m", "seqtrain", *TINY, "resume=auto", f"hydra.run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    done = seqtrain(*TINY, "resume=auto", f"hydra.run.dir={run_dir}", prefix=DROP)
     last.chmod(0o644)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().count("\n") == 0
@@ -204,21 +191,12 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last(
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * max(0, free - len(before) // 2))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqtrain",
-            *TINY,
-            "resume=auto",
-            "trainer.max_steps=8",
-            "trainer.checkpoint_every=1",
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
+    done = seqtrain(
+        *TINY,
+        "resume=auto",
+        "trainer.max_steps=8",
+        "trainer.checkpoint_every=1",
+        f"hydra.run.dir={run_dir}",
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "seqtrain: error: " in done.stderr and "no space left on device" in done.stderr
@@ -230,22 +208,13 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last(
 @pytest.mark.slow
 def test_a_failing_sweep_job_fails_alone(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqtrain",
-            "-m",
-            *TINY,
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "tbptt.window=16,100000,8",  # the middle job's window needs more text than there is
-            f"hydra.sweep.dir={root}",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
+    done = seqtrain(
+        "-m",
+        *TINY,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "tbptt.window=16,100000,8",  # the middle job's window needs more text than there is
+        f"hydra.sweep.dir={root}",
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "1 sweep job(s) failed" in done.stderr

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from .test_cli import ENV, seqtrain
+from .conftest import PLUGINS, seqtrain, with_pythonpath
 
-PLUGINS = Path(__file__).parent / "plugins"
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
-
-
-def with_plugins() -> dict[str, str]:
-    return {**ENV, "PYTHONPATH": os.pathsep.join([str(PLUGINS), ENV.get("PYTHONPATH", "")])}
 
 
 def test_a_user_corpus_source_trains_by_import_path(tmp_path: Path) -> None:
     run = tmp_path / "run"
     done = seqtrain(
-        *TINY, "data.source=my_sources:alphabet", f"hydra.run.dir={run}", env=with_plugins()
+        *TINY,
+        "data.source=my_sources:alphabet",
+        f"hydra.run.dir={run}",
+        env=with_pythonpath(PLUGINS),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())

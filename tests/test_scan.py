@@ -548,25 +548,18 @@ def test_scan_cells_in_residual_blocks_resume_exactly(tmp_path) -> None:
 @pytest.mark.slow
 def test_a_scan_cell_trains_evaluates_and_samples_through_the_cli(tmp_path) -> None:
     import json
-    import subprocess
-    import sys
 
-    from .test_cli import ENV
+    from .conftest import seqtrain
 
     run = tmp_path / "run"
-    common = dict(capture_output=True, text=True, env=ENV, timeout=300)
-    done = subprocess.run(
-        [sys.executable, "-m", "seqtrain", "+debug=tiny", "model.cell=mingru",
-         "model.backend=modular", f"hydra.run.dir={run}"], **common,
-    )  # fmt: skip
+    cell = ["model.cell=mingru", "model.backend=modular"]
+    done = seqtrain("+debug=tiny", *cell, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "chunked linear scan" in (run / "cli.log").read_text()
     summary = json.loads((run / "summary.json").read_text())
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    ev = subprocess.run([sys.executable, "-m", "seqtrain.evaluate", ckpt, "split=val"], **common)
+    ev = seqtrain(ckpt, "split=val", module="seqtrain.evaluate")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads(ev.stdout)["bpc"] == pytest.approx(summary["val_bpc"], abs=1e-4)
-    sample = subprocess.run(
-        [sys.executable, "-m", "seqtrain.sample", ckpt, "length=20", "prompt=def "], **common
-    )
+    sample = seqtrain(ckpt, "length=20", "prompt=def ", module="seqtrain.sample")
     assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-2000:]

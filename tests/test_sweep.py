@@ -13,6 +13,7 @@ import yaml
 
 from seqtrain import report
 
+from .conftest import seqtrain
 from .test_cli import ENV
 
 pytestmark = pytest.mark.slow
@@ -96,20 +97,11 @@ def needs(module: str):
 @needs("hydra_plugins.hydra_optuna_sweeper")
 def test_optuna_search_minimises_val_bpc(tmp_path: Path) -> None:
     root = tmp_path / "optuna"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqtrain",
-            *TINY,
-            "+hparams_search=char_lm_optuna",
-            "hydra.sweeper.n_trials=2",
-            f"hydra.sweep.dir={root}",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
+    done = seqtrain(
+        *TINY,
+        "+hparams_search=char_lm_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={root}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = [root / "0", root / "1"]

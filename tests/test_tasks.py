@@ -4,8 +4,6 @@ Mackey-Glass source, its figures, the command line end to end, exact resume, bad
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,15 @@ from seqtrain.synthetic import mackey_glass
 from seqtrain.tasks import Regression, build_model, build_task
 from seqtrain.tbptt import Engine
 
-from .conftest import ROOT, assert_close, assert_exact_resume, read_scalars
+from .conftest import (
+    PLUGINS,
+    ROOT,
+    assert_close,
+    assert_exact_resume,
+    read_scalars,
+    seqtrain,
+    with_pythonpath,
+)
 from .test_cli import ENV
 from .test_config import composed
 
@@ -207,16 +213,6 @@ def test_old_checkpoints_with_only_a_vocabulary_become_byte_lm_specs() -> None:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-def seqtrain(*args: str, module: str = "seqtrain") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def series_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("series")
@@ -322,15 +318,9 @@ def test_text_samples_need_a_task_that_generates_text() -> None:
 
 
 def test_a_user_task_plugs_in_through_the_cli(tmp_path) -> None:
-    env = {**ENV, "PYTHONPATH": f"{ROOT / 'tests' / 'plugins'}:{ENV.get('PYTHONPATH', '')}"}
+    env = with_pythonpath(PLUGINS)
     args = [*SERIES, "task.name=my_tasks:MeanAbsolute", f"hydra.run.dir={tmp_path}"]
-    done = subprocess.run(
-        [sys.executable, "-m", "seqtrain", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = seqtrain(*args, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["monitor"] == "val/mae" and summary["val_mae"] == summary["val_loss"] > 0

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from seqtrain.train import HPARAMS
 
-from .conftest import REQUIRED_SCALARS
+from .conftest import REQUIRED_SCALARS, seqtrain
 from .test_cli import ENV
 
 pytestmark = pytest.mark.slow
@@ -26,19 +24,11 @@ def events(tmp_path_factory):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path_factory.mktemp("tb")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqtrain",
-            "+debug=tiny",
-            *(f"{k}={v}" for k, v in SWEPT.items()),
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
+    done = seqtrain(
+        "+debug=tiny",
+        *(f"{k}={v}" for k, v in SWEPT.items()),
+        f"hydra.run.dir={run_dir}",
         env={**ENV, "OMP_NUM_THREADS": "1"},
-        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
