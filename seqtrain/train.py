@@ -196,6 +196,14 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     resume_from = resume_point(cfg, run_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
+    ckpt = None if resume_from is None else read(resume_from)  # before the corpus: cheap first
+    if ckpt is not None:
+        ranks = len(ckpt.get("seqtrain", {}).get("ranks", [None]))
+        if ranks != world:  # first: a world size also changes data.batch_size per rank
+            raise CheckpointError(
+                f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
+                f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
+            )
     corpus = load_corpus(cfg.data)
     raw = split_corpus(corpus, cfg.data.split)
     streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
@@ -209,14 +217,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
             "generates no text; set trainer.sample_length=0"
         )
     start_window, finished = 0, False
-    if resume_from is not None:
-        ckpt = read(resume_from)
-        ranks = len(ckpt.get("seqtrain", {}).get("ranks", [None]))
-        if ranks != world:  # first: a world size also changes data.batch_size per rank
-            raise CheckpointError(
-                f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
-                f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
-            )
+    if ckpt is not None:
         check_resumable(ckpt, cfg, spec, resume_from)
         start_window = ckpt["seqtrain"]["windows"]
         finished = (
