@@ -6,8 +6,11 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -121,6 +124,7 @@ class Preemption(L.Callback):
         self.saved = False
         self.module: L.LightningModule | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self.watchdog = SignalWatchdog(lambda: self.count)
 
     def _handle(self, signum: int, frame) -> None:
         self.count += 1
@@ -146,6 +150,7 @@ class Preemption(L.Callback):
         # Lightning wraps SIGTERM when fit starts (under DDP its handler kills the other ranks
         # from inside the signal handler); take it back so every signal waits for the update.
         signal.signal(signal.SIGTERM, self._handle)
+        self.watchdog.grace = SignalWatchdog.TRAINING
 
     def _stop_if_signalled(self, trainer, module) -> None:
         """Every rank calls this at the same points: the signal is agreed on by all of them."""
@@ -172,12 +177,58 @@ class Preemption(L.Callback):
 
     def teardown(self, trainer, module, stage: str) -> None:
         self.module = None
+        self.watchdog.close()
         for sig, handler in self.previous.items():  # the caller's handlers again
             signal.signal(sig, handler)
 
     @property
     def signal_name(self) -> str | None:
         return None if self.received is None else signal.Signals(self.received).name
+
+
+class SignalWatchdog:
+    """A signal always ends the process, even while the main thread waits in C code.
+
+    Python runs a signal handler only between bytecodes, so a rank blocked in a C call (the DDP
+    rendezvous waiting for a peer that never comes, a collective with a dead peer) would ignore
+    every SIGTERM and SIGINT. The C-level handler also writes the signal number to a wakeup
+    socket; this thread reads it, and if the Python handler has not run within `grace` seconds
+    (`handled()` did not grow), the main thread is stuck: it exits with 128 + the signal, as
+    the signal itself would have. Checkpoints are written atomically, so nothing is torn.
+    """
+
+    STARTING = 3.0  # seconds, before training: nothing to save, a wait is the only thing to end
+    TRAINING = 60.0  # seconds, once training runs: one long kernel must not lose the save
+
+    def __init__(self, handled: Callable[[], int]) -> None:
+        self.handled = handled
+        self.grace = self.STARTING
+        self.reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self.writer = writer
+        self.previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="seqtrain-signals", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        delivered = self.handled()
+        while data := self.reader.recv(64):
+            for signum in data:
+                delivered += 1
+                deadline = time.monotonic() + self.grace
+                while self.handled() < delivered and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.handled() < delivered:
+                    name = signal.Signals(signum).name
+                    # No logging here: the stuck main thread may hold the logging lock.
+                    os.write(2, f"seqtrain: {name} while blocked in a wait: exiting\n".encode())
+                    os._exit(128 + signum)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self.previous_fd)
+        self.writer.close()  # the reader sees end of file and the thread ends
+        self.thread.join(timeout=1.0)
+        self.reader.close()
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -42,6 +42,9 @@ class TrainerConfig:
     devices: int = 1  # devices (processes) per node; > 1 trains with DDP, B streams per device
     num_nodes: int = 1  # nodes (SLURM: one task per device on each node)
     strategy: str = "auto"  # auto | ddp (auto picks ddp when devices x num_nodes > 1)
+    # DDP: seconds a rank waits for the others (at start-up and in every collective) before the
+    # run fails in one line; a peer that never starts would otherwise block for torch's 30 min
+    ddp_timeout: float = 600.0
     precision: str = "32-true"  # 32-true | bf16-mixed (carried state stays float32)
     log_every_n_steps: int = 10  # TensorBoard scalar interval
     # A progress bar on stderr; without one, plain progress lines in the log (nohup, SLURM, pipes).
@@ -243,6 +246,12 @@ def validate(raw: DictConfig | dict) -> Config:
         "trainer.strategy",
         tr.strategy,
         f"choose from {', '.join(STRATEGIES)}",
+    )
+    _require(
+        math.isfinite(tr.ddp_timeout) and tr.ddp_timeout > 0,
+        "trainer.ddp_timeout",
+        tr.ddp_timeout,
+        "must be a finite number of seconds > 0",
     )
     _require(
         tr.precision in PRECISIONS,

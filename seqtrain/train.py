@@ -17,11 +17,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import torch.distributed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 
 from seqtrain import cells, rundir, trainer_extras
 from seqtrain.callbacks import (
@@ -34,7 +37,7 @@ from seqtrain.callbacks import (
     Throughput,
 )
 from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
-from seqtrain.config import Config, to_dict
+from seqtrain.config import Config, TrainerConfig, to_dict
 from seqtrain.data import (
     Corpus,
     DataSpec,
@@ -329,7 +332,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=build_strategy(cfg.trainer),
         precision=cfg.trainer.precision,
         max_steps=cfg.trainer.max_steps,
         val_check_interval=cfg.trainer.val_check_interval,
@@ -357,6 +360,13 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
         **{"enable_model_summary": False, **cfg.trainer.extra},  # +trainer.NAME=VALUE
     )
     return Parts(trainer, throughput, best, preemption)
+
+
+def build_strategy(tr: TrainerConfig) -> str | DDPStrategy:
+    """DDP with seqtrain's wait limit when there are several ranks (auto picks DDP then too)."""
+    if tr.devices * tr.num_nodes == 1:
+        return tr.strategy
+    return DDPStrategy(timeout=timedelta(seconds=tr.ddp_timeout))
 
 
 def build_streams(job: Job, trainer: L.Trainer) -> tuple[Streams, Streams]:
@@ -398,13 +408,21 @@ def run(
 ) -> float:
     """Train to trainer.max_steps (or a signal); the wall-clock seconds it took."""
     start = time.perf_counter()
-    trainer.fit(
-        module,
-        train_loader(train, job.start_window),
-        eval_loader(val),
-        ckpt_path=job.resume_from,
-        weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
-    )
+    try:
+        trainer.fit(
+            module,
+            train_loader(train, job.start_window),
+            eval_loader(val),
+            ckpt_path=job.resume_from,
+            weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
+        )
+    except torch.distributed.DistError as err:  # a peer that never came, or died
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SeqtrainError(
+            f"DDP: the ranks did not all answer within trainer.ddp_timeout="
+            f"{job.cfg.trainer.ddp_timeout:g} s ({first}); start every rank (SLURM: one task "
+            "per device), or check MASTER_ADDR and MASTER_PORT"
+        ) from None
     return time.perf_counter() - start
 
 
@@ -482,16 +500,19 @@ def fit(job: Job, before_training: Callable[[], None] | None = None) -> dict:
     if cfg.memory.host_cache and cache_host_memory():
         log.info("host memory cache: freed CPU memory stays in the process (memory.host_cache)")
     preemption = Preemption(job.run_dir / "checkpoints" / "last.ckpt")  # handlers before work
-    module = build_module(job)
-    parts = build_trainer(job, module, preemption)
-    train, val = build_streams(job, parts.trainer)
-    if parts.trainer.world_size > 1:
-        # The weights are already built (DDP copies rank 0's to every rank anyway); from here on
-        # each rank draws its own dropout masks, as the streams of one process do.
-        L.seed_everything(cfg.seed + parts.trainer.global_rank, workers=True, verbose=False)
-    log_start(job, module, parts.trainer)
-    plan_memory(job, module, parts.trainer)
-    if before_training is not None:
-        before_training()
-    wall = run(job, module, parts.trainer, train, val)
+    try:
+        module = build_module(job)
+        parts = build_trainer(job, module, preemption)
+        train, val = build_streams(job, parts.trainer)
+        if parts.trainer.world_size > 1:
+            # The weights are already built (DDP copies rank 0's to every rank anyway); from
+            # here on each rank draws its own dropout masks, as the streams of one process do.
+            L.seed_everything(cfg.seed + parts.trainer.global_rank, workers=True, verbose=False)
+        log_start(job, module, parts.trainer)
+        plan_memory(job, module, parts.trainer)
+        if before_training is not None:
+            before_training()
+        wall = run(job, module, parts.trainer, train, val)
+    finally:
+        preemption.teardown(None, None, "fit")  # also when a step failed before Lightning ran
     return write_summary(job, module, parts, val, wall)

@@ -329,6 +329,16 @@ CASES = [Case(*row) for row in CASES] + [
         "seed too large", lambda t, c: ["seed=4294967296"], "seed=4294967296: must be in 0..2**32-1"
     ),
     Case(
+        "DDP wait of zero seconds",
+        lambda t, c: ["trainer.ddp_timeout=0"],
+        "trainer.ddp_timeout=0.0: must be a finite number of seconds > 0",
+    ),
+    Case(
+        "infinite DDP wait",
+        lambda t, c: ["trainer.ddp_timeout=inf"],
+        "trainer.ddp_timeout=inf: must be a finite number of seconds > 0",
+    ),
+    Case(
         "infinite learning rate",
         lambda t, c: ["optim.lr=inf"],
         "optim.lr=inf: must be > 0 and finite",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,40 @@ def test_a_regression_task_trains_alike_on_two_ranks(tmp_path: Path) -> None:
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     s1, s2 = (json.loads((runs[n] / "summary.json").read_text()) for n in ("one", "two"))
     assert s2["world_size"] == 2 and s2["val_nmse"] == pytest.approx(s1["val_nmse"], abs=1e-5)
+
+
+def alone(port: int) -> dict[str, str]:
+    """The environment of rank 0 of 2 whose peer never starts (as a broken SLURM or torchrun job
+    would leave it): it waits at the DDP rendezvous."""
+    return {
+        **ENV,
+        "LOCAL_RANK": "0",
+        "NODE_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def test_a_rank_whose_peer_never_starts_fails_in_one_line(tmp_path: Path) -> None:
+    proc = start_run(tmp_path, [*RUN, "trainer.devices=2", "trainer.ddp_timeout=3"], alone(29561))
+    code, _, err = finish(proc)
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert "trainer.ddp_timeout=3 s" in err and "1/2 clients joined" in err
+
+
+def test_a_signal_ends_a_rank_blocked_at_the_rendezvous(tmp_path: Path) -> None:
+    """Python runs signal handlers only between bytecodes; the rendezvous blocks in C for the
+    whole ddp_timeout. The watchdog (callbacks.SignalWatchdog) ends the process anyway."""
+    proc = start_run(tmp_path, [*RUN, "trainer.devices=2"], alone(29562))
+    for line in proc.stdout:
+        if "Initializing distributed" in line:
+            break
+    time.sleep(1.0)  # inside the blocking wait
+    proc.send_signal(signal.SIGTERM)
+    start_time = time.perf_counter()
+    code, _, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert time.perf_counter() - start_time < 15  # the default ddp_timeout is 600 s
+    assert "SIGTERM while blocked in a wait" in err
