@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +27,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -145,8 +147,25 @@ def resume_command(run_dir: Path) -> str:
     return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
 
 
-# The folders of the sweep jobs that failed in this process (a failed job does not stop a sweep).
+# The folders of the sweep jobs that failed (a failed job does not stop a sweep): those run in
+# this process, and those a launcher ran elsewhere (SweepFailures finds their error.txt).
 FAILED_JOBS: list[Path] = []
+
+
+class SweepFailures(Callback):
+    """Counts a sweep's failed jobs whatever the launcher: submitit runs each job in its own
+    process, where `job_failed` records the failure only as the job folder's error.txt, so at the
+    sweep's end this collects the error.txt files written since the sweep began."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        known = {path.resolve() for path in FAILED_JOBS}
+        for error in sorted(Path(config.hydra.sweep.dir).rglob("error.txt")):
+            job = error.parent.resolve()
+            if job not in known and error.stat().st_mtime >= self.started - 1.0:  # 1 s: mtime
+                FAILED_JOBS.append(error.parent)  # resolution; older files are earlier sweeps'
 
 
 def job_failed(message: str, run_dir: Path) -> float:

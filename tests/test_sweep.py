@@ -115,3 +115,22 @@ def test_submitit_local_launcher_runs_a_two_device_job(tmp_path: Path) -> None:
     root = tmp_path / "submitit"
     (job,) = sweep(root, "hydra/launcher=local", *TWO_DEVICES)
     assert summary(job)["world_size"] == 2
+
+
+@needs("hydra_plugins.hydra_submitit_launcher")
+def test_a_failing_job_under_submitit_counts_in_the_exit_status(tmp_path: Path) -> None:
+    """submitit runs each job in its own process: the failure reaches the sweep's status through
+    the job folder's error.txt (cli.SweepFailures), and the other job still trains."""
+    root = tmp_path / "submitit"
+    done = subprocess.run(
+        [sys.executable, "-m", "seqtrain", "-m", *TINY, f"hydra.sweep.dir={root}"]
+        + ["hydra/launcher=local", "tbptt.window=16,100000"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "1 sweep job(s) failed" in done.stderr
+    assert (root / "0" / "summary.json").is_file()
+    assert "tbptt.window 100000" in (root / "1" / "error.txt").read_text()
