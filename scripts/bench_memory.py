@@ -60,7 +60,7 @@ def timed_update(engine: Engine, x: torch.Tensor, y: torch.Tensor, chunk: int | 
     resets = torch.zeros_like(x, dtype=torch.bool)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    loss, _, _ = engine.run(x, y, resets, None, chunk=chunk)
+    loss = engine.run(x, y, resets, None, chunk=chunk).loss
     (loss / x.numel()).backward()
     if x.is_cuda:
         torch.cuda.synchronize()

@@ -268,8 +268,8 @@ def measure_update(
 
     def update() -> None:
         with autocast or contextlib.nullcontext(), saved:
-            loss, _, _ = engine.run(x, y, resets, None, chunk=chunk)
-        (loss / x.numel()).backward()
+            out = engine.run(x, y, resets, None, chunk=chunk, penalize=True)
+        (out.loss / x.numel() + out.penalty).backward()
 
     with _rng_kept(device):
         start = time.perf_counter()
@@ -416,7 +416,7 @@ def plan_memory(
     the plan is measured and must fit. Nothing fits: ValueError stating the minimum.
     `measured` holds (and receives) updates of this engine's shape already measured, by chunk.
     """
-    T = engine.window
+    T = engine.longest  # the longest window an update gets (tbptt.vary draws some above window)
     budget = parse_size(cfg.budget) if cfg.budget is not None else None
     model = MemoryModel.from_shapes(engine.model, batch_size, T)
     measured = {} if measured is None else measured

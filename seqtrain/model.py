@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -67,6 +68,10 @@ class ModelConfig:
     cell_clip: float | None = None  # clip the cell state to [-cell_clip, cell_clip]
     peephole: bool = False  # gates also see the cell state
     proj_size: int = 0  # project h to this size (nn.LSTM's proj_size); 0 = off
+    # AWD-LSTM's activation regularisers on the last layer's output, training loss only
+    # (docs/awd.md): ar * mean(dropped ** 2) and tar * mean((raw[t] - raw[t - 1]) ** 2)
+    ar: float = 0.0  # activation regularisation (awd-lstm-lm's alpha, 2 there)
+    tar: float = 0.0  # temporal activation regularisation, slowness (its beta, 1 there)
 
     def cell_options(self) -> dict:
         options = {k: v for k, v in asdict(self).items() if k in CELL_OPTIONS}
@@ -93,6 +98,40 @@ def dropout(x: Tensor, p: float, variational: bool, training: bool) -> Tensor:
     return x * mask
 
 
+@dataclass(frozen=True)
+class ActivationPenalty:
+    """AR and TAR (Merity et al. 2017, "Regularizing and Optimizing LSTM Language Models").
+
+    AR keeps the dropped outputs (what the head reads) small; TAR keeps the raw outputs (before
+    the output dropout) slow-changing. Called once per segment of a window with that segment's
+    outputs, it returns the segment's share of the window's penalty, so the shares add up to
+    the window's means whatever the segments (chunk checkpoints, document cuts):
+        ar * sum(dropped ** 2) / (B * T * H) + tar * sum(diff ** 2) / (B * (T - 1) * H)
+    with T the window's trained steps and diff the T - 1 differences of consecutive raw outputs.
+    `previous` is the raw output of the step before the segment, or None at the window's first
+    step: as in awd-lstm-lm no pair spans two windows (the earlier one's graph is gone).
+    """
+
+    ar: float
+    tar: float
+
+    def __call__(self, raw: Tensor, dropped: Tensor, previous: Tensor | None, steps: int) -> Tensor:
+        B, _, H = raw.shape  # (B, t, H); steps = T, the window's, of which t are here
+        penalty = raw.new_zeros((), dtype=torch.float32)
+        if self.ar:
+            penalty = penalty + self.ar * dropped.float().square().sum() / (B * steps * H)
+        if self.tar and steps > 1:
+            seen = raw if previous is None else torch.cat([previous, raw], 1)  # (B, t[+1], H)
+            diff = seen[:, 1:] - seen[:, :-1]  # (B, t or t - 1, H)
+            penalty = penalty + self.tar * diff.float().square().sum() / (B * (steps - 1) * H)
+        return penalty
+
+
+def activation_penalty(cfg: ModelConfig) -> ActivationPenalty | None:
+    """The penalty model.ar and model.tar ask for; None when both are 0 (nothing is computed)."""
+    return ActivationPenalty(cfg.ar, cfg.tar) if cfg.ar or cfg.tar else None
+
+
 class TokenEmbedding(nn.Embedding):
     """nn.Embedding whose rows, whole symbols, drop out in training (AWD-LSTM's embedding
     dropout): a dropped symbol reads as zeros everywhere in the batch."""
@@ -107,6 +146,14 @@ class TokenEmbedding(nn.Embedding):
             keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.drop) / (1 - self.drop)
             weight = weight * keep  # (V, E)
         return F.embedding(x, weight)  # (B, T, E)
+
+
+class Outputs(NamedTuple):
+    """The recurrent stack's last layer over a window (AR and TAR read both outputs)."""
+
+    raw: Tensor  # (B, T, H) before the output dropout
+    dropped: Tensor  # (B, T, H) after it: what the head reads
+    state: State
 
 
 class RecurrentModel(nn.Module):
@@ -140,13 +187,21 @@ class RecurrentModel(nn.Module):
         given the window's resets; otherwise the engine cuts the window there."""
         return getattr(self.rnn, "resets_inside", False)
 
+    def layer_outputs(
+        self, x: Tensor, state: State | None = None, resets: Tensor | None = None
+    ) -> Outputs:
+        """The last layer's output before and after the output dropout, and the final state;
+        resets (B, T) bool only for a stack with resets_inside."""
+        e = dropout(self.embedding(x), self.cfg.input_dropout, self.cfg.variational, self.training)
+        h, state = self.rnn(e, state) if resets is None else self.rnn(e, state, resets)  # (B, T, H)
+        return Outputs(h, dropout(h, self.cfg.dropout, self.cfg.variational, self.training), state)
+
     def features(
         self, x: Tensor, state: State | None = None, resets: Tensor | None = None
     ) -> tuple[Tensor, State]:
-        """resets (B, T) bool only for a stack with resets_inside."""
-        e = dropout(self.embedding(x), self.cfg.input_dropout, self.cfg.variational, self.training)
-        h, state = self.rnn(e, state) if resets is None else self.rnn(e, state, resets)  # (B, T, H)
-        return dropout(h, self.cfg.dropout, self.cfg.variational, self.training), state
+        """What the head reads (the dropped output) and the final state."""
+        out = self.layer_outputs(x, state, resets)
+        return out.dropped, out.state
 
     def predict(self, h: Tensor) -> Tensor:
         return self.head(h)  # (B, T, V or K)

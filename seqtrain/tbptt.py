@@ -10,13 +10,17 @@ k2 steps. The engine keeps the last k2 - k1 steps it has seen (the "history") an
 state at the start of that history; an update re-runs history + new steps from that state and puts
 the loss on the new steps only, so every prediction gets at least k2 - k1 steps of gradient
 history. With k1 == k2 there is no history and this is plain TBPTT.
+
+An activation penalty (AWD-LSTM's AR and TAR, model.ActivationPenalty) is the model's: the engine
+hands it each trained segment's raw and dropped outputs, inside the checkpointed segment, and adds
+it to the training objective only, never to the reported loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +35,9 @@ class TbpttConfig:
     window: int = 128  # k2: steps of backpropagation per update
     stride: int | None = None  # k1: new steps per update; None = window (plain TBPTT)
     carry: bool = True  # carry the (detached) state across windows and batches; false = reset
+    # awd-lstm-lm's variable windows: each update's length drawn around `window` (at most
+    # window + 15), its LR scaled by length / window; plain TBPTT only (docs/awd.md)
+    vary: bool = False
 
 
 class Objective(Protocol):
@@ -39,6 +46,24 @@ class Objective(Protocol):
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Summed over the target elements of a segment."""
         ...
+
+
+class Penalty(Protocol):
+    """A regulariser of the model's outputs (model.ActivationPenalty), added to the objective."""
+
+    def __call__(self, raw: Tensor, dropped: Tensor, previous: Tensor | None, steps: int) -> Tensor:
+        """This segment's share of the window's penalty (raw, dropped (B, t, H); previous
+        (B, 1, H) the raw output of the step before, or None; steps: the window's T)."""
+        ...
+
+
+class Pass(NamedTuple):
+    """One run over a window."""
+
+    loss: Tensor  # the task's loss summed over positions >= loss_from
+    state: State | None  # the final state
+    captured: State | None  # the state at capture_at (before the reset there)
+    penalty: Tensor  # the penalty's mean over positions >= loss_from (0 unless asked for)
 
 
 @dataclass
@@ -89,6 +114,8 @@ class Engine:
         stride: int | None = None,
         carry: bool = True,
         chunk: int | None = None,
+        penalty: Penalty | None = None,
+        longest: int | None = None,
     ) -> None:
         stride = window if stride is None else stride
         if not 0 < stride <= window:
@@ -96,6 +123,8 @@ class Engine:
         self.model, self.task = model, task
         self.window, self.stride, self.carry = window, stride, carry
         self.chunk = chunk  # None: no checkpointing; else recompute every `chunk` steps in backward
+        self.penalty = penalty  # on the model's outputs, training objective only
+        self.longest = window if longest is None else longest  # the memory planner's T
         self.state: State | None = None  # detached state at the start of `history`
         self.history: tuple[Tensor, Tensor, Tensor] | None = None  # inputs, targets, resets
         self.eval_state: State | None = None
@@ -106,13 +135,27 @@ class Engine:
         return self.window - self.stride
 
     def _segment(
-        self, x: Tensor, y: Tensor, resets: Tensor | None, state: State | None, with_loss: bool
+        self,
+        x: Tensor,
+        y: Tensor,
+        resets: Tensor | None,
+        state: State | None,
+        with_loss: bool,
+        previous: Tensor | None,
+        steps: int | None,
     ):
-        h, state = self.model.features(x, state, resets)  # (B, t, H)
+        """(summed loss, penalty share, final state, last raw output) of one segment; steps is
+        the window's trained length when the penalty is asked for, else None."""
+        raw, h, state = self.model.layer_outputs(x, state, resets)  # (B, t, H) twice
+        zero = h.new_zeros((), dtype=torch.float32)
         if not with_loss:
-            return h.new_zeros(()), state
+            return zero, zero, state, None
         outputs = self.model.predict(h)  # (B, t, V or K): lives only inside this segment
-        return self.task.loss(outputs, y), state
+        loss = self.task.loss(outputs, y)
+        if steps is None:
+            return loss, zero, state, None
+        last = raw[:, -1:].clone()  # (B, 1, H); a view would keep all of raw past a checkpoint
+        return loss, self.penalty(raw, h, previous, steps), state, last
 
     def run(
         self,
@@ -123,30 +166,36 @@ class Engine:
         loss_from: int = 0,
         capture_at: int | None = None,
         chunk: int | None = None,
-    ) -> tuple[Tensor, State | None, State | None]:
-        """Run (B, T[, F]) inputs from `state`; return summed loss over positions >= loss_from, the
-        final state, and the state at position `capture_at` (before the reset there)."""
+        penalize: bool = False,
+    ) -> Pass:
+        """Run (B, T[, F]) inputs from `state`: the summed loss over positions >= loss_from, the
+        final state, the state at position `capture_at` (before the reset there) and, with
+        `penalize` and a penalty, the penalty over positions >= loss_from."""
         cuts = [loss_from] + ([capture_at] if capture_at is not None else [])
         inside = getattr(self.model, "resets_inside", False)  # the stack resets streams itself
         bounds = segment_bounds(x.shape[1], None if inside else resets, cuts, chunk)
         total = x.new_zeros((), dtype=torch.float32)
-        captured = None
+        penalty = x.new_zeros((), dtype=torch.float32)
+        steps = x.shape[1] - loss_from if penalize and self.penalty is not None else None
+        captured, previous = None, None  # previous: the raw output before the segment (TAR)
         for a, b in zip(bounds, [*bounds[1:], x.shape[1]], strict=True):
             if a == capture_at:
                 captured = state
             keep = ~resets[:, a]
             if not inside and state is not None and not bool(keep.all()):
                 state = reset(state, keep)
-            args = (x[:, a:b], y[:, a:b], resets[:, a:b] if inside else None, state, a >= loss_from)
+            trained = a >= loss_from
+            args = (x[:, a:b], y[:, a:b], resets[:, a:b] if inside else None, state, trained)
+            args += (previous, steps if trained else None)
             # The last segment's backward runs first: recomputing it would save nothing.
             if chunk is not None and b < x.shape[1] and torch.is_grad_enabled():
-                loss, state = checkpointed(self._segment, *args)
+                loss, share, state, previous = checkpointed(self._segment, *args)
             else:
-                loss, state = self._segment(*args)
-            total = total + loss
+                loss, share, state, previous = self._segment(*args)
+            total, penalty = total + loss, penalty + share
         if capture_at is not None and capture_at >= x.shape[1]:
             captured = state
-        return total, state, captured
+        return Pass(total, state, captured, penalty)
 
     def train_update(self, window: Window, backward: Callable[[Tensor], None]) -> UpdateResult:
         """Forward history + new steps from the carried state, backward once, carry detached."""
@@ -164,14 +213,15 @@ class Engine:
         capture_at = x.shape[1] - keep
         batch = [*self.model.parameters(), x, y, r, *(self.state or ())]
         with SavedBytes(exclude=batch) as saved:
-            loss_sum, _, captured = self.run(x, y, r, self.state, loss_from, capture_at, self.chunk)
+            out = self.run(x, y, r, self.state, loss_from, capture_at, self.chunk, penalize=True)
         self.saved_bytes = saved.bytes
         tokens = new * x.shape[0]
-        # mean over the new positions' targets only (B * k1, times K for vector targets);
-        # history carries no loss
-        loss = loss_sum / y[:, loss_from:].numel()
-        backward(loss)
-        self.state = detach(captured)  # with k1 == k2 this is the final state
+        # The task's loss: the mean over the new positions' targets only (B * k1, times K for
+        # vector targets); history carries no loss. The objective adds the penalty, already a
+        # mean over the same positions (ActivationPenalty's docstring); only the loss is reported.
+        loss = out.loss / y[:, loss_from:].numel()
+        backward(loss + out.penalty)
+        self.state = detach(out.captured)  # with k1 == k2 this is the final state
         self.history = (
             (x[:, capture_at:], y[:, capture_at:], r[:, capture_at:]) if keep > 0 else None
         )
@@ -182,9 +232,9 @@ class Engine:
         """Stateful evaluation: summed loss and target-element count; state carried across calls."""
         if window.index == 0:
             self.eval_state = None
-        loss, state, _ = self.run(window.inputs, window.targets, window.resets, self.eval_state)
-        self.eval_state = detach(state)
-        return float(loss), window.targets.numel()
+        out = self.run(window.inputs, window.targets, window.resets, self.eval_state)
+        self.eval_state = detach(out.state)
+        return float(out.loss), window.targets.numel()
 
     def reset_state(self) -> None:
         """Forget the carried state and history (after a non-finite update)."""

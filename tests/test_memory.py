@@ -53,7 +53,7 @@ def grads(m: RecurrentModel, chunk: int | None, seed: int = 7) -> dict[str, torc
     """Gradients of one summed-loss update over a (3, 24) batch, RNG seeded the same each time."""
     x, y, r = batch(3, 24)
     torch.manual_seed(seed)
-    loss, _, _ = Engine(m, BYTE_LM, 24).run(x, y, r, None, chunk=chunk)
+    loss = Engine(m, BYTE_LM, 24).run(x, y, r, None, chunk=chunk).loss
     loss.backward()
     out = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
@@ -151,7 +151,7 @@ def test_backward_flops_rise_by_the_recomputed_forward() -> None:
 
     def flops(chunk: int | None) -> tuple[int, int]:
         with FlopCounterMode(display=False) as fwd:
-            loss, _, _ = engine.run(x, y, r, None, chunk=chunk)
+            loss = engine.run(x, y, r, None, chunk=chunk).loss
         with FlopCounterMode(display=False) as bwd:
             loss.backward()
         m.zero_grad(set_to_none=True)

@@ -513,14 +513,14 @@ def test_engine_passes_resets_into_the_scan_instead_of_cutting(cell: str, monkey
     def run(inside: bool) -> tuple[Tensor, list[Tensor]]:
         monkeypatch.setattr(RecurrentModel, "resets_inside", property(lambda self: inside))
         model.zero_grad()
-        loss, final, _ = Engine(model, task, 12).run(x, y, resets, state)
+        loss, final, _, _ = Engine(model, task, 12).run(x, y, resets, state)
         (loss + final[0].sum()).backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     calls = []
-    original = RecurrentModel.features
+    original = RecurrentModel.layer_outputs  # what the engine runs a segment through
     monkeypatch.setattr(
-        RecurrentModel, "features", lambda self, *a: calls.append(a[-1]) or original(self, *a)
+        RecurrentModel, "layer_outputs", lambda self, *a: calls.append(a[-1]) or original(self, *a)
     )
     loss_in, grads_in = run(True)
     assert len(calls) == 1 and calls[0] is not None, "one segment, resets handed to the stack"

@@ -143,8 +143,8 @@ def test_mid_window_reset_restarts_only_that_stream(tiny_model) -> None:
     resets[1, 5] = True
     start = tuple(torch.randn_like(s) for s in tiny_model(x[:, :1])[1])
     engine = Engine(tiny_model, BYTE_LM, window=12)
-    _, state, _ = engine.run(x, y, resets, start)
-    _, untouched, _ = engine.run(x, y, torch.zeros_like(resets), start)
+    state = engine.run(x, y, resets, start).state
+    untouched = engine.run(x, y, torch.zeros_like(resets), start).state
     _, fresh = tiny_model(x[1:2, 5:])  # stream 1 from a zero state at step 5
     for s, u, f in zip(state, untouched, fresh, strict=True):
         assert_close(s[:, [0, 2]], u[:, [0, 2]], 1e-6, "other streams")
