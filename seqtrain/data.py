@@ -358,11 +358,14 @@ class Streams(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Window:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        a, b = index * self.stride, min((index + 1) * self.stride, self.length)
+        return self.window(index * self.stride, min((index + 1) * self.stride, self.length), index)
+
+    def window(self, start: int, stop: int, index: int) -> Window:
+        """Steps start:stop of every stream, as the epoch's window number `index`."""
         return Window(
-            self.inputs[:, a:b].to(self.dtype),
-            self.targets[:, a:b].to(self.dtype),
-            self.resets[:, a:b],
+            self.inputs[:, start:stop].to(self.dtype),
+            self.targets[:, start:stop].to(self.dtype),
+            self.resets[:, start:stop],
             index,
         )
 
@@ -384,14 +387,75 @@ class WindowSampler(torch.utils.data.Sampler[int]):
             cursor += 1
 
 
-def train_loader(streams: Streams, start: int = 0) -> torch.utils.data.DataLoader:
+# awd-lstm-lm's variable windows (tbptt.vary): a length around the window, now and then around
+# half of it, with a spread of a few steps; capped so the memory plan (made for the longest) holds.
+VARY_HALF = 0.05  # the share of windows drawn around window / 2
+VARY_SD = 5  # the standard deviation of a drawn length, in steps
+VARY_MIN = 5  # the shortest drawn length
+VARY_ABOVE = 3 * VARY_SD  # the longest is window + 15: three deviations, 0.13% of draws cut
+
+
+def longest_window(window: int) -> int:
+    """The most steps a varied window has (the memory planner plans for it)."""
+    return window + VARY_ABOVE
+
+
+def draw_length(rng: np.random.Generator, window: int) -> int:
+    """seq_len = max(5, int(N(bptt, 5))) with bptt = window (95%) or window / 2 (5%), capped."""
+    bptt = window if rng.random() < 1 - VARY_HALF else window / 2
+    return min(longest_window(window), max(VARY_MIN, int(rng.normal(bptt, VARY_SD))))
+
+
+class VariedSpans(torch.utils.data.Sampler[tuple[int, int, int]]):
+    """Endless (start, stop, index) spans of every stream, lengths drawn by `draw_length`.
+
+    Each span starts where the previous one stopped; the one that reaches the stream's end is
+    cut there and the next epoch starts at step 0 (index 0). The draws come from a generator of
+    their own, seeded with `seed`, so the spans are a function of (seed, cursor): a resumed run
+    replays the draws of the `start` spans it has trained and continues with the next one (no
+    generator state to save, nothing drawn from the global RNG).
+    """
+
+    def __init__(self, length: int, window: int, seed: int, start: int = 0) -> None:
+        self.length, self.window, self.seed, self.start = length, window, seed, start
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        position, index, served = 0, 0, 0
+        while True:
+            stop = min(position + draw_length(rng, self.window), self.length)
+            if served >= self.start:
+                yield position, stop, index
+            served += 1
+            position, index = (stop, index + 1) if stop < self.length else (0, 0)
+
+
+class Spans(torch.utils.data.Dataset):
+    """Streams read by (start, stop, index) spans (VariedSpans) instead of fixed windows."""
+
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+
+    def __getitem__(self, span: tuple[int, int, int]) -> Window:
+        return self.streams.window(*span)
+
+
+def train_loader(
+    streams: Streams, start: int = 0, vary_seed: int | None = None
+) -> torch.utils.data.DataLoader:
     """Windows in stream order, one per update, from window `start` on (no shuffling: the order
-    *is* the recurrence). Its own generator: making its iterator must not draw from the global
-    RNG, or a resumed run's dropout masks would drift from the uninterrupted run's."""
+    *is* the recurrence): of `streams.stride` steps, or with `vary_seed` of lengths drawn from
+    it (VariedSpans). Its own generator: making its iterator must not draw from the global RNG,
+    or a resumed run's dropout masks would drift from the uninterrupted run's."""
+    if vary_seed is None:
+        dataset, sampler = streams, WindowSampler(len(streams), start)
+    else:
+        dataset = Spans(streams)
+        sampler = VariedSpans(streams.length, streams.stride, vary_seed, start)
     return torch.utils.data.DataLoader(
-        streams,
+        dataset,
         batch_size=None,
-        sampler=WindowSampler(len(streams), start),
+        sampler=sampler,
         collate_fn=_identity,
         generator=torch.Generator(),
     )

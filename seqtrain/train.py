@@ -408,10 +408,11 @@ def run(
 ) -> float:
     """Train to trainer.max_steps (or a signal); the wall-clock seconds it took."""
     start = time.perf_counter()
+    vary_seed = job.cfg.seed if job.cfg.tbptt.vary else None  # every rank draws the same lengths
     try:
         trainer.fit(
             module,
-            train_loader(train, job.start_window),
+            train_loader(train, job.start_window, vary_seed),
             eval_loader(val),
             ckpt_path=job.resume_from,
             weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
