@@ -106,10 +106,13 @@ def task_of(ckpt: dict, cfg: Config) -> Task:
 
 
 def load_model(ckpt: dict, cfg: Config) -> RecurrentModel:
-    """Rebuild the model and load its weights; a shape or vocabulary mismatch is one line."""
+    """Rebuild the model and load the weights evaluation reads: the training weights, or once a
+    weight average has started (optim.average) its mean. A shape or vocabulary mismatch is one
+    line."""
     model = build_model(cfg.model, task_of(ckpt, cfg))
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    weights.update((ckpt.get("seqtrain", {}).get("average") or {}).get("mean") or {})
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -218,9 +221,10 @@ def newest_complete(run_dir: Path) -> Path | None:
 
 
 # Settings a resumed run must share with its checkpoint (dotted-key prefixes; docs/reliability.md
-# has the table). data.* and tbptt.* lay out the streams and place the data cursor; optim.lr,
-# weight_decay and the optimizer's arguments are restored from the checkpoint's optimizer state,
-# so a new value would be silently ignored; seed is replaced by the restored RNG states.
+# has the table). data.* and tbptt.* (tbptt.vary's drawn windows included) lay out the streams
+# and place the data cursor; optim.lr, weight_decay and the optimizer's arguments are restored
+# from the checkpoint's optimizer state, so a new value would be silently ignored; the restored
+# weight average belongs to its optim.average rule; seed is replaced by the restored RNG states.
 RESUME_FIXED = (
     "data.source",
     "data.path",
@@ -236,6 +240,7 @@ RESUME_FIXED = (
     "data.doc_starts_path",
     "tbptt",
     "optim.lr",
+    "optim.average",
     "optim.weight_decay",
     "optim.optimizer",
     "seed",

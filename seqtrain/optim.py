@@ -4,19 +4,26 @@ The optimizer class and the schedule are `_target_` nodes (`_partial_: true`): t
 parameter groups and the peak `optim.lr` here. Clipping, skipping non-finite updates and weight
 decay on matrices only stay seqtrain's (the module clips by hand: Lightning's Trainer-level
 clipping raises under manual optimisation).
+
+A weight average (`optim.average`, `WeightAverage`) is kept beside any optimizer once its start
+rule fires: `optim=ntasgd` is SGD with NT-ASGD's non-monotonic rule (docs/awd.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from seqtrain import targets
 from seqtrain.errors import ConfigError
+from seqtrain.registry import Registry
 
 log = logging.getLogger("seqtrain")
 
@@ -50,6 +57,11 @@ class OptimConfig:
         }
     )
     max_skipped: int = 10  # stop after this many consecutive non-finite updates (each skipped)
+    # Average the weights once a rule fires; validation, best.ckpt, evaluate and sample then read
+    # the average, training goes on with the raw weights. nt: NT-ASGD's non-monotonic rule
+    # (optim=ntasgd); null: never; or your own rule as module:function.
+    average: str | None = None
+    nonmono: int = 5  # nt: start when val is worse than the best before the last nonmono passes
 
 
 def lr_factor(step: int, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> float:
@@ -95,6 +107,10 @@ def check(optim: OptimConfig) -> None:
         raise ConfigError(f"optim.grad_clip={optim.grad_clip}: must be > 0 and finite, or null")
     if optim.max_skipped <= 0:
         raise ConfigError(f"optim.max_skipped={optim.max_skipped}: must be a positive integer")
+    if optim.nonmono < 1:
+        raise ConfigError(f"optim.nonmono={optim.nonmono}: must be a positive number of passes")
+    if optim.average is not None:
+        AVERAGE_STARTS.get(optim.average)  # an unknown name is one line listing the rules
     for name in ("lr", "weight_decay"):
         if name in optim.optimizer:
             raise ConfigError(f"optim.optimizer.{name}: seqtrain sets it; give optim.{name}")
@@ -149,3 +165,129 @@ def upgrade(optim: dict[str, Any]) -> dict[str, Any]:
     for key in ("warmup_steps", "min_lr_ratio"):
         schedule[key] = old.pop(key, schedule[key])
     return {**old, "optimizer": node, "schedule": schedule}
+
+
+@contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """Every group's rate times `factor` for the steps inside, restored exactly afterwards: the
+    schedule never sees it (tbptt.vary scales one update's step by its length / window)."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+    try:
+        yield
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+
+
+# optim.average -> when the weight average starts: a rule (validation losses so far, oldest
+# first; optim.nonmono) -> bool, asked after every validation pass until it says yes.
+AVERAGE_STARTS: Registry[Callable[[list[float], int], bool]] = Registry("optim.average")
+
+
+@AVERAGE_STARTS.register("nt")
+def non_monotonic(losses: list[float], nonmono: int) -> bool:
+    """NT-ASGD's trigger (Merity et al. 2017; awd-lstm-lm's main.py): the newest loss is worse
+    than the best of those before the last `nonmono` earlier ones, so the run has gone `nonmono`
+    passes without beating it."""
+    *before, newest = losses
+    return len(before) > nonmono and newest > min(before[:-nonmono])
+
+
+class WeightAverage:
+    """The uniform mean of the weights after each update from the start on (Polyak averaging:
+    torch.optim.ASGD's `ax` with t0 at the start, what NT-ASGD evaluates), kept beside any
+    optimizer, which goes on training the raw weights.
+
+    The module calls `validated` after each validation pass (the rule may start the average),
+    `update` after each optimizer step, and `use_average` / `use_raw` around evaluation. The
+    losses, the start step, the count and the mean are the whole state (`state_dict`): a resume
+    before or after the start continues exactly.
+    """
+
+    def __init__(self, start: Callable[[list[float], int], bool] | None, nonmono: int) -> None:
+        self.start, self.nonmono = start, nonmono
+        self.losses: list[float] = []  # every validation loss, oldest first
+        self.started_at: int | None = None  # the step whose weights began the mean
+        self.count = 0  # updates averaged since
+        self.mean: dict[str, Tensor] | None = None  # by parameter name
+        self._raw: dict[str, Tensor] | None = None  # the training weights while the mean is in
+
+    @property
+    def enabled(self) -> bool:
+        return self.start is not None
+
+    @property
+    def active(self) -> bool:
+        return self.mean is not None
+
+    def validated(self, loss: float, step: int, model: nn.Module) -> bool:
+        """Record a validation loss; True if it starts the average (from the weights now)."""
+        self.losses.append(loss)
+        if self.start is None or self.active or not self.start(self.losses, self.nonmono):
+            return False
+        self.started_at = step
+        self.mean = {name: p.detach().clone() for name, p in model.named_parameters()}
+        return True
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the weights after an optimizer step into the mean: mean += (w - mean) / count."""
+        if self.mean is None:
+            return
+        self.count += 1
+        for name, p in model.named_parameters():
+            self.mean[name].lerp_(p, 1 / self.count)  # weight 1 (the first) copies w exactly
+
+    @torch.no_grad()
+    def use_average(self, model: nn.Module) -> None:
+        """Put the mean into the model (once started); `use_raw` puts the weights back."""
+        if self.mean is None or self._raw is not None:
+            return
+        self._raw = {name: p.detach().clone() for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            p.copy_(self.mean[name])
+
+    @torch.no_grad()
+    def use_raw(self, model: nn.Module) -> None:
+        if self._raw is None:
+            return
+        for name, p in model.named_parameters():
+            p.copy_(self._raw[name])
+        self._raw = None
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """The mean in the model inside the block (the raw weights if not started)."""
+        self.use_average(model)
+        try:
+            yield
+        finally:
+            self.use_raw(model)
+
+    def state_dict(self) -> dict:
+        assert self._raw is None, "saving while the mean is in the model would save the mean"
+        return {
+            "losses": list(self.losses),
+            "started_at": self.started_at,
+            "count": self.count,
+            "mean": self.mean,
+        }
+
+    def load_state_dict(self, state: dict | None, model: nn.Module) -> None:
+        """A checkpoint's state (None: one written before averaging existed), on the model's
+        devices."""
+        if state is None:
+            return
+        self.losses, self.started_at = list(state["losses"]), state["started_at"]
+        self.count, mean = state["count"], state["mean"]
+        if mean is not None:
+            mean = {name: mean[name].to(p) for name, p in model.named_parameters()}
+        self.mean = mean
+
+
+def build_average(optim: OptimConfig) -> WeightAverage:
+    """The weight average optim.average asks for (with none it never starts)."""
+    start = None if optim.average is None else AVERAGE_STARTS.get(optim.average)
+    return WeightAverage(start, optim.nonmono)
