@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from seqtrain import cells, optim, synthetic, trainer_extras
-from seqtrain.data import SOURCES, DataConfig
+from seqtrain.data import SOURCES, VARY_MIN, VARY_SD, DataConfig
 from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import BLOCKS, ModelConfig
@@ -194,6 +194,11 @@ def validate(raw: DictConfig | dict) -> Config:
         f"must be 0 (off) or in 1..{m.hidden_size - 1} (below model.hidden_size)",
     )
     _require(math.isfinite(m.forget_bias), "model.forget_bias", m.forget_bias, "must be finite")
+    for key in ("ar", "tar"):
+        weight = getattr(m, key)
+        _require(
+            0 <= weight < math.inf, f"model.{key}", weight, "must be >= 0 and finite (0 = off)"
+        )
     _require(
         m.cell_clip is None or 0 < m.cell_clip < math.inf,
         "model.cell_clip",
@@ -211,6 +216,20 @@ def validate(raw: DictConfig | dict) -> Config:
         t.stride,
         f"must be in 1..tbptt.window ({t.window}), or null for stride = window",
     )
+    if t.vary:  # awd-lstm-lm's variable windows (data.VariedSpans)
+        _require(
+            t.stride in (None, t.window),
+            "tbptt.stride",
+            t.stride,
+            "tbptt.vary=true draws each whole window (plain TBPTT): leave tbptt.stride null",
+        )
+        _require(
+            t.window >= 2 * VARY_MIN,
+            "tbptt.window",
+            t.window,
+            f"tbptt.vary=true needs a window of at least {2 * VARY_MIN}: lengths are drawn "
+            f"around window / 2 too, {VARY_SD} steps apart and at least {VARY_MIN}",
+        )
     _require(
         mem.checkpoint in CHECKPOINT_MODES,
         "memory.checkpoint",

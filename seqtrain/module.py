@@ -24,9 +24,10 @@ from torch import Tensor
 
 from seqtrain import optim
 from seqtrain.config import Config, from_dict, to_dict
-from seqtrain.data import DataSpec, Window
+from seqtrain.data import DataSpec, Window, longest_window
 from seqtrain.errors import NonFiniteError
 from seqtrain.memory import PeakMeter, plan_chunk
+from seqtrain.model import activation_penalty
 from seqtrain.tasks import build_model, build_task
 from seqtrain.tbptt import Engine
 
@@ -74,8 +75,14 @@ class SequenceModule(L.LightningModule):
         self.task = build_task(self.cfg.task, DataSpec(**spec))
         self.model = build_model(self.cfg.model, self.task)
         t = self.cfg.tbptt
-        chunk = plan_chunk(self.cfg.memory, t.window)
-        self.engine = Engine(self.model, self.task, t.window, t.stride, t.carry, chunk)
+        longest = longest_window(t.window) if t.vary else t.window  # what memory is planned for
+        chunk = plan_chunk(self.cfg.memory, longest)
+        penalty = activation_penalty(self.cfg.model)  # model.ar, model.tar
+        self.engine = Engine(
+            self.model, self.task, t.window, t.stride, t.carry, chunk, penalty, longest
+        )
+        # optim.average: validation, best.ckpt and sampling read its mean once it has started
+        self.average = optim.build_average(self.cfg.optim)
         self.memory_plan: dict | None = None  # memory.plan_run's measured plan (train.fit sets it)
         self.saved_bytes = 0  # the most any update saved for backward
         self.peak_bytes: int | None = None  # the highest update peak (CUDA) or the probe's (CPU)
@@ -119,8 +126,10 @@ class SequenceModule(L.LightningModule):
         )
         finite = math.isfinite(result.loss) and bool(torch.isfinite(grad_norm))
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            optimizer.step()
+            with optim.scaled_lr(optimizer, self.lr_scale(batch)):
+                optimizer.step()
             schedule.step()
+            self.average.update(self.model)
             self.consecutive_skips = 0
         else:
             self.skip_update(result.loss, float(grad_norm))
@@ -144,6 +153,12 @@ class SequenceModule(L.LightningModule):
             }
         )
         return {"tokens": tokens}
+
+    def lr_scale(self, window: Window) -> float:
+        """tbptt.vary: an update of L steps takes a step of lr * L / window (awd-lstm-lm), so a
+        token weighs the same in a long window as in a short one; fixed windows: 1."""
+        t = self.cfg.tbptt
+        return window.inputs.shape[1] / t.window if t.vary else 1.0
 
     def log_step(self, metrics: dict[str, float]) -> None:
         """Write this update's scalars to the loggers now, every trainer.log_every_n_steps.
@@ -200,6 +215,7 @@ class SequenceModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_sums = (0.0, 0)
+        self.average.use_average(self.model)  # once started, validation reads the mean
 
     def validation_step(self, batch: Window, batch_idx: int) -> None:
         if self.stop_requested:  # the run is stopping: the rest of the pass is skipped
@@ -208,6 +224,8 @@ class SequenceModule(L.LightningModule):
         self.val_sums = (self.val_sums[0] + total, self.val_sums[1] + count)
 
     def on_validation_epoch_end(self) -> None:
+        # First, before any checkpoint callback saves: training goes on with the raw weights.
+        self.average.use_raw(self.model)
         # Each rank read its own block of the val streams: the split's figure is all ranks' summed
         # loss over all ranks' targets (reduce is the identity on one device). A pass any rank
         # abandoned (a stop signal) has no figure.
@@ -225,6 +243,25 @@ class SequenceModule(L.LightningModule):
         self.log_dict(self.last_val, prog_bar=True, logger=False, sync_dist=True)
         for logger in self.loggers:
             logger.log_metrics(self.last_val, step=self.global_step)
+        self.validated(loss)
+
+    def validated(self, loss: float) -> None:
+        """Give the pass's loss to the weight average (optim.average), which may start it now;
+        optim/averaging is 1 from the pass that started it on."""
+        if not self.average.enabled:
+            return
+        if self.average.validated(loss, self.global_step, self.model):
+            log.info(
+                "optim.average=%s: val loss %.4f at step %d is worse than the best before the "
+                "last %d passes; averaging the weights from here on (validation, best.ckpt, "
+                "evaluate and sample read the average)",
+                self.cfg.optim.average,
+                loss,
+                self.global_step,
+                self.cfg.optim.nonmono,
+            )
+        for logger in self.loggers:
+            logger.log_metrics({"optim/averaging": float(self.average.active)}, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What Lightning does not keep: the data cursor, the carried state and the RNGs.
@@ -248,6 +285,9 @@ class SequenceModule(L.LightningModule):
             ranks: list = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(ranks, own)
             checkpoint["seqtrain"]["ranks"] = ranks
+        # The same on every rank (as the weights are), so kept once, outside the ranks' states;
+        # checkpoint.load_model evaluates with its mean.
+        checkpoint["seqtrain"]["average"] = self.average.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         loop = checkpoint["seqtrain"]
@@ -257,6 +297,7 @@ class SequenceModule(L.LightningModule):
         self.windows_seen, self.tokens_seen = loop["windows"], loop["tokens"]
         self.skipped_steps, self.train_loss = loop["skipped_steps"], loop["train_loss"]
         self.restored_rng = loop["rng"]
+        self.average.load_state_dict(checkpoint["seqtrain"].get("average"), self.model)
 
     def _own_rank_state(self, ranks: list) -> dict:
         """This rank's loop state (its streams exist only at the world size that wrote them)."""
@@ -276,11 +317,12 @@ class SequenceModule(L.LightningModule):
             self.restored_rng = None
 
     def sample(self, prompt: bytes, length: int, seed: int = 0) -> str:
-        """Text generated from the current weights (tasks that generate text); train mode is
-        restored afterwards."""
+        """Text generated from the weights evaluation reads (tasks that generate text); train
+        mode is restored afterwards."""
         was_training = self.model.training
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        text = self.task.generate(self.model, prompt, length, generator=generator)
+        with self.average.applied(self.model):  # the weights evaluation reads
+            text = self.task.generate(self.model, prompt, length, generator=generator)
         self.model.train(was_training)
         return text
