@@ -137,11 +137,33 @@ CASES = [
         "tbptt.stride=17: must be in 1..tbptt.window",
     ),
     (
+        "varied windows with a stride",
+        lambda t, c: ["tbptt.vary=true", "tbptt.stride=8"],
+        "tbptt.stride=8: tbptt.vary=true draws each whole window (plain TBPTT)",
+    ),
+    (
+        "varied windows too short",
+        lambda t, c: ["tbptt.vary=true", "tbptt.window=8"],
+        "tbptt.window=8: tbptt.vary=true needs a window of at least 10",
+    ),
+    (
         "batch size zero",
         lambda t, c: ["data.batch_size=0"],
         "data.batch_size=0: must be a positive",
     ),
     ("negative learning rate", lambda t, c: ["optim.lr=-1"], "optim.lr=-1.0: must be > 0"),
+    (
+        "nonmono of zero",
+        lambda t, c: ["optim=ntasgd", "optim.nonmono=0"],
+        "optim.nonmono=0: must be a positive number of passes",
+    ),
+    (
+        "unknown averaging rule",
+        lambda t, c: ["optim.average=swa"],
+        "optim.average=swa: no such option; choose from nt",
+    ),
+    ("negative AR", lambda t, c: ["model.ar=-1"], "model.ar=-1.0: must be >= 0 and finite"),
+    ("infinite TAR", lambda t, c: ["model.tar=inf"], "model.tar=inf: must be >= 0 and finite"),
     (
         "dropout of 1.5",
         lambda t, c: ["model.dropout=1.5"],
@@ -270,6 +292,18 @@ CASES = [Case(*row) for row in CASES] + [
         "resume with another stride",
         _resume("tbptt.stride=8"),
         "tbptt.stride=None (now 8)",
+        _holds_run,
+    ),
+    Case(
+        "resume with varied windows",
+        _resume("tbptt.vary=true"),
+        "tbptt.vary=False (now True)",
+        _holds_run,
+    ),
+    Case(
+        "resume with weight averaging",
+        _resume("optim.average=nt"),
+        "optim.average=None (now nt)",
         _holds_run,
     ),
     Case(
