@@ -250,7 +250,10 @@ class SequenceModule(L.LightningModule):
         optim/averaging is 1 from the pass that started it on."""
         if not self.average.enabled:
             return
-        if self.average.validated(loss, self.global_step, self.model):
+        if (
+            self.average.validated(loss, self.global_step, self.model)
+            and self.trainer.is_global_zero
+        ):
             log.info(
                 "optim.average=%s: val loss %.4f at step %d is worse than the best before the "
                 "last %d passes; averaging the weights from here on (validation, best.ckpt, "

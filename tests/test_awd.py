@@ -33,6 +33,7 @@ from seqtrain.tbptt import Engine
 from .conftest import (
     BYTE_LM,
     ENV,
+    PLUGINS,
     assert_close,
     assert_exact_resume,
     counting_corpus,
@@ -40,6 +41,7 @@ from .conftest import (
     read_scalars,
     seqtrain,
     start_run,
+    with_pythonpath,
 )
 from .test_config import composed
 
@@ -344,3 +346,28 @@ def test_the_awd_recipe_trains_a_byte_lm_through_the_cli(tmp_path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["skipped_steps"] == 0
     assert summary["val_bpc"] < 8.0  # below a uniform guess over 256 bytes
+
+
+@pytest.mark.slow
+def test_two_ranks_vary_and_average_like_one_process(tmp_path) -> None:
+    """DDP: every rank draws the same lengths and scales its step alike, and the ranks start
+    averaging at the same pass; 2 ranks x 2 streams train like 1 process x 4, step by step."""
+    args = [*NTASGD, "optim.lr=1", "tbptt.vary=true", "model.ar=2", "model.tar=1"]
+    args += ["model.dropout=0"]  # each rank draws its own masks: no dropout to compare
+    args += ["trainer.accelerator=cpu", "trainer.max_steps=24"]
+    args += ["optim.average=my_rules:from_second_pass"]  # a user's rule, by import path
+    ranks = {"one": ["trainer.devices=1", "data.batch_size=4", "data.eval_batch_size=4"]}
+    ranks["two"] = ["trainer.devices=2", "data.batch_size=2", "data.eval_batch_size=2"]
+    env = {**with_pythonpath(PLUGINS), "OMP_NUM_THREADS": "1"}
+    for name, extra in ranks.items():
+        code, _, err = finish(start_run(tmp_path / name, [*args, *extra], env))
+        assert code == 0, err[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    a, b = read_scalars(one, "train/loss"), read_scalars(two, "train/loss")
+    assert sorted(a) == sorted(b) and len(a) == 24
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    assert read_scalars(one, "optim/averaging") == read_scalars(two, "optim/averaging")
+    assert read_scalars(one, "optim/averaging")[4] == 1.0  # from the second pass on
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s1["tokens"] == s2["tokens"] != 24 * 4 * 16  # the same varied windows
+    assert s2["val_loss"] == pytest.approx(s1["val_loss"], abs=1e-5)
