@@ -266,6 +266,19 @@ def test_the_average_is_the_mean_of_the_weights_after_each_update() -> None:
     assert torch.equal(copy.mean["weight"], average.mean["weight"])
 
 
+def test_ntasgd_is_awd_lstm_lm_settings() -> None:
+    o = validate(composed("optim=ntasgd")).optim
+    assert o.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True}  # no momentum
+    assert (o.lr, o.weight_decay, o.grad_clip, o.average, o.nonmono) == (30, 1.2e-6, 0.25, "nt", 5)
+    sgd, schedule = optim.build(o, torch.nn.Linear(2, 2))
+    rates = []
+    for _ in range(50):
+        rates.append(schedule.get_last_lr()[0])
+        sgd.step()
+        schedule.step()
+    assert rates == [30.0] * 50  # constant: no warmup, no decay
+
+
 NTASGD = ["+debug=tiny", "optim=ntasgd", "optim.nonmono=1", "trainer.val_check_interval=2"]
 NTASGD += ["trainer.sample_length=0", "model.dropout=0.2", "model.variational=true"]
 
