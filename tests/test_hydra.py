@@ -74,7 +74,7 @@ def test_a_bad_key_inside_an_own_experiment_names_the_file_and_the_key(
     done = seqtrain("--config-dir", str(my_conf), "+experiment=old", *TINY)
     assert one_line_error(done) == (
         "seqtrain: error: experiment/old.yaml: optim.betas is not a key; 'optim' takes: "
-        "optimizer, lr, weight_decay, grad_clip, schedule, max_skipped"
+        "optimizer, lr, weight_decay, grad_clip, schedule, max_skipped, average, nonmono"
     )
 
 
@@ -91,7 +91,7 @@ def test_shell_completion_help_and_cfg_work() -> None:
     done = seqtrain("-sc", "install=bash")
     assert done.returncode == 0 and "hydra_bash_completion" in done.stdout, done.stderr
     done = seqtrain("--help")
-    assert done.returncode == 0 and "optim: adamw, sgd" in done.stdout
+    assert done.returncode == 0 and "optim: adamw, ntasgd, sgd" in done.stdout
     done = seqtrain("--cfg", "job")
     assert done.returncode == 0 and "hidden_size: 512" in done.stdout
     assert "_target_: torch.optim.AdamW" in done.stdout
