@@ -451,7 +451,12 @@ def tokenize(
             texts = (text for _, text in progress.track(text_blocks(raw["train"])))
             tokenizer = kind.fit(texts, cfg)
             state = tokenizer.state()
-            progress.close()
+            log.info(
+                "%s tokenizer fitted on the train split in %.1fs: %s tokens",
+                name,
+                progress.close(),
+                f"{tokenizer.vocab_size:,}",
+            )
             write_cache(cfg, fitted, lambda path: write_atomic(path, json.dumps(state)))
         else:
             log.info("tokenizer from the cache: %s", fitted)
@@ -567,6 +572,9 @@ def read_tokens(stem: Path, raw: dict[str, Corpus], vocab_size: int) -> dict[str
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file written whole or not at all (a temporary file renamed over `path`)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from the group
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
