@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from seqtrain import data
+from seqtrain.config import from_dict, to_dict, validate
 from seqtrain.data import (
     SPLITS,
     Corpus,
@@ -27,6 +28,7 @@ from seqtrain.data import (
     text_blocks,
     with_targets,
 )
+from seqtrain.errors import ConfigError, DataError
 from seqtrain.model import ModelConfig
 from seqtrain.tasks import LanguageModelling, build_model
 from seqtrain.tokenizers import (
@@ -39,6 +41,7 @@ from seqtrain.tokenizers import (
 )
 
 from .conftest import PLUGINS, seqtrain
+from .test_config import composed
 
 WORDS = "the a cat dog sat on mat ran to house big small red über café naïve 字 and or not"
 WORDS = WORDS.split()  # a vocabulary with non-ASCII words
@@ -226,6 +229,31 @@ def test_a_checkpoint_spec_of_an_earlier_version_is_the_byte_tokenizer() -> None
     model = build_model(ModelConfig(embedding_size=8, hidden_size=12), task).eval()
     text = task.generate(model, b"def ", 10, generator=torch.Generator().manual_seed(0))
     assert text.startswith("def ") and task.tokenizer is BYTES
+
+
+def test_a_tokenizer_file_sets_the_vocabulary_and_is_read_only_at_the_start(
+    tmp_path: Path, bpe
+) -> None:
+    path = tmp_path / "tokenizer.json"
+    path.write_text(bpe.state()["json"])
+    given = ["data.tokenizer=bpe", f"data.tokenizer_file={path}"]
+    assert validate(composed(*given)).data.vocab_size is None
+    validate(composed(*given, f"data.vocab_size={bpe.vocab_size}"))
+    message = f"data.vocab_size=500: data.tokenizer_file has {bpe.vocab_size} tokens"
+    with pytest.raises(ConfigError, match=message):
+        validate(composed(*given, "data.vocab_size=500"))
+    saved = to_dict(validate(composed(*given)))
+    path.unlink()  # a checkpoint's config on another machine: its tokenizer is in the spec
+    assert from_dict(saved).data.tokenizer_file == str(path)
+
+
+def test_a_prompt_of_no_tokens_is_one_line() -> None:
+    state = WordTokenizer(["<unk>", "<eos>", "a"]).state()
+    task = LanguageModelling(DataSpec("tokens", 3, 3, tokenizer="word", tokenizer_state=state))
+    model = build_model(ModelConfig(embedding_size=4, hidden_size=4), task).eval()
+    with pytest.raises(DataError, match="prompt=' ' is no tokens for the word tokenizer"):
+        task.generate(model, b" ", 5)
+    assert task.generate(model, b"a", 5, generator=torch.Generator().manual_seed(0)).startswith("a")
 
 
 def cached_run(cfg: DataConfig, caplog) -> tuple[data.Splits, str]:
