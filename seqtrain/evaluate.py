@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from seqtrain.checkpoint import check_device, config_of, load_model, read, spec_of
 from seqtrain.cli import fail, parse_key_values
+from seqtrain.config import TOKENIZER_KEYS
 from seqtrain.data import SPLITS, Streams, load_splits
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
@@ -52,6 +53,12 @@ def evaluate_split(
 
 
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
+    given = [f"data.{k}" for k in ("tokenizer", *TOKENIZER_KEYS) if k in overrides.get("data", {})]
+    if given:  # the weights read the checkpoint's tokens: its tokenizer is the only one
+        raise ConfigError(
+            f"{given[0]}: evaluate encodes with the checkpoint's own tokenizer, which the model "
+            "was trained on; drop the override"
+        )
     ckpt = read(args.ckpt)
     cfg = config_of(ckpt, overrides)
     if cfg.memory.host_cache:

@@ -565,6 +565,12 @@ CASES = [Case(*row) for row in CASES] + [
         _holds_run,
     ),
     Case(
+        "evaluate with another tokenizer",
+        lambda t, c: [f"ckpt={c}", "data.tokenizer=word"],
+        "data.tokenizer: evaluate encodes with the checkpoint's own tokenizer",
+        tool="evaluate",
+    ),
+    Case(
         "evaluate a moved corpus",
         lambda t, c: [f"ckpt={c}", "data.path=/no/such.txt"],
         "data.path=/no/such.txt: no such file",
