@@ -381,9 +381,14 @@ def load_splits(
     instead and nothing is fitted (resume, evaluate). Each split reports its UTF-8 bytes per
     token, the scale of bits per byte.
     """
-    corpus = load_corpus(cfg)
     name = cfg.tokenizer if saved is None else saved.tokenizer
+    if name != cfg.tokenizer:  # a checkpoint of an earlier version has no data.tokenizer key
+        raise DataError(
+            f"the checkpoint was trained with data.tokenizer={name} (now {cfg.tokenizer}); its "
+            "weights read that tokenizer's tokens: use it, or train anew"
+        )
     kind = TOKENIZERS.get(name)
+    corpus = load_corpus(cfg)
     raw = split_corpus(corpus, cfg.split, at_boundaries=not kind.passthrough)
     is_text = corpus.vocab_size == BYTES.vocab_size  # byte tokens: one byte of text each
     if kind.passthrough:  # the corpus's values are the tokens
@@ -460,7 +465,8 @@ def tokenize(
             write_cache(cfg, fitted, lambda path: write_atomic(path, json.dumps(state)))
         else:
             log.info("tokenizer from the cache: %s", fitted)
-    tokenizer = tokenizer or kind.from_state(state)
+    if tokenizer is None:
+        tokenizer = kind.from_state(state)
     stem = cache / f"tokens-{cache_key(content, name, state)}"
     parts = read_tokens(stem, raw, tokenizer.vocab_size)
     if parts is None:
@@ -521,7 +527,7 @@ def write_tokens(stem: Path, raw: dict[str, Corpus], tokenizer: Tokenizer, name:
     without its .json is incomplete and is written again."""
     dtype = token_dtype(tokenizer.vocab_size)
     progress = Progress(sum(len(c.values) for c in raw.values()), f"tokenizing ({name})")
-    sizes, starts = {}, []
+    counts, starts = {}, []
     with atomic_file(stem.with_suffix(".bin")) as out:
         for split, part in raw.items():
             count, first_tokens = 0, []
@@ -533,10 +539,10 @@ def write_tokens(stem: Path, raw: dict[str, Corpus], tokenizer: Tokenizer, name:
                 count += len(ids)
             split_starts = np.unique(np.array([0, *first_tokens], dtype=np.int64))
             starts.append(split_starts)
-            sizes[split] = {"tokens": count, "documents": len(split_starts)}
+            counts[split] = {"tokens": count, "documents": len(split_starts)}
     with atomic_file(stem.with_suffix(".starts.npy")) as out:
         np.save(out, np.concatenate(starts))
-    meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "splits": sizes}
+    meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "splits": counts}
     write_atomic(stem.with_suffix(".json"), json.dumps(meta))
     log.info("tokenized in %.1fs; cached as %s.bin", progress.close(), stem)
 
@@ -546,23 +552,23 @@ def read_tokens(stem: Path, raw: dict[str, Corpus], vocab_size: int) -> dict[str
     meta = read_json(stem.with_suffix(".json"))
     if meta is None or meta.get("format") != CACHE_FORMAT:
         return None
-    sizes = meta["splits"]
-    dtype = np.dtype(meta["dtype"])
-    total = sum(s["tokens"] for s in sizes.values())
     bin_path = stem.with_suffix(".bin")
     try:
+        counts = {split: meta["splits"][split] for split in raw}
+        dtype = np.dtype(meta["dtype"])
+        total = sum(c["tokens"] for c in counts.values())
         if bin_path.stat().st_size != total * dtype.itemsize:
             raise ValueError("size")
         tokens = np.memmap(bin_path, dtype, mode="r") if total else np.zeros(0, dtype)
         starts = np.load(stem.with_suffix(".starts.npy"))
-        if len(starts) != sum(s["documents"] for s in sizes.values()):
+        if len(starts) != sum(c["documents"] for c in counts.values()):
             raise ValueError("starts")
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         log.warning("the token cache %s is incomplete; tokenizing again", bin_path)
         return None
     parts, at, doc = {}, 0, 0
     for split, part in raw.items():
-        n, d = sizes[split]["tokens"], sizes[split]["documents"]
+        n, d = counts[split]["tokens"], counts[split]["documents"]
         parts[split] = Corpus(tokens[at : at + n], starts[doc : doc + d], part.name, vocab_size)
         at, doc = at + n, doc + d
     return parts
@@ -608,7 +614,7 @@ class Progress:
                 log.info(
                     "%s: %d%% of %s bytes",
                     self.what,
-                    100 * self.done // self.total,
+                    100 * self.done // max(self.total, 1),
                     f"{self.total:,}",
                 )
 

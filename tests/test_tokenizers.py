@@ -294,6 +294,19 @@ def test_tokens_are_cached_once_and_rebuilt_for_other_settings(tmp_path: Path, c
     assert np.array_equal(damaged.parts["val"].values, first.parts["val"].values)
 
 
+def test_long_tokenizing_shows_its_progress(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Without a terminal (nohup, SLURM): a log line every PROGRESS_SECONDS while fitting and
+    encoding; here every block of 4 KiB."""
+    monkeypatch.setattr(data, "BLOCK", 4096)
+    monkeypatch.setattr(data, "PROGRESS_SECONDS", 0.0)
+    path = write_corpus(tmp_path, lines_of_words(1000))
+    cfg = DataConfig(path=str(path), tokenizer="word", cache_dir=str(tmp_path / "cache"))
+    _, log = cached_run(cfg, caplog)
+    assert "fitting the word tokenizer: " in log and "% of" in log
+    lines = [line for line in log.splitlines() if "tokenizing (word): " in line]
+    assert len(lines) >= 5 and "100% of" in lines[-1]
+
+
 def test_a_changed_tokenizer_file_is_another_cache(tmp_path: Path, bpe, caplog) -> None:
     path = write_corpus(tmp_path, lines_of_words(400))
     tokenizer_file = tmp_path / "tokenizer.json"
