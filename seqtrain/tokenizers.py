@@ -28,7 +28,6 @@ from seqtrain.registry import Registry
 class Settings(Protocol):
     """The data settings a tokenizer is fitted with (DataConfig's fields of the same names)."""
 
-    tokenizer: str
     vocab_size: int | None
     min_count: int
     tokenizer_file: str | None
@@ -43,7 +42,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class Tokenizer:
-    """The protocol every tokenizer follows: subclass it, or write the same members."""
+    """The protocol every tokenizer follows. Subclass it: `settings`, `passthrough`, `check` and
+    `fingerprint` have defaults; `fit`, `from_state`, `state`, `encode`, `decode` and
+    `vocab_size` are the tokenizer's own."""
 
     # The data.* keys it reads (others must keep their defaults); its fit depends on them alone.
     settings: ClassVar[tuple[str, ...]] = ()
@@ -80,6 +81,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of the ids, printable (bytes that are not UTF-8 as U+FFFD)."""
         raise NotImplementedError
 
 
