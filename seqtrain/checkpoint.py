@@ -222,9 +222,10 @@ def newest_complete(run_dir: Path) -> Path | None:
 
 # Settings a resumed run must share with its checkpoint (dotted-key prefixes; docs/reliability.md
 # has the table). data.* and tbptt.* (tbptt.vary's drawn windows included) lay out the streams
-# and place the data cursor; optim.lr, weight_decay and the optimizer's arguments are restored
-# from the checkpoint's optimizer state, so a new value would be silently ignored; the restored
-# weight average belongs to its optim.average rule; seed is replaced by the restored RNG states.
+# and place the data cursor (the tokenizer's keys make other tokens); optim.lr, weight_decay and
+# the optimizer's arguments are restored from the checkpoint's optimizer state, so a new value
+# would be silently ignored; the restored weight average belongs to its optim.average rule; seed
+# is replaced by the restored RNG states.
 RESUME_FIXED = (
     "data.source",
     "data.path",
@@ -238,6 +239,10 @@ RESUME_FIXED = (
     "data.target_path",
     "data.target_columns",
     "data.doc_starts_path",
+    "data.tokenizer",  # the tokenizer's settings change the tokens (the run's own is restored)
+    "data.vocab_size",
+    "data.min_count",
+    "data.tokenizer_file",
     "tbptt",
     "optim.lr",
     "optim.average",

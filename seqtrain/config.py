@@ -24,6 +24,7 @@ from seqtrain.model import BLOCKS, ModelConfig
 from seqtrain.optim import OptimConfig
 from seqtrain.tasks import TASKS, TaskConfig
 from seqtrain.tbptt import TbpttConfig
+from seqtrain.tokenizers import TOKENIZERS
 from seqtrain.trainer_extras import tensorboard
 
 assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
@@ -51,7 +52,7 @@ class TrainerConfig:
     progress_bar: bool | None = None  # None: the bar only when stderr is a terminal
     progress_every: int = 100  # without the bar: a progress line every this many updates,
     progress_seconds: float = 60.0  # or after this many seconds, whichever comes first
-    sample_length: int = 300  # bytes of text generated at each validation (0 = none)
+    sample_length: int = 300  # tokens generated at each validation (bytes for bytes; 0 = none)
     checkpoint_every: int = 100  # write checkpoints/last.ckpt every this many updates
     # Any other lightning.Trainer argument, given as +trainer.NAME=VALUE (e.g. deterministic);
     # validate() moves them here and refuses those seqtrain owns (trainer_extras.REFUSED).
@@ -127,8 +128,12 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key}={value}: {allowed}")
 
 
-def validate(raw: DictConfig | dict) -> Config:
-    """Typed, checked config; raises ConfigError with one line naming the key."""
+def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
+    """Typed, checked config; raises ConfigError with one line naming the key.
+
+    saved: a checkpoint's config (`from_dict`). It was checked when its run started, and the files
+    its tokenizer settings name belong to that machine: the tokenizer itself is in the checkpoint.
+    """
     raw = OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else dict(raw)
     trainer = dict(raw.get("trainer") or {})
     known = TrainerConfig.__dataclass_fields__
@@ -155,6 +160,8 @@ def validate(raw: DictConfig | dict) -> Config:
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, positive)
     _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
+    if not saved:
+        check_tokenizer(d)
     _require(
         len(d.split) == 3 and all(0 < f < math.inf for f in d.split),
         "data.split",
@@ -301,6 +308,34 @@ def validate(raw: DictConfig | dict) -> Config:
     return cfg
 
 
+# The data.* keys that tokenizers read; each tokenizer names those it uses (Tokenizer.settings).
+TOKENIZER_KEYS = ("vocab_size", "min_count", "tokenizer_file")
+
+
+def check_tokenizer(d: DataConfig) -> None:
+    """data.tokenizer exists, a key it does not read keeps its default, and its own check passes
+    (vocabulary size, tokenizer_file)."""
+    _require(
+        d.tokenizer in TOKENIZERS,
+        "data.tokenizer",
+        d.tokenizer,
+        f"choose from {', '.join(TOKENIZERS)}, or name your own as module:Class",
+    )
+    kind = TOKENIZERS.get(d.tokenizer)
+    _require(d.min_count >= 1, "data.min_count", d.min_count, "must be a positive integer")
+    for key in TOKENIZER_KEYS:
+        value, default = getattr(d, key), DataConfig.__dataclass_fields__[key].default
+        readers = [n for n in TOKENIZERS if key in TOKENIZERS.get(n).settings]
+        _require(
+            key in kind.settings or value == default,
+            f"data.{key}",
+            value,
+            f"not read by data.tokenizer={d.tokenizer}; it is for data.tokenizer="
+            f"{' or '.join(readers)}",
+        )
+    kind.check(d)
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain containers, for checkpoints and logs."""
     return dataclasses.asdict(cfg)
@@ -310,4 +345,4 @@ def from_dict(d: dict) -> Config:
     """A config saved in a checkpoint (optim keys of earlier versions upgraded), checked."""
     if "optim" in d:
         d = {**d, "optim": optim.upgrade(d["optim"])}
-    return validate(d)
+    return validate(d, saved=True)

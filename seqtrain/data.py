@@ -5,30 +5,43 @@ stream is read in order, window after window, so the hidden state carried from o
 true context of the next. Document boundaries are kept so the engine can reset one stream's state
 where a new document starts.
 
-A corpus holds either byte tokens (the byte tokenizer below is the only place that knows there are
-256 of them) or the float rows of a series; `with_targets` pairs every input position with its
-target, and `describe` sums up what the model and task must know about the data (a DataSpec, kept
-in every checkpoint).
+A source gives a corpus of bytes (text) or of the float rows of a series. `load_splits` cuts it
+into train/val/test, turns text into tokens with data.tokenizer (tokenizers.py; fitted on the
+training split only, the tokens cached in data.cache_dir), pairs every input position with its
+target (`with_targets`) and sums up what the model and task must know about the data (`describe`:
+a DataSpec, kept in every checkpoint, the tokenizer included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
+import logging
+import os
+import sys
 import sysconfig
+import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from seqtrain.errors import DataError
 from seqtrain.registry import Registry
+from seqtrain.rundir import write_atomic
+from seqtrain.tokenizers import BYTES, TOKENIZERS, Tokenizer, token_dtype
 
+log = logging.getLogger("seqtrain")
 SPLITS = ("train", "val", "test")
 
 
@@ -43,26 +56,15 @@ class DataConfig:
     batch_size: int = 32  # B: training streams, read in parallel
     eval_batch_size: int = 64  # streams for validation and test (no backward: wider is faster)
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/val/test
+    tokenizer: str = "bytes"  # text -> tokens: bytes | word | bpe | module:Class (tokenizers.py)
+    vocab_size: int | None = None  # word, bpe: tokens kept, specials included; null = word: all
+    min_count: int = 1  # word: rarer words of the training split become <unk>
+    tokenizer_file: str | None = None  # bpe: a tokenizers tokenizer.json instead of training one
     lag: int = 300  # copy task: steps between a symbol and its recall
     length: int | None = None  # generated series (mackey_glass): rows to generate
     target_path: str | None = None  # series: (N, K) .npy of targets, row t = after input row t
     target_columns: list[int] | None = None  # series: the columns predicted; None = all
     doc_starts_path: str | None = None  # series: 1-D .npy of row indices where documents start
-
-
-class ByteTokenizer:
-    """Text <-> byte tokens: any file works, and bpc on ASCII text equals bits per byte."""
-
-    vocab_size = 256
-
-    def encode(self, text: bytes) -> np.ndarray:
-        return np.frombuffer(text, dtype=np.uint8)  # (N,)
-
-    def decode(self, tokens: list[int]) -> str:
-        return bytes(tokens).decode("utf-8", errors="replace")
-
-
-BYTES = ByteTokenizer()
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class DataSpec:
     input_size: int  # tokens: the vocabulary V; series: the features F
     target_size: int  # tokens: V; series: the target columns K
     target_variance: float | None = None  # series: of the training targets (nMSE's denominator)
+    tokenizer: str = "bytes"  # tokens: data.tokenizer; checkpoints of earlier versions are bytes
+    tokenizer_state: dict | None = None  # tokens: the tokenizer's state() (vocabulary, merges)
+    # tokens: UTF-8 bytes per token of each split (bits per byte); None where unknown
+    bytes_per_token: dict[str, float] | None = None
 
 
 @dataclass
@@ -88,7 +94,9 @@ class Corpus:
 
     @property
     def unit(self) -> str:
-        return "bytes" if self.vocab_size is not None else "rows"
+        if self.vocab_size is None:
+            return "rows"
+        return "bytes" if self.vocab_size == BYTES.vocab_size else "tokens"
 
     def slice(self, start: int, stop: int) -> Corpus:
         starts = self.doc_starts[(self.doc_starts > start) & (self.doc_starts < stop)] - start
@@ -248,14 +256,59 @@ def series_source(cfg: DataConfig) -> Corpus:
     return Corpus(values, starts, Path(cfg.path).name, vocab_size=None, targets=targets)
 
 
-def split_corpus(corpus: Corpus, fractions: list[float]) -> dict[str, Corpus]:
-    """Contiguous train/val/test split: no text of one split appears in another."""
+def split_corpus(
+    corpus: Corpus, fractions: list[float], at_boundaries: bool = False
+) -> dict[str, Corpus]:
+    """Contiguous train/val/test split: no text of one split appears in another.
+
+    at_boundaries: each cut moves forward to the next line or document start (with no newline
+    left, the next whitespace), so no word is cut in two: tokenizers other than bytes need it.
+    """
     n = len(corpus.values)
     bounds = np.round(np.cumsum([0.0, *fractions]) / sum(fractions) * n).astype(np.int64)
+    if at_boundaries:
+        for i in range(1, len(bounds) - 1):
+            bounds[i] = boundary(corpus, max(int(bounds[i]), int(bounds[i - 1])))
     return {
         name: corpus.slice(int(a), int(b))
         for name, a, b in zip(SPLITS, bounds[:-1], bounds[1:], strict=True)
     }
+
+
+NEWLINE = b"\n"
+WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.split() splits on
+SCAN = 1 << 16  # bytes searched per step for a boundary
+BLOCK = 1 << 20  # bytes of text a tokenizer reads at once (and a progress step)
+
+
+def after(values: np.ndarray, pos: int, stop: int, marks: bytes) -> int:
+    """The first position p in [pos, stop) right after one of `marks`; stop if there is none."""
+    wanted = np.frombuffer(marks, dtype=np.uint8)
+    i = max(pos - 1, 0)
+    while i < stop - 1:
+        chunk = values[i : min(i + SCAN, stop - 1)]
+        hits = np.flatnonzero(np.isin(chunk, wanted))
+        if hits.size:
+            return max(i + int(hits[0]) + 1, pos)
+        i += chunk.size
+    return stop
+
+
+def next_cut(values: np.ndarray, pos: int, stop: int) -> int:
+    """Where to cut text at or after pos without cutting a word: the first line start within
+    BLOCK bytes, else the first position after whitespace, else stop."""
+    limit = min(stop, pos + BLOCK)
+    line = after(values, pos, limit, NEWLINE)
+    return line if line < limit else after(values, pos, stop, WHITESPACE)
+
+
+def boundary(corpus: Corpus, pos: int) -> int:
+    """The first document start or `next_cut` at or after pos."""
+    if pos <= 0:
+        return 0
+    later = corpus.doc_starts[corpus.doc_starts >= pos]
+    document = int(later[0]) if later.size else len(corpus.values)
+    return next_cut(corpus.values, pos, document)
 
 
 def require_tokens(splits: dict[str, Corpus], streams: dict[str, int], window: int) -> None:
@@ -306,6 +359,268 @@ def describe(train: Corpus) -> DataSpec:
     targets = train.targets.astype(np.float64)  # (N, K)
     variance = float(targets.var(axis=0).mean())  # per column around its own mean, then averaged
     return DataSpec("series", train.values.shape[1], targets.shape[1], variance)
+
+
+@dataclass
+class Splits:
+    """A run's data: train/val/test tokenized, each paired with its targets, and their spec."""
+
+    parts: dict[str, Corpus]  # train, val, test, each with its targets (`with_targets`)
+    spec: DataSpec  # what the model and the task need, the tokenizer included
+    prompt: bytes  # the val split's first bytes of text: where the text samples start
+
+
+def load_splits(
+    cfg: DataConfig, streams: dict[str, int], window: int, saved: DataSpec | None = None
+) -> Splits:
+    """The corpus of `cfg`, split, tokenized and paired with its targets; every split named in
+    `streams` must give that many streams one window each (`require_tokens`).
+
+    The tokenizer (data.tokenizer) is fitted on the training split alone, so no word of val or
+    test enters the vocabulary; with `saved`, a checkpoint's spec, it is that run's own tokenizer
+    instead and nothing is fitted (resume, evaluate). Each split reports its UTF-8 bytes per
+    token, the scale of bits per byte.
+    """
+    name = cfg.tokenizer if saved is None else saved.tokenizer
+    if name != cfg.tokenizer:  # a checkpoint of an earlier version has no data.tokenizer key
+        raise DataError(
+            f"the checkpoint was trained with data.tokenizer={name} (now {cfg.tokenizer}); its "
+            "weights read that tokenizer's tokens: use it, or train anew"
+        )
+    kind = TOKENIZERS.get(name)
+    corpus = load_corpus(cfg)
+    raw = split_corpus(corpus, cfg.split, at_boundaries=not kind.passthrough)
+    is_text = corpus.vocab_size == BYTES.vocab_size  # byte tokens: one byte of text each
+    if kind.passthrough:  # the corpus's values are the tokens
+        tokenizer, parts = kind.from_state({}), raw
+    elif not is_text:
+        got = "float rows" if corpus.vocab_size is None else "tokens"
+        raise DataError(
+            f"data.tokenizer={name} reads text, but data.source={cfg.source} gives {got}; use "
+            "data.tokenizer=bytes (the default)"
+        )
+    else:
+        state = None if saved is None else saved.tokenizer_state
+        tokenizer, parts = tokenize(corpus, raw, cfg, name, state)
+    tokens = "" if parts is raw else f"; {name} tokens {sizes(parts)}"
+    log.info(
+        "corpus %s: %s %s, %s documents; train/val/test %s%s",
+        corpus.name,
+        f"{len(corpus.values):,}",
+        corpus.unit,
+        f"{len(corpus.doc_starts):,}",
+        sizes(raw),
+        tokens,
+    )
+    require_tokens(parts, streams, window)
+    paired = {split: with_targets(part, cfg.target_columns) for split, part in parts.items()}
+    spec = describe(paired["train"])
+    if spec.kind == "tokens":
+        ratios = {s: len(raw[s].values) / len(p.values) for s, p in parts.items() if len(p.values)}
+        spec = dataclasses.replace(
+            spec,
+            tokenizer=name,
+            tokenizer_state=tokenizer.state(),
+            bytes_per_token=ratios if is_text else None,
+        )
+    return Splits(paired, spec, raw["val"].values[:PROMPT_BYTES].tobytes())
+
+
+def sizes(parts: dict[str, Corpus]) -> str:
+    return "/".join(f"{len(p.values):,}" for p in parts.values())
+
+
+PROMPT_BYTES = 48  # of val text, for the samples logged at validation
+CACHE_FORMAT = 1  # part of every cache key: a new layout or way of cutting text rebuilds caches
+PROGRESS_SECONDS = 30.0  # without a terminal: a log line this often while tokenizing
+
+
+def tokenize(
+    corpus: Corpus, raw: dict[str, Corpus], cfg: DataConfig, name: str, state: dict | None
+) -> tuple[Tokenizer, dict[str, Corpus]]:
+    """The tokenizer (fitted on raw["train"] unless `state` is given) and every split's tokens.
+
+    Both go through data.cache_dir/tokens: the fit is keyed by the corpus's content, the split and
+    the tokenizer's settings (a tokenizer_file by its content), the tokens by the corpus, the split
+    and the fitted tokenizer itself. A cache of other settings has another key and is never read.
+    """
+    kind = TOKENIZERS.get(name)
+    cache = Path(cfg.cache_dir).expanduser() / "tokens"
+    content = corpus_key(corpus, cfg.split)
+    tokenizer = None
+    if state is None:
+        fitted = cache / f"tokenizer-{cache_key(content, name, kind.fingerprint(cfg))}.json"
+        state = read_json(fitted)
+        if state is None:
+            progress = Progress(len(raw["train"].values), f"fitting the {name} tokenizer")
+            texts = (text for _, text in progress.track(text_blocks(raw["train"])))
+            tokenizer = kind.fit(texts, cfg)
+            state = tokenizer.state()
+            log.info(
+                "%s tokenizer fitted on the train split in %.1fs: %s tokens",
+                name,
+                progress.close(),
+                f"{tokenizer.vocab_size:,}",
+            )
+            write_cache(cfg, fitted, lambda path: write_atomic(path, json.dumps(state)))
+        else:
+            log.info("tokenizer from the cache: %s", fitted)
+    if tokenizer is None:
+        tokenizer = kind.from_state(state)
+    stem = cache / f"tokens-{cache_key(content, name, state)}"
+    parts = read_tokens(stem, raw, tokenizer.vocab_size)
+    if parts is None:
+        write_cache(cfg, stem, lambda _: write_tokens(stem, raw, tokenizer, name))
+        parts = read_tokens(stem, raw, tokenizer.vocab_size)
+    else:
+        log.info("tokens from the cache: %s.bin", stem)
+    return tokenizer, parts
+
+
+def corpus_key(corpus: Corpus, split: list[float]) -> str:
+    """The corpus's content (bytes and document starts) and how it is split, as a digest."""
+    h = hashlib.sha256(np.ascontiguousarray(corpus.values))
+    h.update(np.ascontiguousarray(corpus.doc_starts, dtype=np.int64))
+    h.update(json.dumps([CACHE_FORMAT, list(split)]).encode())
+    return h.hexdigest()
+
+
+def cache_key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cache(cfg: DataConfig, path: Path, write: Callable[[Path], None]) -> None:
+    """Write into data.cache_dir; a folder that cannot be written is one line naming the key."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as err:
+        raise DataError(
+            f"data.cache_dir={cfg.cache_dir}: cannot write the tokenized corpus "
+            f"({err.strerror or err}); choose a writable folder"
+        ) from None
+
+
+def text_blocks(corpus: Corpus) -> Iterator[tuple[bool, bytes]]:
+    """A split's text in pieces of about BLOCK bytes, as (starts a document, bytes): cut at every
+    document start and, inside a longer document, at a line start (`next_cut`)."""
+    values, n = corpus.values, len(corpus.values)
+    ends = [*corpus.doc_starts[1:].tolist(), n]
+    for start, end in zip(corpus.doc_starts.tolist(), ends, strict=True):
+        a = start
+        while a < end:
+            b = end if end - a <= BLOCK else next_cut(values, a + BLOCK, end)
+            yield a == start, values[a:b].tobytes()
+            a = b
+
+
+def write_tokens(stem: Path, raw: dict[str, Corpus], tokenizer: Tokenizer, name: str) -> None:
+    """Encode every split into stem.bin (the tokens, split after split), stem.starts.npy (each
+    split's document starts) and stem.json (the sizes), each atomically, the .json last: a cache
+    without its .json is incomplete and is written again."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    progress = Progress(sum(len(c.values) for c in raw.values()), f"tokenizing ({name})")
+    counts, starts = {}, []
+    with atomic_file(stem.with_suffix(".bin")) as out:
+        for split, part in raw.items():
+            count, first_tokens = 0, []
+            for starts_document, text in progress.track(text_blocks(part)):
+                if starts_document:
+                    first_tokens.append(count)
+                ids = np.asarray(tokenizer.encode(text)).astype(dtype, copy=False)
+                out.write(ids.tobytes())
+                count += len(ids)
+            split_starts = np.unique(np.array([0, *first_tokens], dtype=np.int64))
+            starts.append(split_starts)
+            counts[split] = {"tokens": count, "documents": len(split_starts)}
+    with atomic_file(stem.with_suffix(".starts.npy")) as out:
+        np.save(out, np.concatenate(starts))
+    meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "splits": counts}
+    write_atomic(stem.with_suffix(".json"), json.dumps(meta))
+    log.info("tokenized in %.1fs; cached as %s.bin", progress.close(), stem)
+
+
+def read_tokens(stem: Path, raw: dict[str, Corpus], vocab_size: int) -> dict[str, Corpus] | None:
+    """The cached splits of stem (memory-mapped), or None if there is no complete cache."""
+    meta = read_json(stem.with_suffix(".json"))
+    if meta is None or meta.get("format") != CACHE_FORMAT:
+        return None
+    bin_path = stem.with_suffix(".bin")
+    try:
+        counts = {split: meta["splits"][split] for split in raw}
+        dtype = np.dtype(meta["dtype"])
+        total = sum(c["tokens"] for c in counts.values())
+        if bin_path.stat().st_size != total * dtype.itemsize:
+            raise ValueError("size")
+        tokens = np.memmap(bin_path, dtype, mode="r") if total else np.zeros(0, dtype)
+        starts = np.load(stem.with_suffix(".starts.npy"))
+        if len(starts) != sum(c["documents"] for c in counts.values()):
+            raise ValueError("starts")
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("the token cache %s is incomplete; tokenizing again", bin_path)
+        return None
+    parts, at, doc = {}, 0, 0
+    for split, part in raw.items():
+        n, d = counts[split]["tokens"], counts[split]["documents"]
+        parts[split] = Corpus(tokens[at : at + n], starts[doc : doc + d], part.name, vocab_size)
+        at, doc = at + n, doc + d
+    return parts
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file written whole or not at all (a temporary file renamed over `path`)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from the group
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Progress:
+    """A long step over `total` bytes: a bar on a terminal, else a log line every
+    PROGRESS_SECONDS (nohup, SLURM); `close` returns the seconds it took."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done = total, what, 0
+        self.bar = tqdm(
+            total=total, desc=what, unit="B", unit_scale=True, disable=not sys.stderr.isatty()
+        )
+        self.start = self.last = time.monotonic()
+
+    def track(self, blocks: Iterable[tuple[bool, bytes]]) -> Iterator[tuple[bool, bytes]]:
+        for block in blocks:
+            yield block
+            self.done += len(block[1])
+            self.bar.update(len(block[1]))
+            now = time.monotonic()
+            if self.bar.disable and now - self.last >= PROGRESS_SECONDS:
+                self.last = now
+                log.info(
+                    "%s: %d%% of %s bytes",
+                    self.what,
+                    100 * self.done // max(self.total, 1),
+                    f"{self.total:,}",
+                )
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.monotonic() - self.start
 
 
 @dataclass

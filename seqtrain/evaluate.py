@@ -7,6 +7,7 @@ model, whose backend can be swapped: a checkpoint trained with cudnn evaluates w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -15,20 +16,14 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from seqtrain.checkpoint import check_device, config_of, load_model, read, task_of
+from seqtrain.checkpoint import check_device, config_of, load_model, read, spec_of
 from seqtrain.cli import fail, parse_key_values
-from seqtrain.data import (
-    SPLITS,
-    Streams,
-    load_corpus,
-    require_tokens,
-    split_corpus,
-    with_targets,
-)
+from seqtrain.config import TOKENIZER_KEYS
+from seqtrain.data import SPLITS, Streams, load_splits
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
 from seqtrain.model import RecurrentModel
-from seqtrain.tasks import Task
+from seqtrain.tasks import Task, build_task
 from seqtrain.tbptt import Engine
 
 
@@ -41,10 +36,11 @@ class EvaluateArgs:
 
 
 def evaluate_split(
-    model: RecurrentModel, task: Task, streams: Streams, window: int, progress: bool
+    model: RecurrentModel, task: Task, streams: Streams, window: int, split: str, progress: bool
 ) -> dict:
     """Mean loss over every target of the split, state carried across windows, and the task's
-    figures of it; `tokens` counts the target elements."""
+    figures of it (bits per byte on the split's own bytes per token); `tokens` counts the target
+    elements."""
     engine = Engine(model, task, window)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -53,23 +49,33 @@ def evaluate_split(
         w.inputs, w.targets, w.resets = (t.to(device) for t in (w.inputs, w.targets, w.resets))
         loss, n = engine.eval_window(w)
         total, count = total + loss, count + n
-    return {"loss": total / count, **task.metrics(total / count), "tokens": count}
+    return {"loss": total / count, **task.figures(total / count, split), "tokens": count}
 
 
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
+    given = [f"data.{k}" for k in ("tokenizer", *TOKENIZER_KEYS) if k in overrides.get("data", {})]
+    if given:  # the weights read the checkpoint's tokens: its tokenizer is the only one
+        raise ConfigError(
+            f"{given[0]}: evaluate encodes with the checkpoint's own tokenizer, which the model "
+            "was trained on; drop the override"
+        )
     ckpt = read(args.ckpt)
     cfg = config_of(ckpt, overrides)
     if cfg.memory.host_cache:
         cache_host_memory()
     model = load_model(ckpt, cfg).to(args.device)
-    task = task_of(ckpt, cfg)  # the training split's figures (nMSE's variance) come with it
-    splits = split_corpus(load_corpus(cfg.data), cfg.data.split)
     batch = args.batch_size or cfg.data.eval_batch_size
-    require_tokens(splits, {args.split: batch}, cfg.tbptt.window)
-    split = with_targets(splits[args.split], cfg.data.target_columns)
-    streams = Streams(split, batch, cfg.tbptt.window)
+    saved = spec_of(ckpt)  # the run's tokenizer and the training split's figures (nMSE's variance)
+    data = load_splits(cfg.data, {args.split: batch}, cfg.tbptt.window, saved)
+    # Bits per byte on the bytes per token of the data read now (data.path may be overridden).
+    task = build_task(
+        cfg.task, dataclasses.replace(saved, bytes_per_token=data.spec.bytes_per_token)
+    )
+    streams = Streams(data.parts[args.split], batch, cfg.tbptt.window)
     with torch.inference_mode():
-        result = evaluate_split(model, task, streams, cfg.tbptt.window, sys.stderr.isatty())
+        result = evaluate_split(
+            model, task, streams, cfg.tbptt.window, args.split, sys.stderr.isatty()
+        )
     return {"split": args.split, "backend": cfg.model.backend, **result}
 
 

@@ -145,7 +145,7 @@ class SequenceModule(L.LightningModule):
         self.log_step(
             {
                 "train/loss": loss,
-                **{f"train/{name}": value for name, value in self.task.metrics(loss).items()},
+                **{f"train/{k}": v for k, v in self.task.figures(loss, "train").items()},
                 "optim/lr": schedule.get_last_lr()[0],
                 "optim/grad_norm": float(grad_norm),
                 "optim/skipped_steps": float(self.skipped_steps),
@@ -235,7 +235,7 @@ class SequenceModule(L.LightningModule):
         if count == 0 or stopped:
             return
         loss = total / count
-        figures = self.task.metrics(loss)
+        figures = self.task.figures(loss, "val")
         self.last_val = {"val/loss": loss, **{f"val/{k}": v for k, v in figures.items()}}
         self.last_val_step = self.global_step
         # For the progress bar and best.ckpt's monitor; not for the loggers, where Lightning would

@@ -1,5 +1,7 @@
 """python -m seqtrain.sample ckpt=PATH prompt="def " length=400: text from a checkpoint alone.
 
+The prompt is encoded and the text decoded with the run's tokenizer, which the checkpoint holds.
+
 Sampling is the language-model task's (tasks.py); a checkpoint of another task is a one-line
 error that points to python -m seqtrain.evaluate.
 """
@@ -23,10 +25,10 @@ from seqtrain.tasks import SAMPLE_TEMPERATURE
 @dataclass
 class SampleArgs:
     ckpt: str = MISSING  # a checkpoint written by training (checkpoints/last.ckpt, best.ckpt)
-    prompt: str = "\n"  # text the model continues (bytes of its UTF-8 encoding)
-    length: int = 400  # bytes to generate
+    prompt: str = "\n"  # text the model continues, encoded with the run's tokenizer
+    length: int = 400  # tokens to generate (bytes with data.tokenizer=bytes, words with word)
     temperature: float = SAMPLE_TEMPERATURE  # < 1 sharpens, > 1 flattens the distribution
-    top_k: int | None = None  # sample only among the k most likely bytes; null = all
+    top_k: int | None = None  # sample only among the k most likely tokens; null = all
     seed: int = 0  # the same seed gives the same text
     device: str = "cpu"  # cpu | cuda
 
@@ -49,7 +51,7 @@ def sample(args: SampleArgs, overrides: dict) -> str:
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     return task.generate(
         model,
-        os.fsencode(args.prompt),  # bytes as given, valid UTF-8 or not: bytes are the tokens
+        os.fsencode(args.prompt),  # bytes as given, valid UTF-8 or not: the tokenizer reads bytes
         args.length,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv[1:] if argv is None else argv, SampleArgs, ("model",)
         )
         if args.length < 1:
-            raise ConfigError(f"length={args.length}: must be a positive number of bytes")
+            raise ConfigError(f"length={args.length}: must be a positive number of tokens")
         if not 0 < args.temperature < math.inf:
             raise ConfigError(f"temperature={args.temperature}: must be > 0 and finite")
         if args.top_k is not None and args.top_k < 1:

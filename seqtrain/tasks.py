@@ -6,7 +6,9 @@ the Lightning module, train.py and the tools name metrics through `metrics` and 
 is chosen by `task.name` (the `task` config group); a user's own is `task.name=my_module:MyTask`
 (docs/tasks.md). Built-ins:
 
-    lm          next-token cross-entropy over a vocabulary; loss (nats) and bpc = loss / ln 2
+    lm          next-token cross-entropy over a vocabulary; loss (nats), bpc = loss / ln 2 (bits
+                per token: per byte with data.tokenizer=bytes), bits_per_byte on every tokenizer's
+                common scale, and ppl = e^loss for tokenizers other than bytes
     regression  next-step continuous targets; MSE and nMSE = MSE / variance of the train targets
 """
 
@@ -14,16 +16,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.data import BYTES, DataSpec
+from seqtrain.data import DataSpec
 from seqtrain.errors import ConfigError, DataError
 from seqtrain.model import ModelConfig, RecurrentModel, TokenEmbedding
 from seqtrain.registry import Registry
+from seqtrain.tokenizers import TOKENIZERS, Tokenizer, rebuild
 
 
 @dataclass
@@ -61,16 +65,23 @@ class Task:
         """Figures from a mean loss, by name without prefix (train/, val/): {"bpc": ...}."""
         raise NotImplementedError
 
+    def figures(self, loss: float, split: str) -> dict[str, float]:
+        """The figures of one split (train, val, test) from its mean loss: `metrics`, unless a
+        figure depends on the split (the LM's bits per byte: on the split's bytes per token)."""
+        return self.metrics(loss)
+
     def random_batch(self, batch: int, window: int, generator: torch.Generator) -> tuple:
         """(inputs, targets) of one window's shape and dtype, for the memory probe."""
         raise NotImplementedError
 
     def generate(self, model: nn.Module, prompt: bytes, length: int, **options: object) -> str:
-        """Tasks with generates_text: `length` tokens sampled after `prompt`, as text with it."""
+        """Tasks with generates_text: `length` tokens sampled after `prompt` (text, encoded with
+        the run's tokenizer), decoded with it."""
         raise NotImplementedError
 
 
 TASKS: Registry[type[Task]] = Registry("task.name")
+MAX_LOG = 700.0  # e^700 is near the largest float: a perplexity past it is reported as inf
 # Sampling's default, for the text logged at validation and for python -m seqtrain.sample: below
 # 1 sharpens the distribution, so an early model's samples show its words rather than noise.
 SAMPLE_TEMPERATURE = 0.8
@@ -94,11 +105,27 @@ def build_model(cfg: ModelConfig, task: Task) -> RecurrentModel:
 
 @TASKS.register("lm")
 class LanguageModelling(Task):
-    """Next-token prediction: embedding -> stack -> linear head over the vocabulary."""
+    """Next-token prediction: embedding -> stack -> linear head over the vocabulary.
+
+    best.ckpt is picked by val/bpc with the byte tokenizer and by val/bits_per_byte with any
+    other: on one split the two rank checkpoints alike, and bits per byte compares across
+    tokenizers (a sweep over data.tokenizer minimises one scale).
+    """
 
     kind = "tokens"
     monitor = "bpc"
     generates_text = True
+
+    def __init__(self, spec: DataSpec) -> None:
+        super().__init__(spec)
+        self.bytes_tokens = TOKENIZERS.get(spec.tokenizer).passthrough  # bpc is bits per byte
+        if not self.bytes_tokens:
+            self.monitor = "bits_per_byte"
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer, rebuilt from the spec (the checkpoint's) when text is made."""
+        return rebuild(self.spec.tokenizer, self.spec.tokenizer_state)
 
     def input_layer(self, cfg: ModelConfig) -> nn.Module:
         return TokenEmbedding(self.spec.input_size, cfg.embedding_size, cfg.embedding_dropout)
@@ -111,7 +138,19 @@ class LanguageModelling(Task):
 
     def metrics(self, loss: float) -> dict[str, float]:
         # bits per token from nats per token; with bytes it is bits per byte, as for enwik8
-        return {"bpc": loss / math.log(2)}
+        figures = {"bpc": loss / math.log(2)}
+        if not self.bytes_tokens:  # perplexity per word (awd-lstm-lm's figure) or BPE token
+            figures["ppl"] = math.exp(loss) if loss < MAX_LOG else math.inf
+        return figures
+
+    def figures(self, loss: float, split: str) -> dict[str, float]:
+        # Bits over the split's tokens / the UTF-8 bytes they cover, (N bpc) / (N bytes per
+        # token): the scale on which every tokenizer compares. Bytes: bytes per token is 1.0.
+        figures = self.metrics(loss)
+        ratio = (self.spec.bytes_per_token or {}).get(split)
+        if ratio is not None:
+            figures["bits_per_byte"] = figures["bpc"] / ratio
+        return figures
 
     def random_batch(self, batch: int, window: int, generator: torch.Generator) -> tuple:
         V, device = self.spec.input_size, generator.device
@@ -130,8 +169,13 @@ class LanguageModelling(Task):
         generator: torch.Generator | None = None,
     ) -> str:
         device = next(model.parameters()).device
-        start = BYTES.encode(prompt)
-        x = torch.tensor(start.tolist(), dtype=torch.long, device=device)  # (T0,)
+        start = self.tokenizer.encode(prompt).tolist()
+        if not start:
+            raise DataError(
+                f"prompt={prompt.decode('utf-8', errors='replace')!r} is no tokens for the "
+                f"{self.spec.tokenizer} tokenizer; give it some text"
+            )
+        x = torch.tensor(start, dtype=torch.long, device=device)  # (T0,)
         logits, state = model(x.view(1, -1))  # (1, T0, V)
         out = []
         for _ in range(length):
@@ -142,7 +186,7 @@ class LanguageModelling(Task):
             token = torch.multinomial(F.softmax(step, -1), 1, generator=generator)  # (1,)
             out.append(int(token))
             logits, state = model(token.view(1, 1), state)
-        return BYTES.decode(start.tolist() + out)
+        return self.tokenizer.decode(start + out)
 
 
 @TASKS.register("regression")

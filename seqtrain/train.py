@@ -36,20 +36,15 @@ from seqtrain.callbacks import (
     TextSamples,
     Throughput,
 )
-from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
-from seqtrain.config import Config, TrainerConfig, to_dict
-from seqtrain.data import (
-    Corpus,
-    DataSpec,
-    Streams,
-    describe,
-    eval_loader,
-    load_corpus,
-    require_tokens,
-    split_corpus,
-    train_loader,
-    with_targets,
+from seqtrain.checkpoint import (
+    AtomicCheckpointIO,
+    check_resumable,
+    newest_complete,
+    read,
+    spec_of,
 )
+from seqtrain.config import Config, TrainerConfig, to_dict
+from seqtrain.data import Corpus, DataSpec, Streams, eval_loader, load_splits, train_loader
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory, plan_run
 from seqtrain.module import MIB, SequenceModule, host_rss_bytes
@@ -122,11 +117,12 @@ class Job:
 
     cfg: Config
     run_dir: Path
-    splits: dict[str, Corpus]  # each with its targets (data.with_targets)
-    spec: DataSpec  # what the model and task need to know about the data
+    splits: dict[str, Corpus]  # each tokenized, with its targets (data.load_splits)
+    spec: DataSpec  # what the model and task need to know about the data, the tokenizer included
     resume_from: Path | None
     start_window: int  # the data cursor to continue from (0 for a fresh run)
     finished: bool = False  # resumed at trainer.max_steps with summary.json: nothing to do
+    prompt: bytes = b""  # the start of the val split's text, where text samples begin
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -197,6 +193,8 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     check_machine(cfg)
     if cfg.data.path is not None:  # checkpoints keep the file itself: evaluate reads it anywhere
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.data.tokenizer_file is not None:  # so is the tokenizer file (a resume compares it)
+        cfg.data.tokenizer_file = str(Path(cfg.data.tokenizer_file).expanduser().resolve())
     resume_from = resume_point(cfg, run_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
     ckpt = None if resume_from is None else read(resume_from)  # before the corpus: cheap first
@@ -207,12 +205,10 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
                 f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
                 f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
             )
-    corpus = load_corpus(cfg.data)
-    raw = split_corpus(corpus, cfg.data.split)
     streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
-    require_tokens(raw, streams, cfg.tbptt.window)
-    splits = {name: with_targets(split, cfg.data.target_columns) for name, split in raw.items()}
-    spec = describe(splits["train"])
+    saved = None if ckpt is None else spec_of(ckpt)  # resume: the run's own tokenizer, not refit
+    data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
+    splits, spec = data.parts, data.spec
     task = build_task(cfg.task, spec)
     if cfg.trainer.sample_length and not task.generates_text:
         raise ConfigError(
@@ -226,15 +222,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         finished = (
             ckpt["global_step"] >= cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
         )
-    log.info(
-        "corpus %s: %s %s, %s documents; train/val/test %s",
-        corpus.name,
-        f"{len(corpus.values):,}",
-        corpus.unit,
-        f"{len(corpus.doc_starts):,}",
-        "/".join(f"{len(s.values):,}" for s in raw.values()),
-    )
-    return Job(cfg, run_dir, splits, spec, resume_from, start_window, finished)
+    return Job(cfg, run_dir, splits, spec, resume_from, start_window, finished, data.prompt)
 
 
 def ranks_started_elsewhere() -> bool:
@@ -327,7 +315,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
     progress = cfg.trainer.progress_bar
     show_progress = sys.stderr.isatty() if progress is None else progress  # the bar's stream
     lines = (cfg.trainer.progress_every, cfg.trainer.progress_seconds)
-    prompt = job.splits["val"].values[:48].tobytes()  # read only by tasks that generate text
+    prompt = job.prompt  # read only by tasks that generate text
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -471,6 +459,8 @@ def write_summary(
     if trainer.is_global_zero:
         metrics = {
             monitor: module.last_val[monitor],  # the task's figure: val/bpc for lm
+            # every tokenizer's common scale (lm), for HParams rows that compare tokenizers
+            **{k: v for k, v in module.last_val.items() if k == "val/bits_per_byte"},
             "perf/tokens_per_s": summary["tokens_per_s"],  # the run's, validation excluded
             "memory/host_rss_MiB": summary["host_rss_bytes"] / MIB,
         }

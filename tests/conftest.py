@@ -31,6 +31,8 @@ REQUIRED_SCALARS = (
     "train/bpc",
     "val/loss",
     "val/bpc",
+    "train/bits_per_byte",  # every LM's common scale (equal to bpc with bytes)
+    "val/bits_per_byte",
     "perf/tokens_per_s",
     "optim/lr",
     "optim/grad_norm",

@@ -57,6 +57,9 @@ def _nan_weights(ckpt: dict) -> None:
     ckpt["state_dict"]["model.head.weight"].fill_(float("nan"))
 
 
+NOT_A_TOKENIZER = b'{"a": 1}'  # JSON, but not the tokenizers library's
+
+
 def _fifo(tmp: Path) -> str:
     path = tmp / "fifo"
     os.mkfifo(path)
@@ -535,6 +538,82 @@ CASES = [Case(*row) for row in CASES] + [
         "hold NaN or infinite values",
         tool="evaluate",
     ),
+    # Tokenizers (data.tokenizer): settings it cannot fit with, files it cannot read.
+    Case(
+        "unknown tokenizer",
+        lambda t, c: ["data.tokenizer=wordpiece"],
+        "data.tokenizer=wordpiece: choose from bytes, word, bpe",
+    ),
+    Case(
+        "tokenizer plug-in that is not there",
+        lambda t, c: ["data.tokenizer=no_such_module:Tok"],
+        "data.tokenizer=no_such_module:Tok: cannot import module 'no_such_module'",
+    ),
+    Case(
+        "word vocabulary below 3",
+        lambda t, c: ["data.tokenizer=word", "data.vocab_size=2"],
+        "data.vocab_size=2: data.tokenizer=word needs at least 3",
+    ),
+    Case(
+        "bpe vocabulary below the byte alphabet",
+        lambda t, c: ["data.tokenizer=bpe", "data.vocab_size=100"],
+        "data.vocab_size=100: data.tokenizer=bpe needs a vocabulary of at least 256",
+    ),
+    Case(
+        "bpe without a vocabulary size",
+        lambda t, c: ["data.tokenizer=bpe"],
+        "data.vocab_size=None: data.tokenizer=bpe needs a vocabulary of at least 256",
+    ),
+    Case(
+        "missing tokenizer file",
+        lambda t, c: ["data.tokenizer=bpe", "data.tokenizer_file=/no/such.json"],
+        "data.tokenizer_file=/no/such.json: no such file",
+    ),
+    Case(
+        "unreadable tokenizer file",
+        lambda t, c: ["data.tokenizer=bpe", f"data.tokenizer_file={_file(t, 'locked.txt', b'{}')}"],
+        "cannot read (Permission denied)",
+    ),
+    Case(
+        "not a tokenizer file",
+        lambda t, c: [
+            "data.tokenizer=bpe",
+            f"data.tokenizer_file={_file(t, 'tok.json', NOT_A_TOKENIZER)}",
+        ],
+        "not a tokenizer.json",
+    ),
+    Case(
+        "min_count zero",
+        lambda t, c: ["data.tokenizer=word", "data.min_count=0"],
+        "data.min_count=0: must be a positive integer",
+    ),
+    Case(
+        "tokenizer key the tokenizer does not read",
+        lambda t, c: ["data.min_count=5"],
+        "data.min_count=5: not read by data.tokenizer=bytes; it is for data.tokenizer=word",
+    ),
+    Case(
+        "tokenizer on a series",
+        lambda t, c: ["data.source=mackey_glass", "data.length=200", "data.tokenizer=word"],
+        "data.tokenizer=word reads text, but data.source=mackey_glass gives float rows",
+    ),
+    Case(
+        "unwritable token cache",
+        lambda t, c: ["data.tokenizer=word", f"data.cache_dir={_file(t, 'afile', b'x')}"],
+        "cannot write the tokenized corpus",
+    ),
+    Case(
+        "resume with another tokenizer",
+        _resume("data.tokenizer=word"),
+        "data.tokenizer=bytes (now word)",
+        _holds_run,
+    ),
+    Case(
+        "evaluate with another tokenizer",
+        lambda t, c: [f"ckpt={c}", "data.tokenizer=word"],
+        "data.tokenizer: evaluate encodes with the checkpoint's own tokenizer",
+        tool="evaluate",
+    ),
     Case(
         "evaluate a moved corpus",
         lambda t, c: [f"ckpt={c}", "data.path=/no/such.txt"],
@@ -569,7 +648,7 @@ def test_bad_input_is_one_line_and_touches_nothing(
         case.setup(run_dir, trained)
     before = files(run_dir)
     args = case.args(tmp_path, trained)
-    if case.name == "unreadable corpus":  # root reads any file, so fake the permission error
+    if case.name in ("unreadable corpus", "unreadable tokenizer file"):  # root reads any file
         real = Path.open
         monkeypatch.setattr(
             Path,

@@ -84,7 +84,8 @@ def test_hparams_hold_the_swept_values_and_final_metrics(events) -> None:
         assert hparams[key] == (value if isinstance(value, str) else pytest.approx(value)), key
     # The fixed columns and what the command line set; not the ~60 keys of the whole config.
     assert set(hparams) == set(HPARAMS) | set(SWEPT) | {"debug"}
-    want = {"val/bpc", "perf/tokens_per_s", "memory/peak_MiB", "memory/host_rss_MiB"}
+    want = {"val/bpc", "val/bits_per_byte", "perf/tokens_per_s", "memory/peak_MiB"}
+    want.add("memory/host_rss_MiB")
     assert metric_tags == want
     values = scalars(finals)
     assert values["val/bpc"] == [pytest.approx(summary["val_bpc"], rel=1e-6)]
