@@ -313,7 +313,7 @@ def test_evaluation_reads_the_averaged_weights(switched) -> None:
     streams = Streams(val, cfg.data.eval_batch_size, cfg.tbptt.window)
     with torch.inference_mode():
         raw = load_model(ckpt, cfg)
-        raw_loss = evaluate_split(raw, task_of(ckpt, cfg), streams, cfg.tbptt.window, False)
+        raw_loss = evaluate_split(raw, task_of(ckpt, cfg), streams, cfg.tbptt.window, "val", False)
     assert abs(raw_loss["loss"] - summary["val_loss"]) > 1e-4
 
 
