@@ -211,6 +211,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     splits = {name: with_targets(split, cfg.data.target_columns) for name, split in raw.items()}
     spec = describe(splits["train"])
     task = build_task(cfg.task, spec)
+    task.check_model(cfg.model)  # what needs the data: lm's cutoffs against the vocabulary
     if cfg.trainer.sample_length and not task.generates_text:
         raise ConfigError(
             f"trainer.sample_length={cfg.trainer.sample_length}: task.name={cfg.task.name} "
