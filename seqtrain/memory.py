@@ -320,9 +320,13 @@ class MemoryModel:
         step_saved, step_peak = f * (stack + head_saved), f * (2 * stack + head_peak)
         state = f * sum(math.prod(shape) for shape in rnn.state_shapes(batch_size))
         grads = sum(p.numel() * p.element_size() for p in model.parameters())
-        # scratch: one layer's weight gradients before they are added to the accumulated ones
-        layer = max(p.numel() * p.element_size() for p in rnn.parameters())
-        return cls(window, state, grads, float(grads + 2 * layer), step_saved, step_peak)
+        # scratch: gradients a segment's backward makes before adding them to the accumulated
+        # ones; a layer's weights twice (oneDNN's buffers) and the largest other matrix, which at
+        # a large vocabulary is the head's or the embedding's (V, H)
+        sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+        layer = max(sizes.pop(id(p)) for p in rnn.parameters())
+        scratch = 2 * layer + max(sizes.values(), default=0)
+        return cls(window, state, grads, float(grads + scratch), step_saved, step_peak)
 
     def segments(self, chunk: int | None) -> tuple[int, int]:
         """(kept boundary states, states in the longest segment: its steps + its start)."""
