@@ -12,9 +12,9 @@ Where `none` would not fit in --none-limit it is not run: its bytes are extrapol
 At T >= --big the step time comes from the single profiled update (noted in the table).
 
 A large-vocabulary case follows: an LM over V = 32,768 symbols (random tokens, as the probe draws
-them), where the (B, T, V) log-softmax and its gradients, not the LSTM, fill the memory; per head
-(linear, adaptive) `none` and `auto` under --vocab-budget, with the shape model's first guess and
-what a model of the stack alone would have chosen.
+them), where the (B, T, V) log-softmax and its gradients, not the LSTM, fill the memory. Per head
+(linear, linear tied to the embedding, adaptive): `none` and `auto` under --vocab-budget, with the
+shape model's first guess and what a model of the stack alone would have chosen.
 
     python scripts/bench_memory.py                # ~9 minutes on 2 quiet CPU cores
     python scripts/bench_memory.py --quick        # ~1 minute: small model, T = 64 ... 512
@@ -186,22 +186,29 @@ def bench_length(args: argparse.Namespace, model: RecurrentModel, T: int, none_f
 
 
 def bench_vocab(case: dict, budget: str, device: str) -> dict:
-    """Per head (linear, adaptive): `none` and `auto` under `budget` measured, with the shape
-    model's prediction and the chunk a model of the stack alone (no head terms) would fit."""
+    """Per head (linear, linear tied to the embedding, adaptive): `none` and `auto` under
+    `budget` measured, with the shape model's prediction and the chunk a model of the stack
+    alone (no head terms) would fit."""
     V = case["vocab"]
     task = build_task(TaskConfig(), DataSpec("tokens", V, V))
-    rows = [
-        bench_head(task, case, head, cutoffs, budget, device)
-        for head, cutoffs in (("linear", []), ("adaptive", case["cutoffs"]))
-    ]
+    heads = [("linear", [], False), ("linear", [], True), ("adaptive", case["cutoffs"], False)]
+    rows = [bench_head(task, case, *head, budget, device) for head in heads]
     return {**case, "budget": budget, "budget_bytes": parse_size(budget), "rows": rows}
 
 
-def bench_head(task, case: dict, head: str, cutoffs: list, budget: str, device: str) -> dict:  # noqa: ANN001
+def bench_head(
+    task,  # noqa: ANN001  (tasks.LanguageModelling)
+    case: dict,
+    head: str,
+    cutoffs: list,
+    tied: bool,
+    budget: str,
+    device: str,
+) -> dict:
     """One head of the large-vocabulary case."""
     V, T, B, H = case["vocab"], case["window"], case["batch"], case["hidden"]
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_size=H, hidden_size=H, head=head, cutoffs=cutoffs)
+    cfg = ModelConfig(embedding_size=H, hidden_size=H, head=head, cutoffs=cutoffs, tie_weights=tied)
     model = build_model(cfg, task).to(device)
     engine = Engine(model, task, T)
     shapes = MemoryModel.from_shapes(model, B, T)
@@ -221,20 +228,22 @@ def bench_head(task, case: dict, head: str, cutoffs: list, budget: str, device: 
         MemoryConfig("auto", budget=budget),
         engine,
         B,
-        say=lambda line: say(f"[V={V} {head}] planner: {line}"),
+        say=lambda line: say(f"[V={V} {head}{' tied' * tied}] planner: {line}"),
         measured=measured,
     )
     none = usage(None)
     stack_chunk = stack_only.fit(parse_size(budget))
     stack = usage(stack_chunk)
+    name = f"{head}{' tied' * tied}"
     say(
-        f"[V={V} {head}] none: peak {format_size(none.peak_bytes)}; auto ({budget}): "
+        f"[V={V} {name}] none: peak {format_size(none.peak_bytes)}; auto ({budget}): "
         f"{_chunk_name(plan.chunk)}, peak {format_size(plan.peak_bytes)}; a stack-only model "
         f"would take {_chunk_name(stack_chunk)}: peak {format_size(stack.peak_bytes)}"
     )
     return {
         "head": head,
         "cutoffs": cutoffs,
+        "tied": tied,
         "parameters": sum(p.numel() for p in model.parameters()),
         "head_share": head_peak / shapes.step_peak,  # of the shape model's peak per step
         "none": {**vars(none), "shape_peak": shapes.peak(None)},
@@ -267,6 +276,7 @@ def vocab_lines(result: dict, meta: dict) -> list[str]:
     for row in result["rows"]:
         none, auto, stack = row["none"], row["auto"], row["stack_only"]
         name = row["head"] + (f" {row['cutoffs']}" if row["cutoffs"] else "")
+        name += ", tied" if row.get("tied") else ""
         fits = "within" if auto["peak_bytes"] <= result["budget_bytes"] else "OVER"
         over = "over" if stack["peak_bytes"] > result["budget_bytes"] else "within"
         lines.append(
