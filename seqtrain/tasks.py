@@ -2,10 +2,9 @@
 segment's outputs, the figures a run reports and which of them picks the best checkpoint.
 
 The engine (tbptt.py) only calls `loss`; the model (model.py) only calls `input_layer` and
-`output_layer` (by default the task's `head`);
-the Lightning module, train.py and the tools name metrics through `metrics` and `monitor`. A task
-is chosen by `task.name` (the `task` config group); a user's own is `task.name=my_module:MyTask`
-(docs/tasks.md). Built-ins:
+`output_layer` (by default the task's `head`); the Lightning module, train.py and the tools name
+metrics through `metrics` and `monitor`. A task is chosen by `task.name` (the `task` config group);
+a user's own is `task.name=my_module:MyTask` (docs/tasks.md). Built-ins:
 
     lm          next-token cross-entropy over a vocabulary; loss (nats) and bpc = loss / ln 2;
                 its head is model.head's (heads.py), optionally tied to the embedding
@@ -35,7 +34,8 @@ class TaskConfig:
 
 
 class Task:
-    """The protocol every task follows (subclass it, or write the same methods and attributes).
+    """The protocol every task follows (subclass it, or write the same methods and attributes;
+    `check_model` and `output_layer` have defaults here that most tasks keep).
 
     Built from the run's DataSpec, which the checkpoint keeps, so the same task (and its figures)
     is rebuilt from the file alone.
