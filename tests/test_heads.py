@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from seqtrain import heads, optim
-from seqtrain.checkpoint import config_of, load_model, read
+from seqtrain.checkpoint import check_resumable, config_of, load_model, read, spec_of
 from seqtrain.config import ConfigError, validate
 from seqtrain.data import BYTES, DataSpec
+from seqtrain.errors import CheckpointError
 from seqtrain.model import ModelConfig
+from seqtrain.recall import recall
 from seqtrain.tasks import LanguageModelling, build_model
 
 from .conftest import (
@@ -151,6 +153,18 @@ def test_a_tied_checkpoint_loads_tied_and_evaluates_as_training_validated(tied_r
     assert done.returncode == 0 and done.stdout.startswith("def "), done.stderr
 
 
+def test_a_checkpoint_from_before_the_head_keys_resumes_as_their_defaults(tied_run) -> None:
+    """A key the checkpoint's version lacked had its default's effect: equal to the run's, it
+    resumes; different (the run ties, the old model could not have), it is refused."""
+    ckpt = read(tied_run / "checkpoints" / "last.ckpt")
+    cfg, spec, model = config_of(ckpt), spec_of(ckpt), ckpt["hyper_parameters"]["config"]["model"]
+    del model["head"], model["cutoffs"]
+    check_resumable(ckpt, cfg, spec, tied_run)
+    del model["tie_weights"]
+    with pytest.raises(CheckpointError, match=r"model.tie_weights=False \(now True\)"):
+        check_resumable(ckpt, cfg, spec, tied_run)
+
+
 def test_a_tied_run_resumes_exactly(tmp_path) -> None:
     """Were the tie lost on loading, the two copies would part at the first update after it."""
     runs = assert_exact_resume(tmp_path, [*TIED, "trainer.max_steps=10"], ENV)
@@ -183,6 +197,11 @@ def test_an_adaptive_model_samples_from_its_full_distribution() -> None:
             outputs, _ = model(x)
             x = torch.cat([x, heads.scores(outputs)[:, -1:].argmax(-1)], 1)
     assert text == BYTES.decode(x[0].tolist())
+
+
+def test_recall_reads_an_adaptive_heads_distribution() -> None:
+    result = recall(lm_model(head="adaptive", cutoffs=[32, 128]), lag=3, count=8)
+    assert 0 <= result["recall_accuracy"] <= 1 and result["recall_bits"] > 0
 
 
 @pytest.fixture(scope="module")
