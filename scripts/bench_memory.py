@@ -11,14 +11,22 @@ per-repetition ratios to `none` in the same repetition, so machine noise hits bo
 Where `none` would not fit in --none-limit it is not run: its bytes are extrapolated (marked).
 At T >= --big the step time comes from the single profiled update (noted in the table).
 
-    python scripts/bench_memory.py            # ~8 minutes on 2 quiet CPU cores
-    python scripts/bench_memory.py --quick    # ~1 minute: small model, T = 64 ... 512
-Writes docs/bench_memory.{md,png,json} (--quick: outputs/bench_memory/); --render JSON redraws.
+A large-vocabulary case follows: an LM over V = 32,768 symbols (random tokens, as the probe draws
+them), where the (B, T, V) log-softmax and its gradients, not the LSTM, fill the memory. Per head
+(linear, linear tied to the embedding, adaptive): `none` and `auto` under --vocab-budget, with the
+shape model's first guess and what a model of the stack alone would have chosen.
+
+    python scripts/bench_memory.py                # ~9 minutes on 2 quiet CPU cores
+    python scripts/bench_memory.py --quick        # ~1 minute: small model, T = 64 ... 512
+    python scripts/bench_memory.py --vocab-only   # < 1 minute: the V = 32,768 case alone
+Writes docs/bench_memory.{md,png,json} (--quick: outputs/bench_memory/); --render JSON redraws;
+--vocab-only puts its case into the JSON already there and redraws the rest from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -36,6 +44,7 @@ from seqtrain.memory import (
     MemoryModel,
     Usage,
     format_size,
+    head_elements_per_step,
     measure_update,
     parse_size,
     plan_memory,
@@ -49,6 +58,9 @@ V = BYTES.vocab_size
 PLANS = ("none", "chunk", "auto")
 TARGET_T = 2048
 TASK = build_task(TaskConfig(), DataSpec("tokens", V, V))  # byte-level LM
+# The large-vocabulary case: one LSTM layer, E = H, random tokens over V symbols. --quick: smaller.
+VOCAB = {"vocab": 32768, "hidden": 256, "batch": 4, "window": 256, "cutoffs": [2000, 10000]}
+VOCAB_QUICK = {"vocab": 4096, "hidden": 64, "batch": 4, "window": 64, "cutoffs": [500, 1500]}
 
 
 def say(message: str) -> None:
@@ -173,6 +185,111 @@ def bench_length(args: argparse.Namespace, model: RecurrentModel, T: int, none_f
     return {"T": T, "budget_bytes": budget, "plans": rows}
 
 
+def bench_vocab(case: dict, budget: str, device: str) -> dict:
+    """Per head (linear, linear tied to the embedding, adaptive): `none` and `auto` under
+    `budget` measured, with the shape model's prediction and the chunk a model of the stack
+    alone (no head terms) would fit."""
+    V = case["vocab"]
+    task = build_task(TaskConfig(), DataSpec("tokens", V, V))
+    heads = [("linear", [], False), ("linear", [], True), ("adaptive", case["cutoffs"], False)]
+    rows = [bench_head(task, case, *head, budget, device) for head in heads]
+    return {**case, "budget": budget, "budget_bytes": parse_size(budget), "rows": rows}
+
+
+def bench_head(
+    task,  # noqa: ANN001  (tasks.LanguageModelling)
+    case: dict,
+    head: str,
+    cutoffs: list,
+    tied: bool,
+    budget: str,
+    device: str,
+) -> dict:
+    """One head of the large-vocabulary case."""
+    V, T, B, H = case["vocab"], case["window"], case["batch"], case["hidden"]
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_size=H, hidden_size=H, head=head, cutoffs=cutoffs, tie_weights=tied)
+    model = build_model(cfg, task).to(device)
+    engine = Engine(model, task, T)
+    shapes = MemoryModel.from_shapes(model, B, T)
+    f = next(model.parameters()).element_size()
+    head_saved, head_peak = (f * n for n in head_elements_per_step(model.head, B))
+    stack_only = dataclasses.replace(
+        shapes, step_saved=shapes.step_saved - head_saved, step_peak=shapes.step_peak - head_peak
+    )
+    measured: dict[int | None, Usage] = {}  # by chunk: the planner's probes, then ours
+
+    def usage(chunk: int | None) -> Usage:
+        if chunk not in measured:
+            measured[chunk] = measure_update(engine, B, T, chunk)
+        return measured[chunk]
+
+    plan = plan_memory(
+        MemoryConfig("auto", budget=budget),
+        engine,
+        B,
+        say=lambda line: say(f"[V={V} {head}{' tied' * tied}] planner: {line}"),
+        measured=measured,
+    )
+    none = usage(None)
+    stack_chunk = stack_only.fit(parse_size(budget))
+    stack = usage(stack_chunk)
+    name = f"{head}{' tied' * tied}"
+    say(
+        f"[V={V} {name}] none: peak {format_size(none.peak_bytes)}; auto ({budget}): "
+        f"{_chunk_name(plan.chunk)}, peak {format_size(plan.peak_bytes)}; a stack-only model "
+        f"would take {_chunk_name(stack_chunk)}: peak {format_size(stack.peak_bytes)}"
+    )
+    return {
+        "head": head,
+        "cutoffs": cutoffs,
+        "tied": tied,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "head_share": head_peak / shapes.step_peak,  # of the shape model's peak per step
+        "none": {**vars(none), "shape_peak": shapes.peak(None)},
+        "auto": {**vars(measured[plan.chunk]), "chunk": plan.chunk, "plan": plan.as_dict()},
+        "stack_only": {"chunk": stack_chunk, "peak_bytes": stack.peak_bytes},
+    }
+
+
+def _chunk_name(chunk: int | None) -> str:
+    return "no checkpointing" if chunk is None else f"chunk {chunk}"
+
+
+def vocab_lines(result: dict, meta: dict) -> list[str]:
+    """The markdown section of the large-vocabulary case."""
+    V, budget = result["vocab"], result["budget"]
+    lines = [
+        "",
+        f"## Large vocabulary: V = {V:,}",
+        "",
+        f"`{meta['command']}` ({meta['started']}, {meta['minutes']:.1f} min): an LM over {V:,} "
+        f"random tokens, one LSTM layer, E = H = {result['hidden']}, batch {result['batch']}, "
+        f"tbptt.window = {result['window']}; `auto` under memory.budget={budget}. shape model = "
+        "MemoryModel.from_shapes before any measurement; stack-only = the same model without the "
+        "head's terms (the chunk it would fit, measured).",
+        "",
+        "| head | parameters | head's share of a step (shape model) | none: peak (shape model) "
+        "| auto: chunk | auto: saved | auto: peak | stack-only: chunk, peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        none, auto, stack = row["none"], row["auto"], row["stack_only"]
+        name = row["head"] + (f" {row['cutoffs']}" if row["cutoffs"] else "")
+        name += ", tied" if row.get("tied") else ""
+        fits = "within" if auto["peak_bytes"] <= result["budget_bytes"] else "OVER"
+        over = "over" if stack["peak_bytes"] > result["budget_bytes"] else "within"
+        lines.append(
+            f"| {name} | {row['parameters']:,} | {row['head_share']:.0%} | "
+            f"{format_size(none['peak_bytes'])} ({format_size(none['shape_peak'])}) | "
+            f"{auto['chunk'] or '—'} | {format_size(auto['saved_bytes'])} | "
+            f"{format_size(auto['peak_bytes'])} ({fits} {budget}; predicted "
+            f"{format_size(auto['plan']['predicted_peak_bytes'])}) | "
+            f"{_chunk_name(stack['chunk'])}, {format_size(stack['peak_bytes'])} ({over}) |"
+        )
+    return lines
+
+
 def slope(points: list[tuple[int, float]]) -> float:
     """Least-squares exponent k of y ~ T^k."""
     xs = [math.log(t) for t, _ in points]
@@ -183,13 +300,19 @@ def slope(points: list[tuple[int, float]]) -> float:
     )
 
 
-def write_outputs(args: argparse.Namespace, results: list[dict], meta: dict) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / ("bench_memory_quick" if args.quick else "bench_memory")
+def output_stem(args: argparse.Namespace) -> Path:
+    return Path(args.out) / ("bench_memory_quick" if args.quick else "bench_memory")
+
+
+def write_outputs(
+    args: argparse.Namespace, results: list[dict], meta: dict, vocab: dict | None
+) -> None:
+    stem = output_stem(args)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     slopes = {p: slope([(r["T"], r["plans"][p]["saved_bytes"]) for r in results]) for p in PLANS}
     meta["saved_bytes_slopes"] = slopes
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    saved = {"meta": meta, "results": results, "vocab": vocab}
+    stem.with_suffix(".json").write_text(json.dumps(saved, indent=2))
 
     lines = [
         "# Memory benchmark: full BPTT, one update",
@@ -246,6 +369,8 @@ def write_outputs(args: argparse.Namespace, results: list[dict], meta: dict) -> 
             f"Target at T = {TARGET_T}: auto peak {auto['peak_ratio']:.2%} of none's (goal "
             f"<= 5%) at {auto['time_ratio']:.3f}x its step time (goal <= 1.25x).",
         ]
+    if vocab is not None:
+        lines += vocab_lines(vocab["result"], vocab["meta"])
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(results, slopes, stem.with_suffix(".png"), args)
     say(f"wrote {stem}.md, .png, .json")
@@ -313,17 +438,24 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--quick", action="store_true", help="small model, T = 64 ... 512")
     parser.add_argument("--render", metavar="JSON", help="only rewrite md/png from a saved run")
+    parser.add_argument("--vocab-budget", default="160MiB", help="memory.budget, V = 32,768 case")
+    parser.add_argument(
+        "--vocab-only", action="store_true", help="run the large-vocabulary case alone"
+    )
     args = parser.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         vars(args).update(saved["meta"]["args"])
-        write_outputs(args, saved["results"], saved["meta"])
+        write_outputs(args, saved["results"], saved["meta"], saved.get("vocab"))
         return
     if args.quick:  # a smoke run: its files go to outputs/, not over the committed ones
         if args.out == str(ROOT / "docs"):
             args.out = str(ROOT / "outputs" / "bench_memory")
         args.sizes, args.hidden, args.batch, args.budget = [64, 128, 256, 512], 128, 8, "6MiB"
-        args.reps, args.target_reps = 2, 0
+        args.reps, args.target_reps, args.vocab_budget = 2, 0, "6MiB"
+    if args.vocab_only:
+        run_vocab_only(args)
+        return
     torch.manual_seed(0)
     model = build_model(
         ModelConfig(hidden_size=args.hidden, num_layers=args.layers, backend="cudnn"), TASK
@@ -339,6 +471,7 @@ def main() -> None:
     results, none_fit = [], {}
     for T in sorted(args.sizes):
         results.append(bench_length(args, model, T, none_fit))
+    vocab = timed_vocab(args)
     meta = {
         "command": "python scripts/bench_memory.py" + (" --quick" if args.quick else ""),
         "device": args.device,
@@ -350,7 +483,30 @@ def main() -> None:
         "argv": sys.argv[1:],
         "args": {k: v for k, v in vars(args).items() if k not in ("render", "out")},
     }
-    write_outputs(args, results, meta)
+    write_outputs(args, results, meta, vocab)
+
+
+def timed_vocab(args: argparse.Namespace) -> dict:
+    """The large-vocabulary case with its own command line, date and minutes."""
+    started, start = time.strftime("%Y-%m-%d %H:%M"), time.perf_counter()
+    result = bench_vocab(VOCAB_QUICK if args.quick else VOCAB, args.vocab_budget, args.device)
+    command = "python scripts/bench_memory.py" + (" --quick" if args.quick else " --vocab-only")
+    minutes = (time.perf_counter() - start) / 60
+    return {
+        "meta": {"command": command, "started": started, "minutes": minutes},
+        "result": result,
+    }
+
+
+def run_vocab_only(args: argparse.Namespace) -> None:
+    """The large-vocabulary case, put into the JSON of the last full run and redrawn with it."""
+    path = output_stem(args).with_suffix(".json")
+    if not path.is_file():
+        sys.exit(f"--vocab-only adds to {path}, which does not exist: run the sweep first")
+    saved = json.loads(path.read_text())
+    vocab = timed_vocab(args)
+    vars(args).update(saved["meta"]["args"])
+    write_outputs(args, saved["results"], saved["meta"], vocab)
 
 
 if __name__ == "__main__":

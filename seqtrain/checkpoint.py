@@ -308,9 +308,10 @@ def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None
             "data cursor or restored state: resume with the checkpoint's values, or train "
             "anew in another hydra.run.dir"
         )
-    saved = ckpt["hyper_parameters"]["config"]["model"]
+    # A key the checkpoint's version did not have yet (model.head, ...) had its default's effect.
+    saved = {**to_dict(Config())["model"], **ckpt["hyper_parameters"]["config"]["model"]}
     current = to_dict(cfg)["model"]
-    changed = [k for k in current if k != "backend" and saved.get(k) != current[k]]
+    changed = [k for k in current if k != "backend" and saved[k] != current[k]]
     if changed:
         diffs = ", ".join(f"model.{k}={saved.get(k)} (now {current[k]})" for k in changed)
         raise CheckpointError(

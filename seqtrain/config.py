@@ -20,7 +20,7 @@ from seqtrain import cells, optim, synthetic, trainer_extras
 from seqtrain.data import SOURCES, VARY_MIN, VARY_SD, DataConfig
 from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
-from seqtrain.model import BLOCKS, ModelConfig
+from seqtrain.model import BLOCKS, ModelConfig, check_head
 from seqtrain.optim import OptimConfig
 from seqtrain.tasks import TASKS, TaskConfig
 from seqtrain.tbptt import TbpttConfig
@@ -176,12 +176,6 @@ def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
     )
     _require(m.cell in cells.CELLS, "model.cell", m.cell, f"choose from {', '.join(cells.CELLS)}")
     _require(m.block in BLOCKS, "model.block", m.block, f"choose from {', '.join(BLOCKS)}")
-    _require(
-        m.block == "plain" or m.proj_size == 0,
-        "model.proj_size",
-        m.proj_size,
-        "a residual block adds the cell's output to its input: use model.block=plain",
-    )
     for key in ("embedding_size", "hidden_size", "num_layers"):
         _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), positive)
     for key in (
@@ -214,6 +208,7 @@ def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
     )
     try:
         BLOCKS[m.block].check(m.backend, m.cell, m.num_layers, **m.cell_options())
+        check_head(m)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _require(t.window > 0, "tbptt.window", t.window, positive)

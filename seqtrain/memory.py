@@ -285,6 +285,16 @@ def measure_update(
 # ---------------------------------------------------------------------------------------------
 
 
+def head_elements_per_step(head: nn.Module, batch: int) -> tuple[int, int]:
+    """(saved, peak) elements per time step of the head and its loss: the head's own estimate
+    (heads.py's `elements_per_step`), else its outputs (an nn.Linear's out_features) twice kept
+    and twice again at the peak, an estimate the probe corrects."""
+    if hasattr(head, "elements_per_step"):
+        return head.elements_per_step(batch)
+    outputs = batch * getattr(head, "out_features", 0)
+    return 2 * outputs, 4 * outputs
+
+
 @dataclass
 class MemoryModel:
     """Predicted saved and peak bytes of one update of T steps, for any chunk length."""
@@ -299,20 +309,24 @@ class MemoryModel:
     @classmethod
     def from_shapes(cls, model: nn.Module, batch_size: int, window: int) -> MemoryModel:
         """What backprop needs per step: the recurrent stack's own estimate (inputs, gates, cell
-        and hidden states of every layer: cells.Shapes.activation_elements_per_step), plus the
-        head's input and its V outputs twice (logits and log-softmax for lm, K for regression);
-        their gradients are the backward's transients. Kernels keep more (oneDNN's and cuDNN's
-        workspaces) or less: the probe corrects the per-step terms."""
+        and hidden states of every layer: cells.Shapes.activation_elements_per_step) and the
+        head's input, twice at the peak (their gradients are the backward's transients), plus
+        the head and its loss (`head_elements_per_step`): at a large vocabulary the (B, V)
+        log-softmax and its gradients, not the stack, fill the memory. Kernels keep more
+        (oneDNN's and cuDNN's workspaces) or less: the probe corrects the per-step terms."""
         rnn, f = model.rnn, next(model.parameters()).element_size()
-        V = model.head.out_features
-        step = f * (
-            rnn.activation_elements_per_step(batch_size) + batch_size * (rnn.output_size + 2 * V)
-        )
+        stack = rnn.activation_elements_per_step(batch_size) + batch_size * rnn.output_size
+        head_saved, head_peak = head_elements_per_step(model.head, batch_size)
+        step_saved, step_peak = f * (stack + head_saved), f * (2 * stack + head_peak)
         state = f * sum(math.prod(shape) for shape in rnn.state_shapes(batch_size))
         grads = sum(p.numel() * p.element_size() for p in model.parameters())
-        # scratch: one layer's weight gradients before they are added to the accumulated ones
-        layer = max(p.numel() * p.element_size() for p in rnn.parameters())
-        return cls(window, state, grads, float(grads + 2 * layer), float(step), float(2 * step))
+        # scratch: gradients a segment's backward makes before adding them to the accumulated
+        # ones; a layer's weights twice (oneDNN's buffers) and the largest other matrix, which at
+        # a large vocabulary is the head's or the embedding's (V, H)
+        sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+        layer = max(sizes.pop(id(p)) for p in rnn.parameters())
+        scratch = 2 * layer + max(sizes.values(), default=0)
+        return cls(window, state, grads, float(grads + scratch), step_saved, step_peak)
 
     def segments(self, chunk: int | None) -> tuple[int, int]:
         """(kept boundary states, states in the longest segment: its steps + its start)."""

@@ -1,14 +1,14 @@
 """RecurrentModel: input layer -> recurrent stack (a named cell backend) -> head.
 
-The task (tasks.py) decides the input layer and the head (a byte embedding and logits over the
-vocabulary for lm; an input projection and K outputs for regression); this file owns the stack and
-the dropout around it.
+The task (tasks.py) decides the input layer and the head (for lm a token embedding and a head over
+the vocabulary from heads.py, `model.head`, tied to the embedding with `model.tie_weights`; an input
+projection and K outputs for regression); this file owns the stack and the dropout around it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from seqtrain import cells
 from seqtrain.cells import State
+from seqtrain.heads import HEADS, AdaptiveOutputs
 
 # Options that belong to the recurrent stack (handed to cells.build_recurrent as keywords).
 CELL_OPTIONS = (
@@ -68,6 +69,13 @@ class ModelConfig:
     cell_clip: float | None = None  # clip the cell state to [-cell_clip, cell_clip]
     peephole: bool = False  # gates also see the cell state
     proj_size: int = 0  # project h to this size (nn.LSTM's proj_size); 0 = off
+    # lm's output layer over the vocabulary (seqtrain/heads.py): linear (logits) | adaptive
+    # (adaptive softmax over model.cutoffs: for large vocabularies)
+    head: str = "linear"
+    cutoffs: list[int] = field(default_factory=list)  # head=adaptive: where clusters start
+    # the head shares the embedding matrix (Press & Wolf 2017); needs the head's input size
+    # (model.proj_size, else model.hidden_size) = model.embedding_size
+    tie_weights: bool = False
     # AWD-LSTM's activation regularisers on the last layer's output, training loss only
     # (docs/awd.md): ar * mean(dropped ** 2) and tar * mean((raw[t] - raw[t - 1]) ** 2)
     ar: float = 0.0  # activation regularisation (awd-lstm-lm's alpha, 2 there)
@@ -86,6 +94,42 @@ class ModelConfig:
     @property
     def output_size(self) -> int:
         return self.proj_size or self.hidden_size
+
+
+def check_head(cfg: ModelConfig) -> None:
+    """model.head, model.cutoffs and model.tie_weights as far as they are known before the data
+    is read (the task checks the cutoffs against the vocabulary): a one-line ValueError."""
+    head = HEADS.get(cfg.head)
+    head.check(cfg.cutoffs, cfg.output_size, None)
+    if not cfg.tie_weights:
+        return
+    if not hasattr(head, "tie"):
+        raise ValueError(
+            f"model.tie_weights=true: model.head={cfg.head} has no single (V, E) matrix to share "
+            "(its clusters project to narrower sizes); use model.head=linear or "
+            "model.tie_weights=false"
+        )
+    E, H = cfg.embedding_size, cfg.output_size
+    if H != E:
+        given = f"model.proj_size={H}" if cfg.proj_size else f"model.hidden_size={H}"
+        raise ValueError(
+            f"model.tie_weights=true: the head's input ({given}) must equal "
+            f"model.embedding_size={E}; set {_tie_fix(cfg)}"
+        )
+
+
+def _tie_fix(cfg: ModelConfig) -> str:
+    """How to make the stack's output as wide as the embedding: a projection where the cell and
+    backend have one (and E < H), else the embedding as wide as the output."""
+    E = cfg.embedding_size
+    if cfg.hidden_size > E:
+        options = {**cfg.cell_options(), "proj_size": E}
+        try:
+            BLOCKS[cfg.block].check(cfg.backend, cfg.cell, cfg.num_layers, **options)
+            return f"model.proj_size={E}"
+        except ValueError:
+            pass
+    return f"model.embedding_size={cfg.output_size}"
 
 
 def dropout(x: Tensor, p: float, variational: bool, training: bool) -> Tensor:
@@ -159,13 +203,14 @@ class Outputs(NamedTuple):
 class RecurrentModel(nn.Module):
     """`features` and `predict` are separate so the engine can run the head inside each
     checkpointed segment. Parameters: embedding.* (the input layer, whatever the task makes it),
-    rnn.*, head.*; the byte LM's names are those of every earlier checkpoint."""
+    rnn.*, head.*; the byte LM's names are those of every earlier checkpoint. A tied head's
+    weight is embedding.weight itself: parameters() lists it once, state_dict under both names."""
 
     def __init__(
         self,
         cfg: ModelConfig,
         input_layer: Callable[[ModelConfig], nn.Module],
-        head: Callable[[int], nn.Module],
+        head: Callable[[ModelConfig, nn.Module], nn.Module],
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -179,7 +224,7 @@ class RecurrentModel(nn.Module):
             cfg.num_layers,
             **cfg.cell_options(),
         )
-        self.head = head(cfg.output_size)  # (B, T, H) -> (B, T, V or K)
+        self.head = head(cfg, self.embedding)  # (B, T, H) -> (B, T, V or K), or a head's outputs
 
     @property
     def resets_inside(self) -> bool:
@@ -203,9 +248,11 @@ class RecurrentModel(nn.Module):
         out = self.layer_outputs(x, state, resets)
         return out.dropped, out.state
 
-    def predict(self, h: Tensor) -> Tensor:
-        return self.head(h)  # (B, T, V or K)
+    def predict(self, h: Tensor) -> Tensor | AdaptiveOutputs:
+        return self.head(h)  # (B, T, V or K) logits or outputs; adaptive: see heads.py
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(
+        self, x: Tensor, state: State | None = None
+    ) -> tuple[Tensor | AdaptiveOutputs, State]:
         h, state = self.features(x, state)
         return self.predict(h), state

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
+from seqtrain import heads
 from seqtrain.checkpoint import config_of, load_model, read
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.errors import ConfigError, SeqtrainError
@@ -33,8 +34,8 @@ def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noq
     examples, symbols = copy_examples(count, lag, seed)
     x = torch.from_numpy(examples[:, :-2].astype(np.int64)).to(device)  # (N, lag + 2): s .. ?
     target = torch.from_numpy(symbols.astype(np.int64)).to(device)  # (N,)
-    logits, _ = model(x)  # (N, lag + 2, V)
-    last = logits[:, -1].float()  # (N, V): the prediction after the cue
+    outputs, _ = model(x)  # (N, lag + 2, V) logits, or a head's outputs
+    last = heads.scores(outputs)[:, -1].float()  # (N, V): the prediction after the cue
     model.train(was_training)
     nats = F.cross_entropy(last, target).item()
     return {

@@ -1,14 +1,15 @@
 """What a window is trained for: the task owns the model's input layer and head, the loss of a
 segment's outputs, the figures a run reports and which of them picks the best checkpoint.
 
-The engine (tbptt.py) only calls `loss`; the model (model.py) only calls `input_layer` and `head`;
-the Lightning module, train.py and the tools name metrics through `metrics` and `monitor`. A task
-is chosen by `task.name` (the `task` config group); a user's own is `task.name=my_module:MyTask`
-(docs/tasks.md). Built-ins:
+The engine (tbptt.py) only calls `loss`; the model (model.py) only calls `input_layer` and
+`output_layer` (by default the task's `head`); the Lightning module, train.py and the tools name
+metrics through `metrics` and `monitor`. A task is chosen by `task.name` (the `task` config group);
+a user's own is `task.name=my_module:MyTask` (docs/tasks.md). Built-ins:
 
     lm          next-token cross-entropy over a vocabulary; loss (nats), bpc = loss / ln 2 (bits
                 per token: per byte with data.tokenizer=bytes), bits_per_byte on every tokenizer's
                 common scale, and ppl = e^loss for tokenizers other than bytes
+                (its head is model.head's, heads.py, optionally tied to the embedding)
     regression  next-step continuous targets; MSE and nMSE = MSE / variance of the train targets
 """
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqtrain import heads
 from seqtrain.data import DataSpec
 from seqtrain.errors import ConfigError, DataError
 from seqtrain.model import ModelConfig, RecurrentModel, TokenEmbedding
@@ -36,7 +38,8 @@ class TaskConfig:
 
 
 class Task:
-    """The protocol every task follows (subclass it, or write the same methods and attributes).
+    """The protocol every task follows (subclass it, or write the same methods and attributes;
+    `check_model` and `output_layer` have defaults here that most tasks keep).
 
     Built from the run's DataSpec, which the checkpoint keeps, so the same task (and its figures)
     is rebuilt from the file alone.
@@ -56,6 +59,26 @@ class Task:
     def head(self, features: int) -> nn.Module:
         """(B, T, features) recurrent outputs -> (B, T, ...) outputs `loss` compares to targets."""
         raise NotImplementedError
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Refuse model options this task cannot take, in one line; the data is known here
+        (train.prepare calls it before anything is written). The head options (model.head,
+        model.tie_weights) are a task over a vocabulary's: lm takes them."""
+        name = type(self).__name__
+        if cfg.tie_weights:
+            raise ConfigError(
+                f"model.tie_weights=true: {name} has no token embedding for its head to share "
+                "(task=lm has); set model.tie_weights=false"
+            )
+        if cfg.head != "linear" or cfg.cutoffs:
+            raise ConfigError(
+                f"model.head={cfg.head}: {name} builds its own head (model.head and "
+                "model.cutoffs choose task=lm's); leave model.head=linear, model.cutoffs=[]"
+            )
+
+    def output_layer(self, cfg: ModelConfig, embedding: nn.Module) -> nn.Module:
+        """The head the model is built with: by default `head` at the stack's output size."""
+        return self.head(cfg.output_size)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Summed over the target elements; the engine divides by their number (targets.numel())."""
@@ -100,12 +123,13 @@ def build_task(cfg: TaskConfig, spec: DataSpec) -> Task:
 
 
 def build_model(cfg: ModelConfig, task: Task) -> RecurrentModel:
-    return RecurrentModel(cfg, task.input_layer, task.head)
+    task.check_model(cfg)
+    return RecurrentModel(cfg, task.input_layer, task.output_layer)
 
 
 @TASKS.register("lm")
 class LanguageModelling(Task):
-    """Next-token prediction: embedding -> stack -> linear head over the vocabulary.
+    """Next-token prediction: embedding -> stack -> a head over the vocabulary (model.head).
 
     best.ckpt is picked by val/bpc with the byte tokenizer and by val/bits_per_byte with any
     other: on one split the two rank checkpoints alike, and bits per byte compares across
@@ -130,11 +154,22 @@ class LanguageModelling(Task):
     def input_layer(self, cfg: ModelConfig) -> nn.Module:
         return TokenEmbedding(self.spec.input_size, cfg.embedding_size, cfg.embedding_dropout)
 
-    def head(self, features: int) -> nn.Module:
-        return nn.Linear(features, self.spec.target_size)  # (B, T, H) -> (B, T, V) logits
+    def check_model(self, cfg: ModelConfig) -> None:
+        """The cutoffs against the vocabulary, known only now (the rest: config.validate)."""
+        try:
+            heads.HEADS.get(cfg.head).check(cfg.cutoffs, cfg.output_size, self.spec.target_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="sum")
+    def output_layer(self, cfg: ModelConfig, embedding: nn.Module) -> nn.Module:
+        """model.head's head over the vocabulary, sharing the embedding's matrix if tied."""
+        head = heads.HEADS.get(cfg.head)(cfg.output_size, self.spec.target_size, cfg.cutoffs)
+        if cfg.tie_weights:
+            head.tie(embedding.weight)
+        return head  # (B, T, H) -> (B, T, V) logits, or a head's outputs (heads.py)
+
+    def loss(self, outputs: Tensor | heads.AdaptiveOutputs, targets: Tensor) -> Tensor:
+        return heads.nll(outputs, targets)
 
     def metrics(self, loss: float) -> dict[str, float]:
         # bits per token from nats per token; with bytes it is bits per byte, as for enwik8
@@ -176,16 +211,16 @@ class LanguageModelling(Task):
                 f"{self.spec.tokenizer} tokenizer; give it some text"
             )
         x = torch.tensor(start, dtype=torch.long, device=device)  # (T0,)
-        logits, state = model(x.view(1, -1))  # (1, T0, V)
+        outputs, state = model(x.view(1, -1))  # (1, T0, V) logits, or a head's outputs
         out = []
         for _ in range(length):
-            step = logits[0, -1].float() / max(temperature, 1e-6)  # (V,)
+            step = heads.scores(outputs)[0, -1].float() / max(temperature, 1e-6)  # (V,)
             if top_k is not None:
                 kth = torch.topk(step, top_k).values[-1]
                 step = step.masked_fill(step < kth, float("-inf"))
             token = torch.multinomial(F.softmax(step, -1), 1, generator=generator)  # (1,)
             out.append(int(token))
-            logits, state = model(token.view(1, 1), state)
+            outputs, state = model(token.view(1, 1), state)
         return self.tokenizer.decode(start + out)
 
 

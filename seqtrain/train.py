@@ -210,6 +210,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
     splits, spec = data.parts, data.spec
     task = build_task(cfg.task, spec)
+    task.check_model(cfg.model)  # what needs the data: lm's cutoffs against the vocabulary
     if cfg.trainer.sample_length and not task.generates_text:
         raise ConfigError(
             f"trainer.sample_length={cfg.trainer.sample_length}: task.name={cfg.task.name} "

@@ -25,6 +25,7 @@ from .conftest import ROOT
 from .test_config import composed
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
+REGRESSION = ["task=regression", "data.source=mackey_glass", "data.length=2000"]
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +447,63 @@ CASES = [Case(*row) for row in CASES] + [
         "unreadable memory budget",
         lambda t, c: ["memory.budget=lots"],
         "memory.budget=lots: not a size",
+    ),
+    # Heads over a vocabulary (docs/heads.md).
+    Case(
+        "tied head of another size",
+        lambda t, c: ["model.tie_weights=true"],
+        "model.tie_weights=true: the head's input (model.hidden_size=16) must equal "
+        "model.embedding_size=8; set model.proj_size=8",
+    ),
+    Case(
+        "unknown head",
+        lambda t, c: ["model.head=softmax"],
+        "model.head=softmax: no such option; choose from linear, adaptive",
+    ),
+    Case(
+        "cutoffs not increasing",
+        lambda t, c: ["model.head=adaptive", "model.cutoffs=[100,50]"],
+        "model.cutoffs=[100, 50]: must be strictly increasing and > 0",
+    ),
+    Case(
+        "cutoffs at the vocabulary size",
+        lambda t, c: ["model.head=adaptive", "model.cutoffs=[100,256]"],
+        "model.cutoffs=[100, 256]: must be < the vocabulary size 256",
+    ),
+    Case(
+        "adaptive head without cutoffs",
+        lambda t, c: ["model.head=adaptive"],
+        "model.cutoffs=[]: model.head=adaptive needs one or more",
+    ),
+    Case(
+        "more clusters than the head input allows",
+        lambda t, c: ["model.head=adaptive", "model.cutoffs=[10,20,30]"],
+        "model.cutoffs=[10, 20, 30]: 3 clusters need a head input of at least 64",
+    ),
+    Case(
+        "cutoffs for the linear head",
+        lambda t, c: ["model.cutoffs=[100]"],
+        "model.cutoffs=[100]: model.head=linear takes none",
+    ),
+    Case(
+        "tied adaptive head",
+        lambda t, c: [
+            "model.head=adaptive",
+            "model.cutoffs=[64]",
+            "model.tie_weights=true",
+            "model.embedding_size=16",
+        ],
+        "model.tie_weights=true: model.head=adaptive has no single (V, E) matrix to share",
+    ),
+    Case(
+        "adaptive head for regression",
+        lambda t, c: [*REGRESSION, "model.head=adaptive", "model.cutoffs=[4]"],
+        "model.head=adaptive: Regression builds its own head",
+    ),
+    Case(
+        "tied head for regression",
+        lambda t, c: [*REGRESSION, "model.tie_weights=true", "model.embedding_size=16"],
+        "model.tie_weights=true: Regression has no token embedding for its head to share",
     ),
     Case(
         "override syntax error",

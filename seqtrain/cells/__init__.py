@@ -91,6 +91,11 @@ def check_residual(backend: str, cell: str, num_layers: int, **options: object) 
     """check_options for model.block=residual: each block's core is one layer of `cell`."""
     if num_layers < 1:
         raise ValueError(f"model.num_layers={num_layers} must be at least 1")
+    if options.get("proj_size"):
+        raise ValueError(
+            f"model.proj_size={options['proj_size']}: a residual block adds the cell's output to "
+            "its input: use model.block=plain"
+        )
     check_options(backend, cell, 1, **_core_options(options)[1])
 
 
