@@ -234,6 +234,10 @@ RESUME_FIXED = (
     "data.target_path",
     "data.target_columns",
     "data.doc_starts_path",
+    "data.reader",
+    "data.text_field",
+    "data.dtype",
+    "data.vocab_size",
     "tbptt",
     "optim.lr",
     "optim.weight_decay",
@@ -255,8 +259,9 @@ def flat(d: dict, prefix: str = "") -> dict:
 def fixed_changes(saved: dict, current: dict) -> list[str]:
     """`key=saved (now current)` for each RESUME_FIXED setting that differs."""
     before, now = flat(upgrade(saved)), flat(current)
-    if isinstance(before.get("data.path"), str):  # kept as typed by earlier versions
-        before["data.path"] = str(Path(before["data.path"]).expanduser().resolve())
+    for key in ("data.path", "data.doc_starts_path"):
+        if isinstance(before.get(key), str):  # kept as typed by earlier versions
+            before[key] = str(Path(before[key]).expanduser().resolve())
     keys = sorted(set(before) | set(now))
     fixed = [k for k in keys if any(k == p or k.startswith(p + ".") for p in RESUME_FIXED)]
     return [
@@ -264,6 +269,24 @@ def fixed_changes(saved: dict, current: dict) -> list[str]:
         for k in fixed
         if k in before and before.get(k) != now.get(k)
     ]
+
+
+def check_corpus(ckpt: dict, identity: str | None, path: str | Path, remedy: str) -> None:
+    """Refuse a corpus whose identity (corpora.fingerprint) differs from the checkpoint's; a
+    checkpoint of an earlier version has none, and passes."""
+    saved = spec_of(ckpt).corpus
+    if saved is not None and identity is not None and saved != identity:
+        data = ckpt["hyper_parameters"]["config"].get("data", {})
+        where = f"data.path={data['path']}" if data.get("path") else f"data.source={data['source']}"
+        raise CheckpointError(
+            f"ckpt={path} was trained on {where} as it was then ({short(saved)}); its content "
+            f"has changed since ({short(identity)}); {remedy}"
+        )
+
+
+def short(identity: str) -> str:
+    kind, _, digest = identity.partition(":")
+    return f"{kind} {digest[:12]}"
 
 
 def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None:
@@ -279,6 +302,12 @@ def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None
             f"ckpt={path} was trained on data of {have}; this run's has {now}; "
             "resume with the same data (or it comes from another program or version)"
         )
+    check_corpus(
+        ckpt,
+        spec.corpus,
+        path,
+        "resume with the corpus it was trained on, or train anew in another hydra.run.dir",
+    )
     saved_task = ckpt["hyper_parameters"]["config"].get("task", {"name": "lm"})["name"]
     if saved_task != cfg.task.name:
         raise CheckpointError(

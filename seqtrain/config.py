@@ -16,8 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import cells, optim, synthetic, trainer_extras
-from seqtrain.data import SOURCES, DataConfig
+from seqtrain import cells, corpora, optim, synthetic, trainer_extras
+from seqtrain.data import READERS, SOURCES, TOKEN_DTYPES, DataConfig
 from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import BLOCKS, ModelConfig
@@ -27,6 +27,7 @@ from seqtrain.tbptt import TbpttConfig
 from seqtrain.trainer_extras import tensorboard
 
 assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
+assert "jsonl" in READERS, corpora  # and corpora the readers of JSON Lines and token arrays
 PRECISIONS = ("32-true", "bf16-mixed")
 # No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
 STRATEGIES = ("auto", "ddp")
@@ -152,6 +153,16 @@ def validate(raw: DictConfig | dict) -> Config:
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, positive)
     _require(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, positive)
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
+    _require(
+        d.reader is None or d.reader in READERS,
+        "data.reader",
+        d.reader,
+        f"choose from {', '.join(READERS)}, or name your own as module:function",
+    )
+    _require(
+        d.dtype in TOKEN_DTYPES, "data.dtype", d.dtype, f"choose from {', '.join(TOKEN_DTYPES)}"
+    )
+    _require(d.vocab_size is None or d.vocab_size > 0, "data.vocab_size", d.vocab_size, positive)
     _require(
         len(d.split) == 3 and all(0 < f < math.inf for f in d.split),
         "data.split",

@@ -10,22 +10,33 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from seqtrain.checkpoint import check_device, config_of, load_model, read, task_of
+from seqtrain.checkpoint import (
+    check_corpus,
+    check_device,
+    config_of,
+    load_model,
+    read,
+    task_of,
+)
 from seqtrain.cli import fail, parse_key_values
+from seqtrain.config import Config
+from seqtrain.corpora import fingerprint
 from seqtrain.data import (
     SPLITS,
+    Corpus,
     Streams,
     load_corpus,
     require_tokens,
     split_corpus,
     with_targets,
 )
-from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
 from seqtrain.model import RecurrentModel
 from seqtrain.tasks import Task
@@ -56,6 +67,23 @@ def evaluate_split(
     return {"loss": total / count, **task.metrics(total / count), "tokens": count}
 
 
+def trained_corpus(ckpt: dict, cfg: Config, path: str, chosen: bool) -> Corpus:
+    """The corpus to evaluate on: the one the checkpoint was trained on, which must still be
+    where it was and as it was, unless the command line names data.* itself (other text)."""
+    if chosen:
+        return load_corpus(cfg.data)
+    where = cfg.data.path
+    if where is not None and not Path(where).exists() and not any(c in where for c in "*?["):
+        raise CheckpointError(
+            f"ckpt={path} was trained on data.path={where}, which is no longer there (moved or "
+            "deleted?); pass data.path=FILE to evaluate on it where it is now"
+        )
+    corpus = load_corpus(cfg.data)
+    remedy = "pass data.path=FILE (or another data.* key) to evaluate on other text anyway"
+    check_corpus(ckpt, fingerprint(corpus), path, remedy)
+    return corpus
+
+
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     ckpt = read(args.ckpt)
     cfg = config_of(ckpt, overrides)
@@ -63,7 +91,7 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
         cache_host_memory()
     model = load_model(ckpt, cfg).to(args.device)
     task = task_of(ckpt, cfg)  # the training split's figures (nMSE's variance) come with it
-    splits = split_corpus(load_corpus(cfg.data), cfg.data.split)
+    splits = split_corpus(trained_corpus(ckpt, cfg, args.ckpt, "data" in overrides), cfg.data.split)
     batch = args.batch_size or cfg.data.eval_batch_size
     require_tokens(splits, {args.split: batch}, cfg.tbptt.window)
     split = with_targets(splits[args.split], cfg.data.target_columns)

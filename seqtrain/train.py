@@ -7,6 +7,7 @@ steps: build the module, the trainer and the streams, plan memory, run, write th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from seqtrain.callbacks import (
 )
 from seqtrain.checkpoint import AtomicCheckpointIO, check_resumable, newest_complete, read
 from seqtrain.config import Config, to_dict
+from seqtrain.corpora import fingerprint
 from seqtrain.data import (
     Corpus,
     DataSpec,
@@ -53,6 +55,7 @@ from seqtrain.module import MIB, SequenceModule, host_rss_bytes
 from seqtrain.tasks import build_task
 
 log = logging.getLogger("seqtrain")
+FILE_KEYS = ("path", "doc_starts_path")  # data.* files a checkpoint keeps as absolute paths
 
 
 def quiet_lightning() -> None:
@@ -192,8 +195,9 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     """Load and check the machine, the data, the task and the resume checkpoint; writes
     nothing."""
     check_machine(cfg)
-    if cfg.data.path is not None:  # checkpoints keep the file itself: evaluate reads it anywhere
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    for key in FILE_KEYS:  # checkpoints keep the files themselves: evaluate reads them anywhere
+        if getattr(cfg.data, key) is not None:
+            setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).expanduser().resolve()))
     resume_from = resume_point(cfg, run_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
     ckpt = None if resume_from is None else read(resume_from)  # before the corpus: cheap first
@@ -205,11 +209,16 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
                 f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
             )
     corpus = load_corpus(cfg.data)
+    if corpus.tokenized and cfg.trainer.sample_length:
+        raise ConfigError(
+            f"trainer.sample_length={cfg.trainer.sample_length}: '{corpus.name}' holds token ids "
+            "and no tokenizer to write samples as text; set trainer.sample_length=0"
+        )
     raw = split_corpus(corpus, cfg.data.split)
     streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
     require_tokens(raw, streams, cfg.tbptt.window)
     splits = {name: with_targets(split, cfg.data.target_columns) for name, split in raw.items()}
-    spec = describe(splits["train"])
+    spec = dataclasses.replace(describe(splits["train"]), corpus=fingerprint(corpus))
     task = build_task(cfg.task, spec)
     if cfg.trainer.sample_length and not task.generates_text:
         raise ConfigError(
