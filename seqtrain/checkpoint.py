@@ -291,8 +291,8 @@ def short(identity: str) -> str:
 
 def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None:
     """Refuse to resume into a different model or a different stream layout: the task, the
-    data's kind and sizes, the RESUME_FIXED settings and every model option but the backend
-    must match."""
+    data's kind and sizes, the RESUME_FIXED settings, the corpus's content and every model
+    option but the backend must match."""
     saved_spec = spec_of(ckpt)
     shape = ("kind", "input_size", "target_size")
     if any(getattr(saved_spec, k) != getattr(spec, k) for k in shape):
@@ -302,12 +302,6 @@ def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None
             f"ckpt={path} was trained on data of {have}; this run's has {now}; "
             "resume with the same data (or it comes from another program or version)"
         )
-    check_corpus(
-        ckpt,
-        spec.corpus,
-        path,
-        "resume with the corpus it was trained on, or train anew in another hydra.run.dir",
-    )
     saved_task = ckpt["hyper_parameters"]["config"].get("task", {"name": "lm"})["name"]
     if saved_task != cfg.task.name:
         raise CheckpointError(
@@ -327,6 +321,12 @@ def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None
             "data cursor or restored state: resume with the checkpoint's values, or train "
             "anew in another hydra.run.dir"
         )
+    check_corpus(
+        ckpt,
+        spec.corpus,
+        path,
+        "resume with the corpus it was trained on, or train anew in another hydra.run.dir",
+    )
     saved = ckpt["hyper_parameters"]["config"]["model"]
     current = to_dict(cfg)["model"]
     changed = [k for k in current if k != "backend" and saved.get(k) != current[k]]

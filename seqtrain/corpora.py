@@ -82,7 +82,7 @@ def record_text(line: bytes, number: int, path: Path, key: str) -> bytes:
     return text.encode("utf-8", errors="replace")  # a lone surrogate escape becomes '?'
 
 
-@register_reader("bin", ".bin")
+@register_reader("bin", ".bin", tokens=True)
 def read_bin(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
     """Raw token ids of data.dtype, memory-mapped (only the map is made here)."""
     dtype = np.dtype(cfg.dtype)
@@ -98,7 +98,7 @@ def read_bin(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
     return token_corpus(np.memmap(path, dtype=dtype, mode="r"), path, cfg, budget)
 
 
-@register_reader("npy", ".npy")
+@register_reader("npy", ".npy", tokens=True)
 def read_npy(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
     """A 1-D integer .npy array of token ids, memory-mapped (its header gives the dtype)."""
     check_file(path)

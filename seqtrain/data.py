@@ -277,14 +277,18 @@ def text_source(cfg: DataConfig) -> Corpus:
 Reader = Callable[[Path, DataConfig, "int | None"], Corpus]
 READERS: Registry[Reader] = Registry("data.reader")
 SUFFIXES: dict[str, str] = {}  # a file's suffix -> the reader it gets when data.reader is null
+TOKEN_READERS: set[str] = set()  # readers of token arrays: one file is the whole corpus
 
 
-def register_reader(name: str, *suffixes: str) -> Callable[[Reader], Reader]:
-    """Register a reader by name, and as the default for files with these suffixes."""
+def register_reader(name: str, *suffixes: str, tokens: bool = False) -> Callable[[Reader], Reader]:
+    """Register a reader by name, and as the default for files with these suffixes; `tokens`:
+    it reads a token array (memory-mapped, never joined with other files)."""
 
     def add(reader: Reader) -> Reader:
         READERS.register(name)(reader)
         SUFFIXES.update(dict.fromkeys(suffixes, name))
+        if tokens:
+            TOKEN_READERS.add(name)
         return reader
 
     return add
@@ -296,8 +300,8 @@ def read_text(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
     return Corpus(BYTES.encode(read_bytes(path, budget)), np.zeros(1, dtype=np.int64), path.name)
 
 
-def reader_for(path: Path, cfg: DataConfig) -> Reader:
-    return READERS.get(cfg.reader or SUFFIXES.get(path.suffix.lower(), "text"))
+def reader_name(path: Path, cfg: DataConfig) -> str:
+    return cfg.reader or SUFFIXES.get(path.suffix.lower(), "text")
 
 
 def path_files(path: str) -> list[Path] | None:
@@ -330,13 +334,14 @@ def read_path(cfg: DataConfig) -> Corpus:
     files = path_files(cfg.path)
     if files is None:
         path = Path(cfg.path).expanduser()
-        return require_text(reader_for(path, cfg)(path, cfg, cfg.max_bytes), cfg.path)
+        return require_text(READERS.get(reader_name(path, cfg))(path, cfg, cfg.max_bytes), cfg.path)
     parts, budget = [], cfg.max_bytes
     for file in files:
         if budget == 0:
             break
-        part = reader_for(file, cfg)(file, cfg, budget)
-        if part.tokenized:
+        name = reader_name(file, cfg)
+        part = None if name in TOKEN_READERS else READERS.get(name)(file, cfg, budget)
+        if part is None or part.tokenized:
             raise DataError(
                 f"data.path={cfg.path}: {file} is a token array; name it alone as data.path "
                 "(token arrays are memory-mapped one file at a time)"
