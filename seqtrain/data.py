@@ -497,11 +497,11 @@ def file_span(array: np.ndarray) -> tuple[str, int] | None:
 
 class Rows:
     """Runs of consecutive rows of an array, copied out: by indexing when it is in memory, and
-    with pread from its file when it is a memory map.
+    with preadv from its file when it is a memory map.
 
     A page of a map that is read becomes resident in the process (RssFile) and stays so until
     the kernel needs it back, so reading a multi-GiB map window by window would grow the
-    process's resident size with the corpus. pread copies from the page cache, which is not
+    process's resident size with the corpus. preadv copies from the page cache, which is not
     the process's: only the rows asked for become its memory.
     """
 
@@ -509,31 +509,26 @@ class Rows:
         self.array = array
         self.row_shape = array.shape[1:]
         self.row_bytes = array.itemsize * math.prod(self.row_shape)
-        span = file_span(array) if hasattr(os, "pread") else None
+        span = file_span(array) if hasattr(os, "preadv") else None
         self.fd: int | None = None
         if span is not None:
             self.path, self.offset = span
             self.fd = os.open(self.path, os.O_RDONLY)
             weakref.finalize(self, os.close, self.fd)
 
-    def run(self, start: int, count: int) -> np.ndarray:
-        """Rows start .. start + count - 1: (count, ...)."""
-        if self.fd is None:
-            return self.array[start : start + count]
-        nbytes = count * self.row_bytes
-        raw = os.pread(self.fd, nbytes, self.offset + start * self.row_bytes)
-        if len(raw) != nbytes:
-            raise DataError(f"{self.path}: ends early; was it truncated while in use?")
-        return np.frombuffer(raw, self.array.dtype).reshape(count, *self.row_shape)
-
     def runs(self, starts: np.ndarray, count: int) -> np.ndarray:
         """Rows starts[i] .. starts[i] + count - 1 for each i: (len(starts), count, ...)."""
         if self.fd is None:
             return self.array[starts[:, None] + np.arange(count)]
         out = np.empty((len(starts), count, *self.row_shape), self.array.dtype)
-        for row, start in zip(out, starts, strict=True):
-            row[...] = self.run(int(start), count)
+        for row, start in zip(out, starts.tolist(), strict=True):
+            if os.preadv(self.fd, [row], self.offset + start * self.row_bytes) != row.nbytes:
+                raise DataError(f"{self.path}: ends early; was it truncated while in use?")
         return out
+
+    def run(self, start: int, count: int) -> np.ndarray:
+        """Rows start .. start + count - 1: (count, ...)."""
+        return self.runs(np.array([start]), count)[0]
 
 
 class Streams(torch.utils.data.Dataset):
