@@ -243,6 +243,9 @@ RESUME_FIXED = (
     "data.vocab_size",
     "data.min_count",
     "data.tokenizer_file",
+    "data.reader",
+    "data.text_field",
+    "data.dtype",
     "tbptt",
     "optim.lr",
     "optim.average",
@@ -265,8 +268,9 @@ def flat(d: dict, prefix: str = "") -> dict:
 def fixed_changes(saved: dict, current: dict) -> list[str]:
     """`key=saved (now current)` for each RESUME_FIXED setting that differs."""
     before, now = flat(upgrade(saved)), flat(current)
-    if isinstance(before.get("data.path"), str):  # kept as typed by earlier versions
-        before["data.path"] = str(Path(before["data.path"]).expanduser().resolve())
+    for key in ("data.path", "data.doc_starts_path"):
+        if isinstance(before.get(key), str):  # kept as typed by earlier versions
+            before[key] = str(Path(before[key]).expanduser().resolve())
     keys = sorted(set(before) | set(now))
     fixed = [k for k in keys if any(k == p or k.startswith(p + ".") for p in RESUME_FIXED)]
     return [
@@ -276,10 +280,28 @@ def fixed_changes(saved: dict, current: dict) -> list[str]:
     ]
 
 
+def check_corpus(ckpt: dict, identity: str | None, path: str | Path, remedy: str) -> None:
+    """Refuse a corpus whose identity (data.fingerprint) differs from the checkpoint's; a
+    checkpoint of an earlier version has none, and passes."""
+    saved = spec_of(ckpt).corpus
+    if saved is not None and identity is not None and saved != identity:
+        data = ckpt["hyper_parameters"]["config"].get("data", {})
+        where = f"data.path={data['path']}" if data.get("path") else f"data.source={data['source']}"
+        raise CheckpointError(
+            f"ckpt={path} was trained on {where} as it was then ({short(saved)}); its content "
+            f"has changed since ({short(identity)}); {remedy}"
+        )
+
+
+def short(identity: str) -> str:
+    kind, _, digest = identity.partition(":")
+    return f"{kind} {digest[:12]}"
+
+
 def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None:
     """Refuse to resume into a different model or a different stream layout: the task, the
-    data's kind and sizes, the RESUME_FIXED settings and every model option but the backend
-    must match."""
+    data's kind and sizes, the RESUME_FIXED settings, the corpus's content and every model
+    option but the backend must match."""
     saved_spec = spec_of(ckpt)
     shape = ("kind", "input_size", "target_size")
     if any(getattr(saved_spec, k) != getattr(spec, k) for k in shape):
@@ -308,6 +330,12 @@ def check_resumable(ckpt: dict, cfg: Config, spec: DataSpec, path: Path) -> None
             "data cursor or restored state: resume with the checkpoint's values, or train "
             "anew in another hydra.run.dir"
         )
+    check_corpus(
+        ckpt,
+        spec.corpus,
+        path,
+        "resume with the corpus it was trained on, or train anew in another hydra.run.dir",
+    )
     # A key the checkpoint's version did not have yet (model.head, ...) had its default's effect.
     saved = {**to_dict(Config())["model"], **ckpt["hyper_parameters"]["config"]["model"]}
     current = to_dict(cfg)["model"]

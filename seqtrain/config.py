@@ -16,8 +16,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import cells, optim, synthetic, trainer_extras
-from seqtrain.data import SOURCES, VARY_MIN, VARY_SD, DataConfig
+from seqtrain import cells, corpora, optim, synthetic, trainer_extras
+from seqtrain.data import (
+    READERS,
+    SOURCES,
+    TOKEN_DTYPES,
+    VARY_MIN,
+    VARY_SD,
+    DataConfig,
+    names_token_array,
+)
 from seqtrain.errors import ConfigError
 from seqtrain.memory import CHECKPOINT_MODES, MemoryConfig, parse_size
 from seqtrain.model import BLOCKS, ModelConfig, check_head
@@ -28,6 +36,7 @@ from seqtrain.tokenizers import TOKENIZERS
 from seqtrain.trainer_extras import tensorboard
 
 assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
+assert "jsonl" in READERS, corpora  # and corpora the readers of JSON Lines and token arrays
 PRECISIONS = ("32-true", "bf16-mixed")
 # No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
 STRATEGIES = ("auto", "ddp")
@@ -162,6 +171,16 @@ def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
     if not saved:
         check_tokenizer(d)
+    _require(
+        d.reader is None or d.reader in READERS,
+        "data.reader",
+        d.reader,
+        f"choose from {', '.join(READERS)}, or name your own as module:function",
+    )
+    _require(
+        d.dtype in TOKEN_DTYPES, "data.dtype", d.dtype, f"choose from {', '.join(TOKEN_DTYPES)}"
+    )
+    _require(d.vocab_size is None or d.vocab_size > 0, "data.vocab_size", d.vocab_size, positive)
     _require(
         len(d.split) == 3 and all(0 < f < math.inf for f in d.split),
         "data.split",
@@ -319,6 +338,8 @@ def check_tokenizer(d: DataConfig) -> None:
     kind = TOKENIZERS.get(d.tokenizer)
     _require(d.min_count >= 1, "data.min_count", d.min_count, "must be a positive integer")
     for key in TOKENIZER_KEYS:
+        if key == "vocab_size" and names_token_array(d):
+            continue  # a token array's own vocabulary: its reader checks the ids against it
         value, default = getattr(d, key), DataConfig.__dataclass_fields__[key].default
         readers = [n for n in TOKENIZERS if key in TOKENIZERS.get(n).settings]
         _require(

@@ -5,20 +5,25 @@ stream is read in order, window after window, so the hidden state carried from o
 true context of the next. Document boundaries are kept so the engine can reset one stream's state
 where a new document starts.
 
-A source gives a corpus of bytes (text) or of the float rows of a series. `load_splits` cuts it
-into train/val/test, turns text into tokens with data.tokenizer (tokenizers.py; fitted on the
-training split only, the tokens cached in data.cache_dir), pairs every input position with its
-target (`with_targets`) and sums up what the model and task must know about the data (`describe`:
-a DataSpec, kept in every checkpoint, the tokenizer included).
+A source gives a corpus of bytes (text), the token ids of a pre-tokenized array (memory-mapped:
+never read whole) or the float rows of a series; what `data.path` may name (a file, a directory, a
+glob) and how each file is read (`READERS`) is below, the readers of JSON Lines and token arrays
+are in corpora.py. `load_splits` cuts the corpus into train/val/test, turns text into tokens with
+data.tokenizer (tokenizers.py; fitted on the training split only, the tokens cached in
+data.cache_dir), pairs every input position with its target (`with_targets`) and sums up what the
+model and task must know about the data (`describe`: a DataSpec, kept in every checkpoint, the
+tokenizer and the corpus's identity included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import sysconfig
@@ -26,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +49,23 @@ from seqtrain.tokenizers import BYTES, TOKENIZERS, Tokenizer, token_dtype
 
 log = logging.getLogger("seqtrain")
 SPLITS = ("train", "val", "test")
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # data.dtype: how a .bin file stores its token ids
 
 
 @dataclass
 class DataConfig:
     source: str = "text"  # what makes the corpus: text (path, url or the stdlib), copy, module:fn
-    path: str | None = None  # text file to train on; None = the default corpus (Python's stdlib)
+    # A text file; a directory or glob of files (each file a document); a .jsonl file (each
+    # record a document); a .bin or .npy array of token ids. None = Python's stdlib sources.
+    path: str | None = None
+    reader: str | None = None  # how each file is read: text | jsonl | bin | npy; None = by suffix
+    text_field: str = "text"  # JSON Lines: the field of each record that holds its text
+    dtype: str = (
+        "uint16"  # .bin token arrays: uint8 | uint16 | uint32 (nanoGPT's prepare.py: uint16)
+    )
+    # token arrays (.bin, .npy): ids are 0..vocab_size-1, required; word, bpe: the tokens kept,
+    # specials included (word: null = every word of the training split)
+    vocab_size: int | None = None
     url: str | None = None  # fetched into cache_dir when path is None (e.g. tinyshakespeare)
     sha256: str | None = None  # checksum of the file at url; a mismatch is an error
     cache_dir: str = "~/.cache/seqtrain"  # where downloaded corpora are kept
@@ -57,14 +74,13 @@ class DataConfig:
     eval_batch_size: int = 64  # streams for validation and test (no backward: wider is faster)
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/val/test
     tokenizer: str = "bytes"  # text -> tokens: bytes | word | bpe | module:Class (tokenizers.py)
-    vocab_size: int | None = None  # word, bpe: tokens kept, specials included; null = word: all
     min_count: int = 1  # word: rarer words of the training split become <unk>
     tokenizer_file: str | None = None  # bpe: a tokenizers tokenizer.json instead of training one
     lag: int = 300  # copy task: steps between a symbol and its recall
     length: int | None = None  # generated series (mackey_glass): rows to generate
     target_path: str | None = None  # series: (N, K) .npy of targets, row t = after input row t
     target_columns: list[int] | None = None  # series: the columns predicted; None = all
-    doc_starts_path: str | None = None  # series: 1-D .npy of row indices where documents start
+    doc_starts_path: str | None = None  # series, token arrays: 1-D .npy of where documents start
 
 
 @dataclass(frozen=True)
@@ -80,23 +96,33 @@ class DataSpec:
     tokenizer_state: dict | None = None  # tokens: the tokenizer's state() (vocabulary, merges)
     # tokens: UTF-8 bytes per token of each split (bits per byte); None where unknown
     bytes_per_token: dict[str, float] | None = None
+    # The corpus's identity (corpora.fingerprint): a resume or an evaluation on a corpus that has
+    # changed since is refused. None in checkpoints of earlier versions.
+    corpus: str | None = None
 
 
 @dataclass
 class Corpus:
-    """Tokens or float rows plus the offsets where documents start (always including 0)."""
+    """Tokens or float rows plus the offsets where documents start (always including 0).
 
-    values: np.ndarray  # (N,) uint8 tokens, or (N, F) float32 rows of a series
+    `values` may be a read-only memory map (np.memmap) of a file larger than memory: slicing it
+    makes views, and Streams reads its windows from the file, so nothing here copies it.
+    """
+
+    values: np.ndarray  # (N,) uint8 tokens, (N,) integer token ids, or (N, F) float32 rows
     doc_starts: np.ndarray  # (D,) int64, sorted, doc_starts[0] == 0
     name: str
     vocab_size: int | None = BYTES.vocab_size  # tokens: the tokenizer's; None: a float series
     targets: np.ndarray | None = None  # aligned with values: row t is the target after row t
+    # Token ids already (a .bin or .npy array): no tokenizer runs on them, and the bytes of text
+    # behind them are unknown (no bits per byte).
+    tokenized: bool = False
 
     @property
     def unit(self) -> str:
         if self.vocab_size is None:
             return "rows"
-        return "bytes" if self.vocab_size == BYTES.vocab_size else "tokens"
+        return "tokens" if self.tokenized or self.vocab_size != BYTES.vocab_size else "bytes"
 
     def slice(self, start: int, stop: int) -> Corpus:
         starts = self.doc_starts[(self.doc_starts > start) & (self.doc_starts < stop)] - start
@@ -115,42 +141,78 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
-def concat_files(files: list[Path], name: str) -> Corpus:
-    blobs = [f.read_bytes() for f in files]
+def documents(blobs: list[bytes], name: str) -> Corpus:
+    """Byte strings, each one document, as one corpus (an empty one starts no document)."""
     lengths = np.array([len(b) for b in blobs], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     nonempty = starts[lengths > 0]
     return Corpus(BYTES.encode(b"".join(blobs)), np.unique(np.concatenate([[0], nonempty])), name)
 
 
-def read_text_file(path: str | Path, max_bytes: int | None = None) -> Corpus:
-    """The file's bytes, at most max_bytes of them (only those are read: a slice of a large
-    file costs the slice). A FIFO or device would block or never end, so it is refused."""
+def concat_files(files: list[Path], name: str) -> Corpus:
+    return documents([f.read_bytes() for f in files], name)
+
+
+def join(parts: list[Corpus], name: str) -> Corpus:
+    """Byte corpora one after another, each keeping its document starts."""
+    offsets = np.cumsum([0] + [len(p.values) for p in parts])[:-1]  # (len(parts),)
+    starts = [p.doc_starts + offset for p, offset in zip(parts, offsets, strict=True)]
+    values = np.concatenate([p.values for p in parts]) if parts else np.zeros(0, np.uint8)
+    starts = np.unique(np.concatenate([[0], *starts]).astype(np.int64))
+    return Corpus(values, starts[starts < max(len(values), 1)], name)  # an empty tail starts none
+
+
+def check_file(path: str | Path) -> Path:
+    """A corpus file that exists and is regular; a FIFO or device would block or never end."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data.path={path}: no such file; pass an existing text file")
+    if p.is_dir():
+        raise DataError(f"data.path={path}: is a directory; pass a text file")
+    if not p.is_file():
+        raise DataError(
+            f"data.path={path}: is not a regular file (a FIFO, device or socket); pass a text file"
+        )
+    return p
+
+
+@contextlib.contextmanager
+def opened(path: str | Path) -> Iterator[BinaryIO]:
+    """A corpus file open for reading; a missing, special or unreadable one is one line naming
+    data.path."""
+    p = check_file(path)
     try:
-        if not p.exists():
-            raise DataError(f"data.path={path}: no such file; pass an existing text file")
-        if p.is_dir():
-            raise DataError(f"data.path={path}: is a directory; pass a text file")
-        if not p.is_file():
-            raise DataError(
-                f"data.path={path}: is not a regular file (a FIFO, device or socket); pass a "
-                "text file"
-            )
         with p.open("rb") as f:
-            raw = f.read() if max_bytes is None else f.read(max_bytes)
+            yield f
     except OSError as err:
         raise DataError(
             f"data.path={path}: cannot read ({err.strerror}); check its permissions"
         ) from err
-    except MemoryError:
-        raise DataError(
-            f"data.path={path}: {p.stat().st_size:,} bytes do not fit in memory; set "
-            "data.max_bytes to train on a slice"
-        ) from None
-    if not raw:
+
+
+def read_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes, at most max_bytes of them (only those are read: a slice of a large
+    file costs the slice)."""
+    with opened(path) as f:
+        try:
+            return f.read() if max_bytes is None else f.read(max_bytes)
+        except MemoryError:
+            size = Path(path).expanduser().stat().st_size
+            raise DataError(
+                f"data.path={path}: {size:,} bytes do not fit in memory; set data.max_bytes to "
+                "train on a slice"
+            ) from None
+
+
+def read_text_file(path: str | Path, max_bytes: int | None = None) -> Corpus:
+    """One text file as one document; an empty file is an error."""
+    return require_text(read_text(Path(path), DataConfig(), max_bytes), path)
+
+
+def require_text(corpus: Corpus, path: str | Path) -> Corpus:
+    if not len(corpus.values):
         raise DataError(f"data.path={path}: the file is empty; pass a file with text in it")
-    return Corpus(BYTES.encode(raw), np.zeros(1, dtype=np.int64), p.name)
+    return corpus
 
 
 def download(url: str, sha256: str | None, cache_dir: str | Path) -> Path:
@@ -197,10 +259,104 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 def text_source(cfg: DataConfig) -> Corpus:
     """data.path, else the file at data.url (downloaded once), else Python's standard library."""
     if cfg.path is not None:
-        return read_text_file(cfg.path, cfg.max_bytes)
-    if cfg.url is not None:
-        return read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir), cfg.max_bytes)
-    return concat_files(stdlib_files(), "python-stdlib")
+        corpus = read_path(cfg)
+    elif cfg.url is not None:
+        corpus = read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir), cfg.max_bytes)
+    else:
+        corpus = concat_files(stdlib_files(), "python-stdlib")
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# data.path: a file, a directory or a glob; each file read by its reader
+# ---------------------------------------------------------------------------------------------
+
+# data.reader -> a function (path, cfg, budget) -> Corpus that reads one file, where budget is the
+# most bytes of text wanted (None: all; reading more is allowed, load_corpus cuts). Built-ins:
+# "text" here; "jsonl", "bin", "npy" in corpora.py. A user's own: data.reader=my_module:read.
+Reader = Callable[[Path, DataConfig, "int | None"], Corpus]
+READERS: Registry[Reader] = Registry("data.reader")
+SUFFIXES: dict[str, str] = {}  # a file's suffix -> the reader it gets when data.reader is null
+TOKEN_READERS: set[str] = set()  # readers of token arrays: one file is the whole corpus
+
+
+def register_reader(name: str, *suffixes: str, tokens: bool = False) -> Callable[[Reader], Reader]:
+    """Register a reader by name, and as the default for files with these suffixes; `tokens`:
+    it reads a token array (memory-mapped, never joined with other files)."""
+
+    def add(reader: Reader) -> Reader:
+        READERS.register(name)(reader)
+        SUFFIXES.update(dict.fromkeys(suffixes, name))
+        if tokens:
+            TOKEN_READERS.add(name)
+        return reader
+
+    return add
+
+
+@register_reader("text")
+def read_text(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
+    """The file's bytes as one document."""
+    return Corpus(BYTES.encode(read_bytes(path, budget)), np.zeros(1, dtype=np.int64), path.name)
+
+
+def reader_name(path: Path, cfg: DataConfig) -> str:
+    return cfg.reader or SUFFIXES.get(path.suffix.lower(), "text")
+
+
+def names_token_array(cfg: DataConfig) -> bool:
+    """Whether data.path is one token array (.bin, .npy): its ids are the tokens already."""
+    return cfg.path is not None and reader_name(Path(cfg.path), cfg) in TOKEN_READERS
+
+
+def path_files(path: str) -> list[Path] | None:
+    """The files data.path names, in sorted path order: every regular file below a directory
+    (hidden files and folders skipped, symlinked folders not followed), or a glob's matches
+    (`**` for any depth); None when it names one file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = []
+        for folder, dirs, names in os.walk(p):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [Path(folder, n) for n in names if not n.startswith(".")]
+        files = sorted(f for f in found if f.is_file())
+        if not files:
+            raise DataError(
+                f"data.path={path}: the directory holds no files (hidden ones are skipped); "
+                "pass a directory of text files"
+            )
+        return files
+    if p.exists() or not any(c in path for c in "*?["):
+        return None
+    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    if not files:
+        raise DataError(f"data.path={path}: the glob matches no file; check the pattern")
+    return files
+
+
+def read_path(cfg: DataConfig) -> Corpus:
+    """The corpus data.path names; only the first data.max_bytes of text are read."""
+    files = path_files(cfg.path)
+    if files is None:
+        path = Path(cfg.path).expanduser()
+        return require_text(READERS.get(reader_name(path, cfg))(path, cfg, cfg.max_bytes), cfg.path)
+    parts, budget = [], cfg.max_bytes
+    for file in files:
+        if budget == 0:
+            break
+        name = reader_name(file, cfg)
+        part = None if name in TOKEN_READERS else READERS.get(name)(file, cfg, budget)
+        if part is None or part.tokenized:
+            raise DataError(
+                f"data.path={cfg.path}: {file} is a token array; name it alone as data.path "
+                "(token arrays are memory-mapped one file at a time)"
+            )
+        parts.append(part)
+        budget = None if budget is None else max(0, budget - len(part.values))
+    corpus = join(parts, Path(cfg.path).name)
+    if not len(corpus.values):
+        raise DataError(f"data.path={cfg.path}: its {len(files)} files are empty; pass text")
+    return corpus
 
 
 def read_array(path: str, key: str, ndim: int) -> np.ndarray:
@@ -243,17 +399,22 @@ def series_source(cfg: DataConfig) -> Corpus:
                 f"data.target_path={cfg.target_path}: has {len(targets)} rows but data.path has "
                 f"{len(values)}; row t must be the target after input row t"
             )
+    starts = read_doc_starts(cfg, len(values), "row indices")
+    return Corpus(values, starts, Path(cfg.path).name, vocab_size=None, targets=targets)
+
+
+def read_doc_starts(cfg: DataConfig, n: int, what: str) -> np.ndarray:
+    """(D,) sorted int64 document starts from data.doc_starts_path, 0 included; [0] without it."""
     starts = np.zeros(1, dtype=np.int64)
     if cfg.doc_starts_path is not None:
         given = read_array(cfg.doc_starts_path, "data.doc_starts_path", 1)
         integers = np.issubdtype(given.dtype, np.integer)
-        if not integers or not ((given >= 0) & (given < len(values))).all():
+        if not integers or not ((given >= 0) & (given < n)).all():
             raise DataError(
-                f"data.doc_starts_path={cfg.doc_starts_path}: must hold row indices in "
-                f"0..{len(values) - 1}"
+                f"data.doc_starts_path={cfg.doc_starts_path}: must hold {what} in 0..{n - 1}"
             )
         starts = np.unique(np.concatenate([starts, given.astype(np.int64)]))
-    return Corpus(values, starts, Path(cfg.path).name, vocab_size=None, targets=targets)
+    return starts
 
 
 def split_corpus(
@@ -389,8 +550,9 @@ def load_splits(
         )
     kind = TOKENIZERS.get(name)
     corpus = load_corpus(cfg)
+    identity = fingerprint(corpus)  # of the source: what a resume or an evaluation compares
     raw = split_corpus(corpus, cfg.split, at_boundaries=not kind.passthrough)
-    is_text = corpus.vocab_size == BYTES.vocab_size  # byte tokens: one byte of text each
+    is_text = corpus.vocab_size is not None and not corpus.tokenized  # one byte of text each
     if kind.passthrough:  # the corpus's values are the tokens
         tokenizer, parts = kind.from_state({}), raw
     elif not is_text:
@@ -401,7 +563,7 @@ def load_splits(
         )
     else:
         state = None if saved is None else saved.tokenizer_state
-        tokenizer, parts = tokenize(corpus, raw, cfg, name, state)
+        tokenizer, parts = tokenize(identity, raw, cfg, name, state)
     tokens = "" if parts is raw else f"; {name} tokens {sizes(parts)}"
     log.info(
         "corpus %s: %s %s, %s documents; train/val/test %s%s",
@@ -423,6 +585,7 @@ def load_splits(
             tokenizer_state=tokenizer.state(),
             bytes_per_token=ratios if is_text else None,
         )
+    spec = dataclasses.replace(spec, corpus=identity)
     return Splits(paired, spec, raw["val"].values[:PROMPT_BYTES].tobytes())
 
 
@@ -436,7 +599,7 @@ PROGRESS_SECONDS = 30.0  # without a terminal: a log line this often while token
 
 
 def tokenize(
-    corpus: Corpus, raw: dict[str, Corpus], cfg: DataConfig, name: str, state: dict | None
+    identity: str, raw: dict[str, Corpus], cfg: DataConfig, name: str, state: dict | None
 ) -> tuple[Tokenizer, dict[str, Corpus]]:
     """The tokenizer (fitted on raw["train"] unless `state` is given) and every split's tokens.
 
@@ -446,7 +609,7 @@ def tokenize(
     """
     kind = TOKENIZERS.get(name)
     cache = Path(cfg.cache_dir).expanduser() / "tokens"
-    content = corpus_key(corpus, cfg.split)
+    content = cache_key(identity, CACHE_FORMAT, list(cfg.split))  # the corpus, how it is split
     tokenizer = None
     if state is None:
         fitted = cache / f"tokenizer-{cache_key(content, name, kind.fingerprint(cfg))}.json"
@@ -477,12 +640,44 @@ def tokenize(
     return tokenizer, parts
 
 
-def corpus_key(corpus: Corpus, split: list[float]) -> str:
-    """The corpus's content (bytes and document starts) and how it is split, as a digest."""
-    h = hashlib.sha256(np.ascontiguousarray(corpus.values))
-    h.update(np.ascontiguousarray(corpus.doc_starts, dtype=np.int64))
-    h.update(json.dumps([CACHE_FORMAT, list(split)]).encode())
-    return h.hexdigest()
+SAMPLED_BLOCKS = 64  # a memory-mapped corpus's identity hashes this many blocks spread over it
+BLOCK_BYTES = 1 << 16  # of this size each (4 MiB read in all, at every start)
+
+
+def fingerprint(corpus: Corpus) -> str:
+    """The corpus's identity, kept in checkpoints to tell a corpus that changed since.
+
+    In memory: sha256 of its values, targets and document starts, exact. Memory-mapped: sha256
+    of its dtype and length and of SAMPLED_BLOCKS blocks spread over it, first and last
+    included: hashing a multi-GiB file at every start would cost more than the check is worth,
+    and a regenerated, truncated or extended file still differs. The file's time stamps are not
+    used: a copy or a touch would otherwise refuse an unchanged corpus.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(corpus.doc_starts, dtype=np.int64))
+    kinds = set()
+    for array in (corpus.values, corpus.targets):
+        if array is None:
+            continue
+        digest.update(f"{array.dtype.str} {array.shape}".encode())
+        if file_span(array) is None:
+            digest.update(np.ascontiguousarray(array))
+            kinds.add("sha256")
+        else:
+            for block in sampled_blocks(array):
+                digest.update(block)
+            kinds.add("sampled-sha256")
+    return f"{'+'.join(sorted(kinds))}:{digest.hexdigest()}"
+
+
+def sampled_blocks(array: np.ndarray) -> list[np.ndarray]:
+    """SAMPLED_BLOCKS runs of about BLOCK_BYTES each, evenly spaced from the first row to the
+    last, read from the file."""
+    rows = Rows(array)
+    count = max(1, BLOCK_BYTES // rows.row_bytes)
+    if len(array) <= SAMPLED_BLOCKS * count:
+        return [rows.run(0, len(array))]
+    starts = np.linspace(0, len(array) - count, SAMPLED_BLOCKS).astype(np.int64)
+    return [rows.run(int(start), count) for start in starts]
 
 
 def cache_key(*parts: object) -> str:
@@ -633,6 +828,55 @@ class Window:
     index: int  # position of this window in the epoch
 
 
+def file_span(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of array[0]) when `array` is a C-contiguous view of a file's memory
+    map that reads the file itself (np.memmap mode r or r+, np.load(mmap_mode='r')); else None."""
+    root = array
+    while isinstance(root.base, np.ndarray):  # a view of a view: the root maps the file
+        root = root.base
+    if not (isinstance(root, np.memmap) and root.mode in ("r", "r+") and root.filename):
+        return None
+    if not array.flags.c_contiguous:
+        return None
+    return root.filename, root.offset + (array.ctypes.data - root.ctypes.data)
+
+
+class Rows:
+    """Runs of consecutive rows of an array, copied out: by indexing when it is in memory, and
+    with preadv from its file when it is a memory map.
+
+    A page of a map that is read becomes resident in the process (RssFile) and stays so until
+    the kernel needs it back, so reading a multi-GiB map window by window would grow the
+    process's resident size with the corpus. preadv copies from the page cache, which is not
+    the process's: only the rows asked for become its memory.
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.row_shape = array.shape[1:]
+        self.row_bytes = array.itemsize * math.prod(self.row_shape)
+        span = file_span(array) if hasattr(os, "preadv") else None
+        self.fd: int | None = None
+        if span is not None:
+            self.path, self.offset = span
+            self.fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self.fd)
+
+    def runs(self, starts: np.ndarray, count: int) -> np.ndarray:
+        """Rows starts[i] .. starts[i] + count - 1 for each i: (len(starts), count, ...)."""
+        if self.fd is None:
+            return self.array[starts[:, None] + np.arange(count)]
+        out = np.empty((len(starts), count, *self.row_shape), self.array.dtype)
+        for row, start in zip(out, starts.tolist(), strict=True):
+            if os.preadv(self.fd, [row], self.offset + start * self.row_bytes) != row.nbytes:
+                raise DataError(f"{self.path}: ends early; was it truncated while in use?")
+        return out
+
+    def run(self, start: int, count: int) -> np.ndarray:
+        """Rows start .. start + count - 1: (count, ...)."""
+        return self.runs(np.array([start]), count)[0]
+
+
 class Streams(torch.utils.data.Dataset):
     """B contiguous streams over one split, served as windows of `stride` new steps each.
 
@@ -640,6 +884,9 @@ class Streams(torch.utils.data.Dataset):
     aligned positions stream b reads positions b*L : (b+1)*L with L = N // B, so over one epoch
     every target of positions 0 : B*L is served exactly once; the last window may be shorter.
     With several ranks each rank owns a disjoint, contiguous block of streams.
+
+    Nothing is copied up front: each window's positions are read when it is served (from the
+    file, for a memory-mapped corpus), so memory does not grow with the corpus.
     """
 
     def __init__(
@@ -655,20 +902,26 @@ class Streams(torch.utils.data.Dataset):
                 f"too few for {total} streams; lower data.batch_size or use a larger corpus"
             )
         self.stride = stride
-        offsets = (np.arange(batch_size) + rank * batch_size) * self.length  # (B,)
-        grid = offsets[:, None] + np.arange(self.length)[None, :]  # (B, L) positions
-        # Tokens stay in their small dtype here and become int64 one window at a time.
-        self.inputs = torch.from_numpy(corpus.values[grid])  # (B, L) or (B, L, F)
-        self.targets = torch.from_numpy(corpus.targets[grid])  # (B, L) or (B, L, K)
-        self.dtype = torch.int64 if corpus.vocab_size is not None else torch.float32
-        is_start = np.zeros(len(corpus.values) + 1, dtype=bool)
-        is_start[corpus.doc_starts] = True
-        resets = is_start[grid]  # (B, L)
-        resets[:, 0] = True  # a stream starts mid-text: the state carried from elsewhere is stale
-        self.resets = torch.from_numpy(resets)
+        self.starts = (np.arange(batch_size) + rank * batch_size) * self.length  # (B,) positions
+        self.inputs, self.targets = Rows(corpus.values), Rows(corpus.targets)
+        self.doc_starts = corpus.doc_starts  # (D,) sorted
+        # Tokens stay in their small dtype until a window is served.
+        self.dtype = np.int64 if corpus.vocab_size is not None else np.float32
 
     def __len__(self) -> int:
         return -(-self.length // self.stride)
+
+    def resets(self, a: int, b: int) -> np.ndarray:
+        """(B, b - a) bool: a document starts at step t of the window a : b of a stream."""
+        out = np.zeros((len(self.starts), b - a), dtype=bool)
+        first = np.searchsorted(self.doc_starts, self.starts + a)  # (B,) first start inside
+        count = np.searchsorted(self.doc_starts, self.starts + b) - first  # (B,) starts inside
+        stream = np.repeat(np.arange(len(self.starts)), count)  # (S,) the stream of each start
+        flat = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count - first, count)
+        out[stream, self.doc_starts[flat] - self.starts[stream] - a] = True
+        if a == 0:
+            out[:, 0] = True  # a stream starts mid-text: the state carried from elsewhere is stale
+        return out
 
     def __getitem__(self, index: int) -> Window:
         if not 0 <= index < len(self):
@@ -677,10 +930,12 @@ class Streams(torch.utils.data.Dataset):
 
     def window(self, start: int, stop: int, index: int) -> Window:
         """Steps start:stop of every stream, as the epoch's window number `index`."""
+        inputs = self.inputs.runs(self.starts + start, stop - start)  # (B, t) or (B, t, F)
+        targets = self.targets.runs(self.starts + start, stop - start)  # (B, t) or (B, t, K)
         return Window(
-            self.inputs[:, start:stop].to(self.dtype),
-            self.targets[:, start:stop].to(self.dtype),
-            self.resets[:, start:stop],
+            torch.from_numpy(inputs.astype(self.dtype, copy=False)),
+            torch.from_numpy(targets.astype(self.dtype, copy=False)),
+            torch.from_numpy(self.resets(start, stop)),
             index,
         )
 

@@ -11,16 +11,17 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from seqtrain.checkpoint import check_device, config_of, load_model, read, spec_of
+from seqtrain.checkpoint import check_corpus, check_device, config_of, load_model, read, spec_of
 from seqtrain.cli import fail, parse_key_values
-from seqtrain.config import TOKENIZER_KEYS
+from seqtrain.config import TOKENIZER_KEYS, Config
 from seqtrain.data import SPLITS, Streams, load_splits
-from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
 from seqtrain.model import RecurrentModel
 from seqtrain.tasks import Task, build_task
@@ -52,6 +53,17 @@ def evaluate_split(
     return {"loss": total / count, **task.figures(total / count, split), "tokens": count}
 
 
+def check_still_there(cfg: Config, path: str) -> None:
+    """The corpus the checkpoint was trained on must still be where it was (data.path resolved
+    at training); a glob may match other files now, and is left to the identity check."""
+    where = cfg.data.path
+    if where is not None and not Path(where).exists() and not any(c in where for c in "*?["):
+        raise CheckpointError(
+            f"ckpt={path} was trained on data.path={where}, which is no longer there (moved or "
+            "deleted?); pass data.path=FILE to evaluate on it where it is now"
+        )
+
+
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     given = [f"data.{k}" for k in ("tokenizer", *TOKENIZER_KEYS) if k in overrides.get("data", {})]
     if given:  # the weights read the checkpoint's tokens: its tokenizer is the only one
@@ -66,7 +78,13 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     model = load_model(ckpt, cfg).to(args.device)
     batch = args.batch_size or cfg.data.eval_batch_size
     saved = spec_of(ckpt)  # the run's tokenizer and the training split's figures (nMSE's variance)
+    trained_on = "data" not in overrides  # else the command line names other text itself
+    if trained_on:
+        check_still_there(cfg, args.ckpt)
     data = load_splits(cfg.data, {args.split: batch}, cfg.tbptt.window, saved)
+    if trained_on:  # as it was then
+        remedy = "pass data.path=FILE (or another data.* key) to evaluate on other text anyway"
+        check_corpus(ckpt, data.spec.corpus, args.ckpt, remedy)
     # Bits per byte on the bytes per token of the data read now (data.path may be overridden).
     task = build_task(
         cfg.task, dataclasses.replace(saved, bytes_per_token=data.spec.bytes_per_token)

@@ -204,6 +204,11 @@ class LanguageModelling(Task):
         generator: torch.Generator | None = None,
     ) -> str:
         device = next(model.parameters()).device
+        if self.spec.input_size > self.tokenizer.vocab_size:  # ids of a token array (.bin, .npy)
+            raise DataError(
+                f"the model reads {self.spec.input_size:,} token ids that no tokenizer of the run "
+                f"turns into text (data.tokenizer={self.spec.tokenizer}); it cannot write samples"
+            )
         start = self.tokenizer.encode(prompt).tolist()
         if not start:
             raise DataError(

@@ -51,6 +51,7 @@ from seqtrain.module import MIB, SequenceModule, host_rss_bytes
 from seqtrain.tasks import build_task
 
 log = logging.getLogger("seqtrain")
+FILE_KEYS = ("path", "doc_starts_path", "tokenizer_file")  # data.* files kept as absolute paths
 
 
 def quiet_lightning() -> None:
@@ -191,10 +192,9 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     """Load and check the machine, the data, the task and the resume checkpoint; writes
     nothing."""
     check_machine(cfg)
-    if cfg.data.path is not None:  # checkpoints keep the file itself: evaluate reads it anywhere
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-    if cfg.data.tokenizer_file is not None:  # so is the tokenizer file (a resume compares it)
-        cfg.data.tokenizer_file = str(Path(cfg.data.tokenizer_file).expanduser().resolve())
+    for key in FILE_KEYS:  # checkpoints keep the files themselves: evaluate reads them anywhere
+        if getattr(cfg.data, key) is not None:
+            setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).expanduser().resolve()))
     resume_from = resume_point(cfg, run_dir)
     world = cfg.trainer.devices * cfg.trainer.num_nodes  # ranks, each with its own streams
     ckpt = None if resume_from is None else read(resume_from)  # before the corpus: cheap first
@@ -209,6 +209,11 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     saved = None if ckpt is None else spec_of(ckpt)  # resume: the run's own tokenizer, not refit
     data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
     splits, spec = data.parts, data.spec
+    if spec.kind == "tokens" and spec.bytes_per_token is None and cfg.trainer.sample_length:
+        raise ConfigError(  # token ids read from an array: no tokenizer turns them into text
+            f"trainer.sample_length={cfg.trainer.sample_length}: data.path={cfg.data.path} holds "
+            "token ids and no tokenizer to write samples as text; set trainer.sample_length=0"
+        )
     task = build_task(cfg.task, spec)
     task.check_model(cfg.model)  # what needs the data: lm's cutoffs against the vocabulary
     if cfg.trainer.sample_length and not task.generates_text:

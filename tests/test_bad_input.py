@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,23 @@ def _file(tmp: Path, name: str, content: bytes) -> str:
     return str(path)
 
 
+NOT_JSON = b'{"text": "a"}\n{oops}\n'  # JSON Lines whose line 2 is not JSON
+NO_TEXT = b'{"body": "a"}\n'  # a record without data.text_field
+
+
+def _dir(tmp: Path, name: str, files: dict[str, bytes] | None = None) -> str:
+    for file, content in (files or {}).items():
+        (tmp / name / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name / file).write_bytes(content)
+    (tmp / name).mkdir(exist_ok=True)
+    return str(tmp / name)
+
+
+def _npy(tmp: Path, name: str, array: np.ndarray) -> str:
+    np.save(tmp / name, array)
+    return str(tmp / name)
+
+
 def _checkpoint(tmp: Path, trained: Path, edit) -> str:
     ckpt = torch.load(trained, weights_only=True)
     edit(ckpt)
@@ -52,6 +70,14 @@ def _checkpoint(tmp: Path, trained: Path, edit) -> str:
 
 def _vocab_100(ckpt: dict) -> None:
     ckpt["hyper_parameters"]["spec"]["input_size"] = 100
+
+
+def _other_corpus(ckpt: dict) -> None:
+    ckpt["hyper_parameters"]["spec"]["corpus"] = "sha256:" + "0" * 64
+
+
+def _moved_corpus(ckpt: dict) -> None:
+    ckpt["hyper_parameters"]["config"]["data"]["path"] = "/no/such/moved.txt"
 
 
 def _nan_weights(ckpt: dict) -> None:
@@ -111,7 +137,11 @@ CASES = [
         "data.path=/no/such.txt: no such file",
     ),
     ("empty corpus", lambda t, c: [f"data.path={_file(t, 'e.txt', b'')}"], "the file is empty"),
-    ("directory as corpus", lambda t, c: [f"data.path={t}"], "is a directory; pass a text file"),
+    (
+        "empty directory as corpus",
+        lambda t, c: [f"data.path={_dir(t, 'empty')}"],
+        "empty: the directory holds no files (hidden ones are skipped)",
+    ),
     (
         "unreadable corpus",
         lambda t, c: [f"data.path={_file(t, 'locked.txt', b'x' * 9999)}"],
@@ -515,6 +545,85 @@ CASES = [Case(*row) for row in CASES] + [
         lambda t, c: [f"data.path={_fifo(t)}"],
         "is not a regular file (a FIFO, device or socket)",
     ),
+    # Corpus files (docs/corpora.md): JSON Lines, token arrays, directories and globs.
+    Case(
+        "JSON Lines line that is not JSON",
+        lambda t, c: [f"data.path={_file(t, 'c.jsonl', NOT_JSON)}"],
+        "c.jsonl: line 2 is not JSON (Expecting property name enclosed in double quotes)",
+    ),
+    Case(
+        "JSON Lines record without the text field",
+        lambda t, c: [f"data.path={_file(t, 'c.jsonl', NO_TEXT)}"],
+        "c.jsonl: line 1 has no 'text' field (data.text_field); its keys: body",
+    ),
+    Case(
+        "token array without data.vocab_size",
+        lambda t, c: [f"data.path={_file(t, 't.bin', bytes(2000))}"],
+        "data.vocab_size is required for the token array data.path=",
+    ),
+    Case(
+        "token ids outside the vocabulary",
+        lambda t, c: [
+            f"data.path={_file(t, 't.bin', bytes(range(256)) * 8)}",
+            "data.dtype=uint8",
+            "data.vocab_size=100",
+        ],
+        "t.bin: token 100 has id 100, outside data.vocab_size=100 (ids 0..99)",
+    ),
+    Case(
+        "token file not a whole number of ids",
+        lambda t, c: [f"data.path={_file(t, 't.bin', bytes(2001))}", "data.vocab_size=100"],
+        "t.bin: 2,001 bytes is not a whole number of data.dtype=uint16 ids (2 bytes each)",
+    ),
+    Case(
+        "unknown token dtype",
+        lambda t, c: ["data.dtype=float32"],
+        "data.dtype=float32: choose from uint8, uint16, uint32",
+    ),
+    Case(
+        ".npy token array not 1-D integers",
+        lambda t, c: [f"data.path={_npy(t, 't.npy', np.zeros((40, 2)))}", "data.vocab_size=9"],
+        "t.npy: holds a float64 array of shape (40, 2); pass a 1-D integer array of token ids",
+    ),
+    Case(
+        "token array with text samples",
+        lambda t, c: [
+            f"data.path={_file(t, 't.bin', bytes(2000))}",
+            "data.vocab_size=9",
+            "trainer.sample_length=20",
+        ],
+        "trainer.sample_length=20: 't.bin' holds token ids and no tokenizer to write samples",
+    ),
+    Case(
+        "vocabulary size for text",
+        lambda t, c: [f"data.path={_file(t, 'c.txt', b'x' * 9999)}", "data.vocab_size=100"],
+        "data.vocab_size=100: not read by data.tokenizer=bytes; it is for data.tokenizer=word or bpe",
+    ),
+    Case(
+        "glob that matches nothing",
+        lambda t, c: [f"data.path={t}/*.nothing"],
+        "*.nothing: the glob matches no file; check the pattern",
+    ),
+    Case(
+        "directory with an unreadable file",
+        lambda t, c: [f"data.path={_dir(t, 'd', {'a.txt': b'x' * 99, 'b/locked.txt': b'y'})}"],
+        "d/b/locked.txt: cannot read (Permission denied)",
+    ),
+    Case(
+        "directory with a token array",
+        lambda t, c: [f"data.path={_dir(t, 'd', {'a.txt': b'x' * 99, 'b.bin': bytes(8)})}"],
+        "b.bin is a token array; name it alone as data.path",
+    ),
+    Case(
+        "unknown corpus reader",
+        lambda t, c: ["data.reader=parquet"],
+        "data.reader=parquet: choose from text, jsonl, bin, npy, or name your own as module:function",
+    ),
+    Case(
+        "resume on a corpus that changed",
+        lambda t, c: [f"ckpt_path={_checkpoint(t, c, _other_corpus)}"],
+        "(sha256 000000000000); its content has changed since",
+    ),
     # python -m seqtrain.sample and .evaluate keep the same promise for their arguments.
     Case(
         "sample length zero",
@@ -673,6 +782,18 @@ CASES = [Case(*row) for row in CASES] + [
         tool="evaluate",
     ),
     Case(
+        "evaluate on a corpus that changed",
+        lambda t, c: [f"ckpt={_checkpoint(t, c, _other_corpus)}"],
+        "its content has changed since (sha256",
+        tool="evaluate",
+    ),
+    Case(
+        "evaluate a corpus that is no longer there",
+        lambda t, c: [f"ckpt={_checkpoint(t, c, _moved_corpus)}"],
+        "trained on data.path=/no/such/moved.txt, which is no longer there (moved or deleted?)",
+        tool="evaluate",
+    ),
+    Case(
         "evaluate a moved corpus",
         lambda t, c: [f"ckpt={c}", "data.path=/no/such.txt"],
         "data.path=/no/such.txt: no such file",
@@ -706,7 +827,7 @@ def test_bad_input_is_one_line_and_touches_nothing(
         case.setup(run_dir, trained)
     before = files(run_dir)
     args = case.args(tmp_path, trained)
-    if case.name in ("unreadable corpus", "unreadable tokenizer file"):  # root reads any file
+    if "unreadable" in case.name:  # root reads any file, so fake the permission error
         real = Path.open
         monkeypatch.setattr(
             Path,

@@ -144,3 +144,62 @@ def test_download_checks_the_checksum_and_caches(http_root, tmp_path) -> None:
 def test_offline_download_says_to_pass_data_path(tmp_path) -> None:
     with pytest.raises(DataError, match=r"pass data.path="):
         download("http://127.0.0.1:9/input.txt", None, tmp_path)
+
+
+def grid_windows(corpus: Corpus, batch: int, stride: int, rank: int, world: int) -> list[tuple]:
+    """The windows as Streams served them before it read lazily: the whole (B, L) grid of
+    positions copied up front, resets from an N-sized flag array; the reference for the lazy
+    reads."""
+    values, targets = corpus.values[:-1], corpus.values[1:]
+    starts = corpus.doc_starts[corpus.doc_starts < len(values)]
+    length = len(values) // (batch * world)
+    offsets = (np.arange(batch) + rank * batch) * length
+    grid = offsets[:, None] + np.arange(length)[None, :]  # (B, L)
+    is_start = np.zeros(len(values) + 1, dtype=bool)
+    is_start[starts] = True
+    resets = is_start[grid]
+    resets[:, 0] = True
+    bounds = [(a, min(a + stride, length)) for a in range(0, length, stride)]
+    return [
+        (values[grid][:, a:b].astype(np.int64), targets[grid][:, a:b], resets[:, a:b])
+        for a, b in bounds
+    ]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lazy_windows_equal_the_copied_grid(seed: int) -> None:
+    """Random corpora, document starts, batch sizes, strides (a shorter last window included)
+    and ranks: every window read lazily equals the one the copied grid gave."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(200, 3000))
+    starts = np.unique(np.concatenate([[0], rng.integers(0, n, int(rng.integers(0, 40)))]))
+    corpus = Corpus(rng.integers(0, 256, n, dtype=np.uint8), starts.astype(np.int64), "r")
+    batch, world = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+    stride = int(rng.integers(1, 50))
+    for rank in range(world):
+        streams = Streams(corpus, batch, stride, rank, world)
+        expected = grid_windows(corpus, batch, stride, rank, world)
+        assert len(streams) == len(expected)
+        for i, (inputs, targets, resets) in enumerate(expected):
+            w = streams[i]
+            assert w.inputs.dtype == torch.int64 and w.targets.dtype == torch.int64
+            assert np.array_equal(w.inputs.numpy(), inputs)
+            assert np.array_equal(w.targets.numpy(), targets)
+            assert np.array_equal(w.resets.numpy(), resets)
+
+
+def test_memory_mapped_windows_equal_in_memory_windows(tmp_path) -> None:
+    """The same tokens as a file's memory map (read with pread) and as an array in memory."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 50_000, 5000, dtype=np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    starts = np.array([0, 17, 999, 4000], dtype=np.int64)
+    mapped = Corpus(np.memmap(tmp_path / "t.bin", np.uint16, mode="r"), starts, "m", 50_000)
+    memory = Corpus(tokens, starts, "a", 50_000)
+    for part in ("train", "val"):  # views of the map at an offset into the file
+        a = Streams(split_corpus(mapped, [0.8, 0.1, 0.1])[part], 3, 7, rank=1, world_size=2)
+        b = Streams(split_corpus(memory, [0.8, 0.1, 0.1])[part], 3, 7, rank=1, world_size=2)
+        assert a.inputs.fd is not None and b.inputs.fd is None  # pread vs indexing
+        for i in range(len(a)):
+            for field in ("inputs", "targets", "resets"):
+                assert torch.equal(getattr(a[i], field), getattr(b[i], field)), (part, i)

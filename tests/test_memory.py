@@ -379,7 +379,8 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
     assert corpus.doc_starts.tolist() == list(range(0, 63, 7))
     # every training stream starts on an example, so all streams reset on the same steps
     streams = Streams(split_corpus(corpus, cfg.split)["train"], 2, 7)
-    assert streams.length % 7 == 0 and bool((streams.resets[0] == streams.resets[1]).all())
+    resets = streams.resets(0, streams.length)  # (2, L)
+    assert streams.length % 7 == 0 and bool((resets[0] == resets[1]).all())
     with pytest.raises(
         ConfigError,
         match="data.source=adding: no such option; choose from text, series, copy, mackey_glass",
