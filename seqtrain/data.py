@@ -532,7 +532,11 @@ class Splits:
 
 
 def load_splits(
-    cfg: DataConfig, streams: dict[str, int], window: int, saved: DataSpec | None = None
+    cfg: DataConfig,
+    streams: dict[str, int],
+    window: int,
+    saved: DataSpec | None = None,
+    check_identity: Callable[[str], None] | None = None,
 ) -> Splits:
     """The corpus of `cfg`, split, tokenized and paired with its targets; every split named in
     `streams` must give that many streams one window each (`require_tokens`).
@@ -540,7 +544,7 @@ def load_splits(
     The tokenizer (data.tokenizer) is fitted on the training split alone, so no word of val or
     test enters the vocabulary; with `saved`, a checkpoint's spec, it is that run's own tokenizer
     instead and nothing is fitted (resume, evaluate). Each split reports its UTF-8 bytes per
-    token, the scale of bits per byte.
+    token, the scale of bits per byte. `check_identity` sees the corpus's fingerprint first.
     """
     name = cfg.tokenizer if saved is None else saved.tokenizer
     if name != cfg.tokenizer:  # a checkpoint of an earlier version has no data.tokenizer key
@@ -551,6 +555,8 @@ def load_splits(
     kind = TOKENIZERS.get(name)
     corpus = load_corpus(cfg)
     identity = fingerprint(corpus)  # of the source: what a resume or an evaluation compares
+    if check_identity is not None:  # before any work on a corpus that may be refused
+        check_identity(identity)
     raw = split_corpus(corpus, cfg.split, at_boundaries=not kind.passthrough)
     is_text = corpus.vocab_size is not None and not corpus.tokenized  # one byte of text each
     if kind.passthrough:  # the corpus's values are the tokens

@@ -81,10 +81,14 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     trained_on = "data" not in overrides  # else the command line names other text itself
     if trained_on:
         check_still_there(cfg, args.ckpt)
-    data = load_splits(cfg.data, {args.split: batch}, cfg.tbptt.window, saved)
-    if trained_on:  # as it was then
-        remedy = "pass data.path=FILE (or another data.* key) to evaluate on other text anyway"
-        check_corpus(ckpt, data.spec.corpus, args.ckpt, remedy)
+    remedy = "pass data.path=FILE (or another data.* key) to evaluate on other text anyway"
+    data = load_splits(
+        cfg.data,
+        {args.split: batch},
+        cfg.tbptt.window,
+        saved,
+        (lambda identity: check_corpus(ckpt, identity, args.ckpt, remedy)) if trained_on else None,
+    )
     # Bits per byte on the bytes per token of the data read now (data.path may be overridden).
     task = build_task(
         cfg.task, dataclasses.replace(saved, bytes_per_token=data.spec.bytes_per_token)

@@ -588,11 +588,11 @@ CASES = [Case(*row) for row in CASES] + [
     Case(
         "token array with text samples",
         lambda t, c: [
-            f"data.path={_file(t, 't.bin', bytes(2000))}",
+            f"data.path={_file(t, 't.bin', bytes(20000))}",
             "data.vocab_size=9",
             "trainer.sample_length=20",
         ],
-        "trainer.sample_length=20: 't.bin' holds token ids and no tokenizer to write samples",
+        "holds token ids and no tokenizer to write samples as text",
     ),
     Case(
         "vocabulary size for text",

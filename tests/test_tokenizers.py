@@ -22,6 +22,7 @@ from seqtrain.data import (
     Corpus,
     DataConfig,
     DataSpec,
+    fingerprint,
     load_corpus,
     load_splits,
     split_corpus,
@@ -195,7 +196,12 @@ def test_bytes_give_the_same_splits_as_before_and_one_byte_per_token(tmp_path: P
         assert np.array_equal(splits.parts[name].targets, old[name].targets)
         assert np.array_equal(splits.parts[name].doc_starts, old[name].doc_starts)
     assert splits.spec == DataSpec(
-        "tokens", 256, 256, tokenizer_state={}, bytes_per_token=dict.fromkeys(SPLITS, 1.0)
+        "tokens",
+        256,
+        256,
+        tokenizer_state={},
+        bytes_per_token=dict.fromkeys(SPLITS, 1.0),
+        corpus=fingerprint(load_corpus(cfg)),  # the source's identity, for resume and evaluate
     )
     assert not (tmp_path / "never").exists()  # nothing to tokenize, nothing cached
 
