@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from seqtrain.config import Config, from_dict, to_dict
 from seqtrain.data import DataSpec
 from seqtrain.errors import CheckpointError, ConfigError
 from seqtrain.model import RecurrentModel
+from seqtrain.rundir import atomic_file
 from seqtrain.tasks import Task, build_model, build_task
 
 log = logging.getLogger("seqtrain")
@@ -139,25 +139,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from the group
         try:
-            with os.fdopen(fd, "wb") as f:
+            with atomic_file(target) as f:  # a signal or kill mid-write: the old file stays
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
         except Exception as err:
-            Path(tmp).unlink(missing_ok=True)
             raise CheckpointError(
                 f"cannot write {target} ({write_failure(err, target.parent)}); "
                 "the previous checkpoint there is kept"
             ) from err
-        except BaseException:  # a signal or kill mid-write: the old file stays
-            Path(tmp).unlink(missing_ok=True)
-            raise
         directory = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(directory)  # make the rename itself durable

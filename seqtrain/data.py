@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from seqtrain.errors import DataError
 from seqtrain.registry import Registry
-from seqtrain.rundir import write_atomic
+from seqtrain.rundir import atomic_file, write_atomic
 from seqtrain.tokenizers import BYTES, TOKENIZERS, Tokenizer, token_dtype
 
 log = logging.getLogger("seqtrain")
@@ -773,24 +772,6 @@ def read_tokens(stem: Path, raw: dict[str, Corpus], vocab_size: int) -> dict[str
         parts[split] = Corpus(tokens[at : at + n], starts[doc : doc + d], part.name, vocab_size)
         at, doc = at + n, doc + d
     return parts
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file written whole or not at all (a temporary file renamed over `path`)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from the group
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Progress:

@@ -9,11 +9,15 @@ refused with the path to delete once that run is known to be gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from seqtrain.errors import ConfigError
 
@@ -86,18 +90,29 @@ def release(lock: Path | None) -> None:
         lock.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a kill mid-write leaves the previous file as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file written whole or not at all: a temporary file in the same folder, fsynced,
+    renamed over `path`; a kill or an error mid-write leaves the previous file as it was."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the group
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole text file or nothing (`atomic_file`)."""
+    with atomic_file(path) as out:
+        out.write(text.encode())
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:
