@@ -59,9 +59,8 @@ class DataConfig:
     path: str | None = None
     reader: str | None = None  # how each file is read: text | jsonl | bin | npy; None = by suffix
     text_field: str = "text"  # JSON Lines: the field of each record that holds its text
-    dtype: str = (
-        "uint16"  # .bin token arrays: uint8 | uint16 | uint32 (nanoGPT's prepare.py: uint16)
-    )
+    # .bin token arrays: uint8 | uint16 | uint32 (nanoGPT's prepare.py writes uint16)
+    dtype: str = "uint16"
     # token arrays (.bin, .npy): ids are 0..vocab_size-1, required; word, bpe: the tokens kept,
     # specials included (word: null = every word of the training split)
     vocab_size: int | None = None
@@ -95,7 +94,7 @@ class DataSpec:
     tokenizer_state: dict | None = None  # tokens: the tokenizer's state() (vocabulary, merges)
     # tokens: UTF-8 bytes per token of each split (bits per byte); None where unknown
     bytes_per_token: dict[str, float] | None = None
-    # The corpus's identity (corpora.fingerprint): a resume or an evaluation on a corpus that has
+    # The corpus's identity (`fingerprint`): a resume or an evaluation on a corpus that has
     # changed since is refused. None in checkpoints of earlier versions.
     corpus: str | None = None
 
@@ -258,12 +257,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 def text_source(cfg: DataConfig) -> Corpus:
     """data.path, else the file at data.url (downloaded once), else Python's standard library."""
     if cfg.path is not None:
-        corpus = read_path(cfg)
-    elif cfg.url is not None:
-        corpus = read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir), cfg.max_bytes)
-    else:
-        corpus = concat_files(stdlib_files(), "python-stdlib")
-    return corpus
+        return read_path(cfg)
+    if cfg.url is not None:
+        return read_text_file(download(cfg.url, cfg.sha256, cfg.cache_dir), cfg.max_bytes)
+    return concat_files(stdlib_files(), "python-stdlib")
 
 
 # ---------------------------------------------------------------------------------------------
