@@ -92,6 +92,9 @@ class DataSpec:
     target_variance: float | None = None  # series: of the training targets (nMSE's denominator)
     tokenizer: str = "bytes"  # tokens: data.tokenizer; checkpoints of earlier versions are bytes
     tokenizer_state: dict | None = None  # tokens: the tokenizer's state() (vocabulary, merges)
+    # tokens: ids of text the tokenizer decodes; False for a token array (.bin, .npy), whose ids
+    # no tokenizer of the run turns back into text (even at a vocabulary of 256, not bytes)
+    text: bool = True
     # tokens: UTF-8 bytes per token of each split (bits per byte); None where unknown
     bytes_per_token: dict[str, float] | None = None
     # The corpus's identity (`fingerprint`): a resume or an evaluation on a corpus that has
@@ -585,6 +588,7 @@ def load_splits(
             spec,
             tokenizer=name,
             tokenizer_state=tokenizer.state(),
+            text=is_text,
             bytes_per_token=ratios if is_text else None,
         )
     spec = dataclasses.replace(spec, corpus=identity)

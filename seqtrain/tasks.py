@@ -204,7 +204,8 @@ class LanguageModelling(Task):
         generator: torch.Generator | None = None,
     ) -> str:
         device = next(model.parameters()).device
-        if self.spec.input_size > self.tokenizer.vocab_size:  # ids of a token array (.bin, .npy)
+        # ids of a token array (.bin, .npy); the size also catches one in an earlier checkpoint
+        if not self.spec.text or self.spec.input_size > self.tokenizer.vocab_size:
             raise DataError(
                 f"the model reads {self.spec.input_size:,} token ids that no tokenizer of the run "
                 f"turns into text (data.tokenizer={self.spec.tokenizer}); it cannot write samples"

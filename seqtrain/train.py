@@ -209,7 +209,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     saved = None if ckpt is None else spec_of(ckpt)  # resume: the run's own tokenizer, not refit
     data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
     splits, spec = data.parts, data.spec
-    if spec.kind == "tokens" and spec.bytes_per_token is None and cfg.trainer.sample_length:
+    if spec.kind == "tokens" and not spec.text and cfg.trainer.sample_length:
         raise ConfigError(  # token ids read from an array: no tokenizer turns them into text
             f"trainer.sample_length={cfg.trainer.sample_length}: data.path={cfg.data.path} holds "
             "token ids and no tokenizer to write samples as text; set trainer.sample_length=0"

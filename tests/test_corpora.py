@@ -220,6 +220,15 @@ def test_a_memory_mapped_corpus_trains_bit_identically_to_the_same_bytes_as_text
     assert mapped["val_loss"] == text["val_loss"] and mapped["train_loss"] == text["train_loss"]
     losses = read_scalars(tmp_path / "text", "train/loss")
     assert losses and read_scalars(tmp_path / "bin", "train/loss") == losses
+    # The same 256 ids, but only the text run has a tokenizer that turns them back into text.
+    sampled = seqtrain(f"ckpt={text['best_checkpoint']}", "length=20", module="seqtrain.sample")
+    assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr[-2000:]
+    refused = seqtrain(f"ckpt={mapped['best_checkpoint']}", "length=20", module="seqtrain.sample")
+    assert refused.returncode != 0 and not refused.stdout
+    assert refused.stderr.strip().splitlines() == [
+        "seqtrain: error: the model reads 256 token ids that no tokenizer of the run turns into "
+        "text (data.tokenizer=bytes); it cannot write samples"
+    ]
 
 
 @pytest.mark.slow
