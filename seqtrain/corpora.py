@@ -1,5 +1,8 @@
 """Corpus files beyond plain text: JSON Lines, pre-tokenized arrays, and a corpus's identity.
 
+One source (data.SOURCES): `data.source=pydoc`, the English prose of Python's documentation
+topics, for word-level models without a download.
+
 Registered as readers (data.READERS), chosen by suffix or by data.reader:
 
     jsonl  *.jsonl   each record one document, its text in data.text_field
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from seqtrain.data import (
+    SOURCES,
     Corpus,
     DataConfig,
     DataError,
@@ -32,6 +36,22 @@ from seqtrain.data import (
 )
 
 CHECK_CHUNK = 1 << 22  # token ids per read of the vocabulary check: 4-16 MiB, whatever the file
+
+
+@SOURCES.register("pydoc")
+def pydoc_topics(cfg: DataConfig) -> Corpus:
+    """Python's documentation topics (`pydoc_data.topics`, what `help("assert")` prints): about
+    465 KB of English prose and grammar in 79 topics, each a document, in sorted name order.
+    Every CPython install carries it, so a word-level model has natural language offline (the
+    standard library's sources are code). Its text changes with the Python version."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError(
+            "data.source=pydoc: this Python has no pydoc_data module (some distributions strip "
+            "it); pass data.path=FILE with text instead"
+        ) from None
+    return documents([topics[name].encode() for name in sorted(topics)], "pydoc-topics")
 
 
 @register_reader("jsonl", ".jsonl")

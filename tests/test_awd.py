@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from seqtrain import optim
-from seqtrain.checkpoint import config_of, load_model, read, task_of
+from seqtrain.checkpoint import config_of, load_model, read, spec_of, task_of
 from seqtrain.config import validate
 from seqtrain.data import (
+    DataConfig,
+    DataError,
     Streams,
     VariedSpans,
     Window,
@@ -385,3 +388,40 @@ def test_two_ranks_vary_and_average_like_one_process(tmp_path) -> None:
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s1["tokens"] == s2["tokens"] != 24 * 4 * 16  # the same varied windows
     assert s2["val_loss"] == pytest.approx(s1["val_loss"], abs=1e-5)
+
+
+def test_pydoc_topics_are_english_documents_every_python_carries() -> None:
+    from pydoc_data.topics import topics
+
+    corpus = load_corpus(DataConfig(source="pydoc"))
+    names = sorted(topics)
+    assert len(corpus.doc_starts) == len(names)  # one document per topic, in name order
+    first = bytes(corpus.values[: corpus.doc_starts[1]])
+    assert first == topics[names[0]].encode()
+    assert b" the " in bytes(corpus.values)  # prose, not code
+
+
+def test_a_python_without_pydoc_data_gets_one_line(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # as if stripped: ImportError
+    with pytest.raises(DataError, match=r"^data.source=pydoc: this Python has no pydoc_data"):
+        load_corpus(DataConfig(source="pydoc"))
+
+
+def test_the_word_lm_experiment_trains_through_the_cli(tmp_path) -> None:
+    """`+experiment=word_lm`, shrunk: the word tokenizer on pydoc topics, tied weights, AR/TAR,
+    varied windows and NT-ASGD together; word models report perplexity and bits per byte."""
+    small = ["model.embedding_size=32", "model.hidden_size=32", "trainer.max_steps=8"]
+    done = seqtrain(
+        "+experiment=word_lm",
+        *small,
+        "trainer.val_check_interval=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["monitor"] == "val/bits_per_byte"
+    spec = spec_of(read(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert spec.tokenizer == "word" and 1000 < spec.input_size < 8000
+    assert summary["val_ppl"] < spec.input_size  # better than a uniform guess
+    assert 0 < summary["val_bits_per_byte"] < 8
