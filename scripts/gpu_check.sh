@@ -2,7 +2,9 @@
 # The checks that need a CUDA machine: the cell equivalence/option tests and the scan cells' tests
 # (each device-parametrized test gains a cuda case when CUDA is present, and the suites run
 # whole), then the cell benchmark (docs/bench_cells_cuda.md and .png) and the scan benchmark
-# (outputs/bench_scan_cuda/). Extra arguments go to bench_cells, e.g. `scripts/gpu_check.sh --quick`.
+# (outputs/bench_scan_cuda/), then a short word-level AWD-LSTM run on CUDA (varied windows,
+# NT-ASGD, tied head; then an adaptive head under bf16-mixed), each evaluated on the GPU
+# (outputs/gpu_word_lm*/). Extra arguments go to bench_cells, e.g. `scripts/gpu_check.sh --quick`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'CUDA not available'; \
@@ -10,3 +12,9 @@ print(torch.__version__, torch.cuda.get_device_name(), 'cudnn', torch.backends.c
 python -m pytest tests/test_cells.py tests/test_scan.py -q -rs
 python scripts/bench_cells.py --device cuda "$@"
 python scripts/bench_scan.py --device cuda --out outputs/bench_scan_cuda
+short=(trainer.accelerator=gpu trainer.max_steps=120 trainer.val_check_interval=40)
+python -m seqtrain +experiment=word_lm "${short[@]}" hydra.run.dir=outputs/gpu_word_lm
+python -m seqtrain.evaluate ckpt=outputs/gpu_word_lm/checkpoints/best.ckpt device=cuda
+python -m seqtrain +experiment=word_lm "${short[@]}" model.tie_weights=false model.head=adaptive \
+    model.cutoffs=[500,2000] trainer.precision=bf16-mixed hydra.run.dir=outputs/gpu_word_lm_adaptive
+python -m seqtrain.evaluate ckpt=outputs/gpu_word_lm_adaptive/checkpoints/best.ckpt device=cuda
