@@ -383,7 +383,10 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
     assert streams.length % 7 == 0 and bool((resets[0] == resets[1]).all())
     with pytest.raises(
         ConfigError,
-        match="data.source=adding: no such option; choose from text, series, copy, mackey_glass",
+        match=(
+            "data.source=adding: no such option; "
+            "choose from text, series, pydoc, copy, mackey_glass"
+        ),
     ):
         load_corpus(DataConfig(source="adding", max_bytes=70))
     result = recall(model(), lag=3, count=8)
