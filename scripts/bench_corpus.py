@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
+# The child processes import this checkout's seqtrain, whatever is installed.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 RSS_TARGET_MIB = 150  # the large file may cost at most this much more resident memory
 TIME_TARGET = 1.05  # and at most this factor of time per update
 
@@ -79,12 +81,8 @@ def train_case(path: Path, tokens: int, run_dir: Path, args: argparse.Namespace)
         "optim.schedule.warmup_steps=1",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the children's max
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_corpus import scalars  # a run's TensorBoard points, as bench_corpus reads them
+from bench_corpus import ENV, scalars  # the child's path and a run's TensorBoard points
 from omegaconf import OmegaConf
 
 from seqtrain.checkpoint import read, spec_of
@@ -65,11 +65,7 @@ def train(name: str, overrides: list[str], run_dir: Path) -> dict:
 
 def run(command: list[str], log_path: Path) -> str:
     """Run a seqtrain command with this checkout first on the path; its stdout."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT)
     log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -134,12 +130,15 @@ def main() -> None:
             spec = spec_of(read(summary["best_checkpoint"]))
             rows[name] = {"steps": steps, "summary": summary, "test": test, "spec": spec}
             print(f"[train] {name}: val {summary['val_bits_per_byte']:.3f} bits/byte")
-    write_markdown(rows, per_update, args)
+    defaults = parser.parse_args([])
+    smoke = any(getattr(args, k) != getattr(defaults, k) for k in ("timing_steps", "reps", "scale"))
+    write_markdown(rows, per_update, args, smoke)
 
 
-def write_markdown(rows: dict, per_update: dict[str, float], args: argparse.Namespace) -> None:
+def write_markdown(
+    rows: dict, per_update: dict[str, float], args: argparse.Namespace, smoke: bool
+) -> None:
     """The table, written atomically (an interrupted run leaves the previous one)."""
-    smoke = args.scale != 1.0 or args.timing_steps != 40 or args.reps != 3
     command = " ".join(["python scripts/bench_tokenizers.py", *sys.argv[1:]])
     py = ".".join(map(str, sys.version_info[:3]))
     lines = [
