@@ -8,13 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from seqtrain import train
+from seqtrain.cli import CONF_DIR
+from seqtrain.config import validate
 from seqtrain.data import BYTES, Corpus, DataSpec
 from seqtrain.model import ModelConfig, RecurrentModel
 from seqtrain.tasks import LanguageModelling, build_model
@@ -93,9 +97,53 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def composed(*overrides: str):
+    """conf/train.yaml composed with `overrides` by Hydra, as the command line composes it."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_in_process(run_dir: Path, *overrides: str, stop_at_start: bool = False) -> dict:
+    """What `python -m seqtrain overrides` trains, in this process: the config composed and
+    checked, every startup check (`train.prepare`), then `train.fit`; returns the summary.
+
+    A test whose subject is not the process (its signals, exit code or console) calls this
+    instead of a subprocess: the run costs its training, not a Python start and its imports.
+    `stop_at_start` sends this process SIGTERM right before the first update, as a user's stop
+    would land: the run saves after that update and returns a summary with `stopped_by`."""
+    job = train.prepare(validate(composed(*overrides)), run_dir)
+    stop = (lambda: signal.raise_signal(signal.SIGTERM)) if stop_at_start else None
+    return train.fit(job, stop)
+
+
+def refusal(main: Callable[..., None], *args: object, capsys: pytest.CaptureFixture) -> str:
+    """Run a command's `main` in this process and expect a refusal: exit status 2 and one line
+    on stderr, which is returned. (The command line's own: monkeypatch sys.argv, call cli.main.)"""
+    with pytest.raises(SystemExit) as exit_:
+        main(*args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2, err
+    assert err.startswith("seqtrain: error: ") and "\n" not in err, err
+    return err
+
+
+def assert_exact_resume_in_process(tmp_path: Path, args: Sequence[str]) -> dict:
+    """`args` trained once uninterrupted and once stopped by SIGTERM at the first update, then
+    resumed with resume=auto: every step's train/loss must be bit-identical, and so the final
+    figures. Returns both summaries."""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    expected = run_in_process(reference, *args)
+    assert run_in_process(stopped, *args, stop_at_start=True)["stopped_by"] == "SIGTERM"
+    resumed = run_in_process(stopped, *args, "resume=auto")
+    losses = read_scalars(reference, "train/loss")
+    assert losses and read_scalars(stopped, "train/loss") == losses  # every step
+    assert resumed["resumed_from"] and resumed["steps"] == expected["steps"]
+    return {"reference": expected, "resumed": resumed}
+
+
 def assert_exact_resume(tmp_path: Path, args: Sequence[str], env: dict[str, str]) -> dict:
-    """Run `args` once uninterrupted and once stopped by SIGTERM as training starts, then resumed
-    with resume=auto: every step's train/loss must be bit-identical. Returns both summaries."""
+    """assert_exact_resume_in_process through the command line, for what only a process shows
+    (ddp ranks): stopped by a real SIGTERM at the startup line, resumed by a second process."""
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     code, _, err = finish(start_run(reference, args, env))
     assert code == 0, err[-2000:]

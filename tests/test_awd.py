@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqtrain import optim
+from seqtrain import evaluate, optim
 from seqtrain.checkpoint import config_of, load_model, read, spec_of, task_of
 from seqtrain.config import validate
 from seqtrain.data import (
@@ -35,18 +35,17 @@ from seqtrain.tbptt import Engine
 
 from .conftest import (
     BYTE_LM,
-    ENV,
     PLUGINS,
     assert_close,
-    assert_exact_resume,
+    assert_exact_resume_in_process,
+    composed,
     counting_corpus,
     finish,
     read_scalars,
-    seqtrain,
+    run_in_process,
     start_run,
     with_pythonpath,
 )
-from .test_config import composed
 
 # ---------------------------------------------------------------------------------------------
 # AR and TAR
@@ -213,13 +212,13 @@ def test_a_varied_step_scales_the_rate_for_that_step_only() -> None:
     assert sgd.param_groups[0]["lr"] == 0.25  # the schedule as it was
 
 
-def test_vary_resumes_exactly_through_the_cli(tmp_path) -> None:
+def test_vary_resumes_exactly(tmp_path) -> None:
     """Stopped by SIGTERM and resumed: every step's loss equals the uninterrupted run's, over an
     epoch's end (4,000 bytes: about 55 varied windows an epoch) with AR, TAR and dropout on."""
     args = ["+debug=tiny", "data.max_bytes=4000", "trainer.max_steps=70"]
     args += ["trainer.val_check_interval=35", "trainer.sample_length=0", "tbptt.vary=true"]
     args += ["model.ar=2", "model.tar=1", "model.dropout=0.3", "model.variational=true"]
-    runs = assert_exact_resume(tmp_path, args, ENV)
+    runs = assert_exact_resume_in_process(tmp_path, args)
     assert runs["resumed"]["val_bpc"] == runs["reference"]["val_bpc"]
     assert runs["reference"]["tokens"] != 70 * 4 * 16  # the windows were varied
 
@@ -291,9 +290,7 @@ NTASGD += ["trainer.sample_length=0", "model.dropout=0.2", "model.variational=tr
 def switched(tmp_path_factory) -> Path:
     """A run whose validation stops improving: averaging starts well before its end."""
     run_dir = tmp_path_factory.mktemp("ntasgd")
-    code, out, err = finish(start_run(run_dir, [*NTASGD, "trainer.max_steps=24"], ENV))
-    assert code == 0, err[-2000:]
-    assert "optim.average=nt: val loss" in out
+    run_in_process(run_dir, *NTASGD, "trainer.max_steps=24")
     return run_dir
 
 
@@ -302,13 +299,13 @@ def switch_step(run_dir: Path) -> int:
     return min(step for step, on in averaging.items() if on == 1.0)
 
 
-def test_evaluation_reads_the_averaged_weights(switched) -> None:
+def test_evaluation_reads_the_averaged_weights(switched, capsys) -> None:
     assert switch_step(switched) <= 16  # then averaged over 8 updates or more
     summary = json.loads((switched / "summary.json").read_text())
     ckpt_path = switched / "checkpoints" / "last.ckpt"
-    done = seqtrain(f"ckpt={ckpt_path}", "split=val", module="seqtrain.evaluate")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+    evaluate.main([f"ckpt={ckpt_path}", "split=val"])
+    loss = json.loads(capsys.readouterr().out)["loss"]
+    assert loss == pytest.approx(summary["val_loss"], abs=1e-6)
     # The training weights alone give another figure: evaluate read the average.
     ckpt = read(ckpt_path)
     cfg = config_of(ckpt)
@@ -322,7 +319,7 @@ def test_evaluation_reads_the_averaged_weights(switched) -> None:
 
 
 def test_ntasgd_resumes_exactly_before_the_switch(tmp_path) -> None:
-    runs = assert_exact_resume(tmp_path, [*NTASGD, "trainer.max_steps=24"], ENV)
+    runs = assert_exact_resume_in_process(tmp_path, [*NTASGD, "trainer.max_steps=24"])
     assert runs["resumed"]["val_loss"] == runs["reference"]["val_loss"]
 
 
@@ -331,12 +328,9 @@ def test_ntasgd_resumes_exactly_after_the_switch(switched, tmp_path) -> None:
     the end: the losses, validation figures and the average equal the uninterrupted run's."""
     stop = switch_step(switched) + 4  # a validation step: the stop adds no validation
     run_dir = tmp_path / "stopped"
-    code, _, err = finish(start_run(run_dir, [*NTASGD, f"trainer.max_steps={stop}"], ENV))
-    assert code == 0, err[-2000:]
+    run_in_process(run_dir, *NTASGD, f"trainer.max_steps={stop}")
     assert read(run_dir / "checkpoints" / "last.ckpt")["seqtrain"]["average"]["count"] == 4
-    resumed = [*NTASGD, "trainer.max_steps=24", "resume=auto"]
-    code, _, err = finish(start_run(run_dir, resumed, ENV))
-    assert code == 0, err[-2000:]
+    run_in_process(run_dir, *NTASGD, "trainer.max_steps=24", "resume=auto")
     for tag in ("train/loss", "val/loss", "optim/averaging"):
         assert read_scalars(run_dir, tag) == read_scalars(switched, tag), tag
     ours, theirs = (read(d / "checkpoints" / "last.ckpt") for d in (run_dir, switched))
@@ -345,8 +339,9 @@ def test_ntasgd_resumes_exactly_after_the_switch(switched, tmp_path) -> None:
         assert torch.equal(ours["seqtrain"]["average"]["mean"][name], mean), name
 
 
-def test_the_awd_recipe_trains_a_byte_lm_through_the_cli(tmp_path) -> None:
-    done = seqtrain(
+def test_the_awd_recipe_trains_a_byte_lm(tmp_path) -> None:
+    summary = run_in_process(
+        tmp_path,
         "+debug=tiny",
         "trainer.max_steps=20",
         "trainer.val_check_interval=5",
@@ -357,12 +352,11 @@ def test_the_awd_recipe_trains_a_byte_lm_through_the_cli(tmp_path) -> None:
         "model.weight_drop=0.5",
         "model.variational=true",
         "model.dropout=0.4",
-        f"hydra.run.dir={tmp_path}",
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["skipped_steps"] == 0
-    assert summary["val_bpc"] < 8.0  # below a uniform guess over 256 bytes
+    # Untrained, the model scores 8.0 (a uniform guess over 256 bytes); these 20 updates reach
+    # 5.66. A recipe that did not learn (a lost gradient, a diverging rate) stays near 8.
+    assert summary["val_bpc"] < 6.5
 
 
 @pytest.mark.slow
@@ -407,19 +401,17 @@ def test_a_python_without_pydoc_data_gets_one_line(monkeypatch) -> None:
         load_corpus(DataConfig(source="pydoc"))
 
 
-def test_the_word_lm_experiment_trains_through_the_cli(tmp_path) -> None:
+def test_the_word_lm_experiment_trains(tmp_path) -> None:
     """`+experiment=word_lm`, shrunk: the word tokenizer on pydoc topics, tied weights, AR/TAR,
     varied windows and NT-ASGD together; word models report perplexity and bits per byte."""
     small = ["model.embedding_size=32", "model.hidden_size=32", "trainer.max_steps=8"]
-    done = seqtrain(
+    summary = run_in_process(
+        tmp_path / "run",
         "+experiment=word_lm",
         *small,
         "trainer.val_check_interval=4",
         f"data.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["monitor"] == "val/bits_per_byte"
     spec = spec_of(read(tmp_path / "run" / "checkpoints" / "last.ckpt"))
     assert spec.tokenizer == "word" and 1000 < spec.input_size < 8000

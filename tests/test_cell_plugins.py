@@ -5,6 +5,7 @@ registration; the registrations alone decide what each backend refuses."""
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 from pathlib import Path
 
@@ -12,11 +13,19 @@ import pytest
 import torch
 from torch import nn
 
+from seqtrain import evaluate, sample
 from seqtrain.cells import BACKENDS, base, build_recurrent, check_options, kernel_name, reference
 from seqtrain.cells.stack import CellSpec, register_cell
 from seqtrain.errors import ConfigError
 
-from .conftest import PLUGINS, ROOT, assert_exact_resume, seqtrain, with_pythonpath
+from .conftest import (
+    PLUGINS,
+    ROOT,
+    assert_exact_resume_in_process,
+    run_in_process,
+    seqtrain,
+    with_pythonpath,
+)
 
 TINY = "my_cells:TinyCell"
 
@@ -26,31 +35,31 @@ def plugins_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(PLUGINS))
 
 
-@pytest.mark.slow
-def test_user_cell_trains_evaluates_and_samples_through_the_cli(tmp_path: Path) -> None:
-    """As a user would: the module on PYTHONPATH, the cell named in the config; the checkpoint
-    records model.cell, so evaluate and sample rebuild it; without the module, one line."""
-    env = with_pythonpath(PLUGINS, ROOT)
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def user_cell_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A user's two-layer cell (module on the path, named in the config), trained with dropout
+    and zoneout: its checkpoint and summary."""
+    out = tmp_path_factory.mktemp("user_cell")
     train = ["+debug=tiny", "model.backend=modular", f"model.cell={TINY}", "model.num_layers=2"]
-    done = seqtrain(
-        *train, "model.dropout=0.1", "model.zoneout=0.1", f"hydra.run.dir={out}", env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "val/bpc:" in done.stdout
-    ckpt = out / "checkpoints" / "last.ckpt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(PLUGINS))
+        summary = run_in_process(out, *train, "model.dropout=0.1", "model.zoneout=0.1")
+    return out / "checkpoints" / "last.ckpt", summary
+
+
+def test_user_cell_trains_evaluates_and_samples(
+    user_cell_run, plugins_on_path: None, capsys
+) -> None:
+    """The checkpoint records model.cell, so evaluate and sample rebuild the user's cell; without
+    the module (a process whose PYTHONPATH lacks it), one line."""
+    ckpt, summary = user_cell_run
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert "model.rnn.cells_l1.hh.weight" in state
-    done = seqtrain(f"ckpt={ckpt}", "split=val", module="seqtrain.evaluate", env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert '"bpc"' in done.stdout
-    done = seqtrain(f"ckpt={ckpt}", "length=20", "prompt=ab", module="seqtrain.sample", env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("ab") and len(done.stdout.encode()) >= 20
-    # compile runs the same checkpoint (the step compiled).
-    compiled = [f"ckpt={ckpt}", "split=val", "model.backend=compile"]
-    done = seqtrain(*compiled, module="seqtrain.evaluate", env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    evaluate.main([f"ckpt={ckpt}", "split=val"])
+    assert json.loads(capsys.readouterr().out)["bpc"] == pytest.approx(summary["val_bpc"])
+    sample.main([f"ckpt={ckpt}", "length=20", "prompt=ab"])
+    text = capsys.readouterr().out
+    assert text.startswith("ab") and len(text.encode()) >= 20
     missing = seqtrain(f"ckpt={ckpt}", module="seqtrain.evaluate", env=with_pythonpath(ROOT))
     assert missing.returncode == 2
     lines = missing.stderr.strip().splitlines()
@@ -60,13 +69,21 @@ def test_user_cell_trains_evaluates_and_samples_through_the_cli(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-def test_user_cell_resumes_exactly_after_a_stop(tmp_path: Path) -> None:
+def test_compile_evaluates_a_user_cells_checkpoint(
+    user_cell_run, plugins_on_path: None, capsys
+) -> None:
+    """model.backend=compile runs the user's step compiled on the same checkpoint."""
+    ckpt, summary = user_cell_run
+    evaluate.main([f"ckpt={ckpt}", "split=val", "model.backend=compile"])
+    assert json.loads(capsys.readouterr().out)["bpc"] == pytest.approx(summary["val_bpc"], abs=1e-5)
+
+
+def test_user_cell_resumes_exactly_after_a_stop(tmp_path: Path, plugins_on_path: None) -> None:
     """Stopped by SIGTERM mid-run and resumed: the user's stack is rebuilt from the import path
     and every step's loss equals the uninterrupted run's (zoneout: the RNG must match too)."""
     args = ["+debug=tiny", "trainer.max_steps=40", "trainer.val_check_interval=20"]
     args += ["trainer.sample_length=0", "model.backend=modular", f"model.cell={TINY}"]
-    runs = assert_exact_resume(tmp_path, [*args, "model.zoneout=0.1"], with_pythonpath(PLUGINS))
+    runs = assert_exact_resume_in_process(tmp_path, [*args, "model.zoneout=0.1"])
     assert runs["resumed"]["val_bpc"] == runs["reference"]["val_bpc"]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqtrain import heads, optim
+from seqtrain import evaluate, heads, optim, sample
 from seqtrain.checkpoint import check_resumable, config_of, load_model, read, spec_of
 from seqtrain.config import ConfigError, validate
 from seqtrain.data import BYTES, DataSpec
@@ -23,14 +23,12 @@ from seqtrain.tasks import LanguageModelling, build_model
 
 from .conftest import (
     BYTE_LM,
-    ENV,
     PLUGINS,
     assert_close,
-    assert_exact_resume,
-    seqtrain,
-    with_pythonpath,
+    assert_exact_resume_in_process,
+    composed,
+    run_in_process,
 )
-from .test_config import composed
 
 V = BYTES.vocab_size
 TINY = ["+debug=tiny", "trainer.log_every_n_steps=1"]
@@ -124,12 +122,13 @@ def test_a_projection_as_wide_as_the_embedding_ties() -> None:
 @pytest.fixture(scope="module")
 def tied_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tied")
-    done = seqtrain(*TIED, f"hydra.run.dir={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_process(out, *TIED)
     return out
 
 
-def test_a_tied_checkpoint_loads_tied_and_evaluates_as_training_validated(tied_run: Path) -> None:
+def test_a_tied_checkpoint_loads_tied_and_evaluates_as_training_validated(
+    tied_run: Path, capsys
+) -> None:
     ckpt = read(tied_run / "checkpoints" / "last.ckpt")
     weights = ckpt["state_dict"]
     assert torch.equal(weights["model.head.weight"], weights["model.embedding.weight"])
@@ -139,18 +138,13 @@ def test_a_tied_checkpoint_loads_tied_and_evaluates_as_training_validated(tied_r
     assert len(ckpt["optimizer_states"][0]["state"]) == len(list(model.parameters()))
     summary = json.loads((tied_run / "summary.json").read_text())
     assert summary["parameters"] == sum(p.numel() for p in model.parameters())
-    done = seqtrain(
-        f"ckpt={tied_run / 'checkpoints' / 'last.ckpt'}", "split=val", module="seqtrain.evaluate"
+    ckpt_arg = f"ckpt={tied_run / 'checkpoints' / 'last.ckpt'}"
+    evaluate.main([ckpt_arg, "split=val"])
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(
+        summary["val_loss"], rel=1e-9
     )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["loss"] == pytest.approx(summary["val_loss"], rel=1e-9)
-    done = seqtrain(
-        f"ckpt={tied_run / 'checkpoints' / 'last.ckpt'}",
-        "prompt=def ",
-        "length=20",
-        module="seqtrain.sample",
-    )
-    assert done.returncode == 0 and done.stdout.startswith("def "), done.stderr
+    sample.main([ckpt_arg, "prompt=def ", "length=20"])
+    assert capsys.readouterr().out.startswith("def ")
 
 
 def test_a_checkpoint_from_before_the_head_keys_resumes_as_their_defaults(tied_run) -> None:
@@ -167,7 +161,7 @@ def test_a_checkpoint_from_before_the_head_keys_resumes_as_their_defaults(tied_r
 
 def test_a_tied_run_resumes_exactly(tmp_path) -> None:
     """Were the tie lost on loading, the two copies would part at the first update after it."""
-    runs = assert_exact_resume(tmp_path, [*TIED, "trainer.max_steps=10"], ENV)
+    runs = assert_exact_resume_in_process(tmp_path, [*TIED, "trainer.max_steps=10"])
     assert runs["resumed"]["val_loss"] == runs["reference"]["val_loss"]
 
 
@@ -207,26 +201,26 @@ def test_recall_reads_an_adaptive_heads_distribution() -> None:
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adaptive")
-    done = seqtrain(*ZIPF, f"hydra.run.dir={out}", env=with_pythonpath(PLUGINS))
-    assert done.returncode == 0, done.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:  # the Zipf source, a user's module
+        patch.syspath_prepend(str(PLUGINS))
+        run_in_process(out, *ZIPF)
     return out
 
 
-def test_an_adaptive_head_trains_on_1000_ids_and_evaluates_as_validated(adaptive_run) -> None:
+def test_an_adaptive_head_trains_on_1000_ids_and_evaluates_as_validated(
+    adaptive_run, monkeypatch, capsys
+) -> None:
     summary = json.loads((adaptive_run / "summary.json").read_text())
     # A model that learned nothing scores ln 1000 = 6.91 nats or worse; the law's entropy is 5.19.
     assert 5.1 < summary["val_loss"] < math.log(1000) - 1
     ckpt = read(adaptive_run / "checkpoints" / "last.ckpt")
     assert ckpt["hyper_parameters"]["spec"]["input_size"] == 1000
     assert "model.head.tail.1.1.weight" in ckpt["state_dict"]  # the second cluster's output
-    done = seqtrain(
-        f"ckpt={adaptive_run / 'checkpoints' / 'last.ckpt'}",
-        "split=val",
-        module="seqtrain.evaluate",
-        env=with_pythonpath(PLUGINS),
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    evaluate.main([f"ckpt={adaptive_run / 'checkpoints' / 'last.ckpt'}", "split=val"])
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(
+        summary["val_loss"], rel=1e-9
     )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["loss"] == pytest.approx(summary["val_loss"], rel=1e-9)
 
 
 def test_cutoffs_are_checked_against_the_vocabulary_when_it_is_known() -> None:

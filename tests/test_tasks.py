@@ -4,6 +4,7 @@ Mackey-Glass source, its figures, the command line end to end, exact resume, bad
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqtrain import train
+from seqtrain import cli, evaluate, sample, train
 from seqtrain.checkpoint import read, upgrade_hyper_parameters
 from seqtrain.config import validate
 from seqtrain.data import (
@@ -34,13 +35,12 @@ from .conftest import (
     PLUGINS,
     ROOT,
     assert_close,
-    assert_exact_resume,
+    assert_exact_resume_in_process,
+    composed,
     read_scalars,
-    seqtrain,
-    with_pythonpath,
+    refusal,
+    run_in_process,
 )
-from .test_cli import ENV
-from .test_config import composed
 
 # A seconds-long +experiment=series: a short series, a small model, a few validations.
 SERIES = [
@@ -216,13 +216,11 @@ def test_old_checkpoints_with_only_a_vocabulary_become_byte_lm_specs() -> None:
 @pytest.fixture(scope="module")
 def series_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("series")
-    done = seqtrain(*SERIES, f"hydra.run.dir={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "val/nmse:" in done.stdout
+    run_in_process(out, *SERIES)
     return out
 
 
-def test_series_experiment_writes_mse_and_nmse_and_evaluates(series_run: Path) -> None:
+def test_series_experiment_writes_mse_and_nmse_and_evaluates(series_run: Path, capsys) -> None:
     summary = json.loads((series_run / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["monitor"] == "val/nmse"
     assert summary["val_mse"] == summary["val_loss"]
@@ -234,22 +232,20 @@ def test_series_experiment_writes_mse_and_nmse_and_evaluates(series_run: Path) -
     ckpt = read(series_run / "checkpoints" / "last.ckpt")
     spec = ckpt["hyper_parameters"]["spec"]
     assert spec["kind"] == "series" and spec["input_size"] == spec["target_size"] == 1
-    done = seqtrain(f"ckpt={series_run / 'checkpoints' / 'last.ckpt'}", module="seqtrain.evaluate")
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    evaluate.main([f"ckpt={series_run / 'checkpoints' / 'last.ckpt'}"])
+    result = json.loads(capsys.readouterr().out)
     assert result["split"] == "test" and result["mse"] > 0 and result["nmse"] > 0
     assert abs(result["nmse"] - result["mse"] / spec["target_variance"]) < 1e-9
 
 
-def test_sampling_a_regression_checkpoint_is_one_line(series_run: Path) -> None:
-    done = seqtrain(f"ckpt={series_run / 'checkpoints' / 'last.ckpt'}", module="seqtrain.sample")
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "sampling is for language models" in done.stderr
+def test_sampling_a_regression_checkpoint_is_one_line(series_run: Path, capsys) -> None:
+    args = [f"ckpt={series_run / 'checkpoints' / 'last.ckpt'}"]
+    assert "sampling is for language models" in refusal(sample.main, args, capsys=capsys)
 
 
 def test_regression_resume_after_sigterm_is_exact(tmp_path) -> None:
     run = [*SERIES, "model.dropout=0.1", "trainer.max_steps=60"]  # dropout: the RNG must match
-    runs = assert_exact_resume(tmp_path, run, ENV)
+    runs = assert_exact_resume_in_process(tmp_path, run)
     assert runs["resumed"]["val_nmse"] == runs["reference"]["val_nmse"]
 
 
@@ -297,14 +293,13 @@ BAD = [
 
 
 @pytest.mark.parametrize(("name", "args", "message"), BAD, ids=[c[0] for c in BAD])
-def test_bad_series_input_is_one_line(tmp_path, name, args, message) -> None:
+def test_bad_series_input_is_one_line(tmp_path, monkeypatch, capsys, name, args, message) -> None:
     run_dir = tmp_path / "run"
     base = ["+experiment=series", "data.source=series", "data.length=null", "tbptt.window=4"]
     base += ["data.batch_size=1", "data.eval_batch_size=1"]
-    done = seqtrain(*base, *args(tmp_path), f"hydra.run.dir={run_dir}")
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.startswith("seqtrain: error: ") and done.stderr.count("\n") == 1
-    assert message in done.stderr, done.stderr
+    argv = ["seqtrain", *base, *args(tmp_path), f"hydra.run.dir={run_dir}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert message in refusal(cli.main, capsys=capsys)
     assert not (run_dir / ".hydra").exists() and not (run_dir / "checkpoints").exists()
 
 
@@ -317,10 +312,7 @@ def test_text_samples_need_a_task_that_generates_text() -> None:
 # --- a user's own task, plugged in by import path -----------------------------------------------
 
 
-def test_a_user_task_plugs_in_through_the_cli(tmp_path) -> None:
-    env = with_pythonpath(PLUGINS)
-    args = [*SERIES, "task.name=my_tasks:MeanAbsolute", f"hydra.run.dir={tmp_path}"]
-    done = seqtrain(*args, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_a_user_task_plugs_in_by_import_path(tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(PLUGINS))  # as PYTHONPATH puts a user's module there
+    summary = run_in_process(tmp_path, *SERIES, "task.name=my_tasks:MeanAbsolute")
     assert summary["monitor"] == "val/mae" and summary["val_mae"] == summary["val_loss"] > 0
