@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from seqtrain import corpora, evaluate, train
+from seqtrain import corpora, evaluate, sample, train
 from seqtrain.config import validate
 from seqtrain.data import (
     DataConfig,
@@ -25,14 +26,13 @@ from seqtrain.data import (
 from seqtrain.errors import CheckpointError
 
 from .conftest import (
-    ENV,
     PLUGINS,
-    assert_exact_resume,
+    assert_exact_resume_in_process,
+    composed,
     read_scalars,
-    seqtrain,
-    with_pythonpath,
+    refusal,
+    run_in_process,
 )
-from .test_config import composed
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
 
@@ -203,8 +203,9 @@ def summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-@pytest.mark.slow
-def test_a_memory_mapped_corpus_trains_bit_identically_to_the_same_bytes_as_text(tmp_path):
+def test_a_memory_mapped_corpus_trains_bit_identically_to_the_same_bytes_as_text(
+    tmp_path, caplog, capsys
+):
     raw = text_bytes(60_000)
     write(tmp_path / "c.txt", raw)
     np.frombuffer(raw, np.uint8).tofile(tmp_path / "c.bin")
@@ -212,27 +213,27 @@ def test_a_memory_mapped_corpus_trains_bit_identically_to_the_same_bytes_as_text
         "text": [f"data.path={tmp_path / 'c.txt'}"],
         "bin": [f"data.path={tmp_path / 'c.bin'}", "data.dtype=uint8", "data.vocab_size=256"],
     }
-    for name, args in runs.items():
-        done = seqtrain(*TINY, *args, f"hydra.run.dir={tmp_path / name}")
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert "60,000 tokens" in (tmp_path / "bin" / "cli.log").read_text()
-    text, mapped = summary(tmp_path / "text"), summary(tmp_path / "bin")
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        text, mapped = (
+            run_in_process(tmp_path / name, *TINY, *args) for name, args in runs.items()
+        )
+    assert "60,000 tokens" in caplog.text
     assert mapped["val_loss"] == text["val_loss"] and mapped["train_loss"] == text["train_loss"]
     losses = read_scalars(tmp_path / "text", "train/loss")
     assert losses and read_scalars(tmp_path / "bin", "train/loss") == losses
     # The same 256 ids, but only the text run has a tokenizer that turns them back into text.
-    sampled = seqtrain(f"ckpt={text['best_checkpoint']}", "length=20", module="seqtrain.sample")
-    assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr[-2000:]
-    refused = seqtrain(f"ckpt={mapped['best_checkpoint']}", "length=20", module="seqtrain.sample")
-    assert refused.returncode != 0 and not refused.stdout
-    assert refused.stderr.strip().splitlines() == [
+    sample.main([f"ckpt={text['best_checkpoint']}", "length=20"])
+    assert capsys.readouterr().out.strip()
+    refused = refusal(
+        sample.main, [f"ckpt={mapped['best_checkpoint']}", "length=20"], capsys=capsys
+    )
+    assert refused == (
         "seqtrain: error: the model reads 256 token ids that no tokenizer of the run turns into "
         "text (data.tokenizer=bytes); it cannot write samples"
-    ]
+    )
 
 
-@pytest.mark.slow
-def test_a_directory_and_a_json_lines_file_train(tmp_path: Path) -> None:
+def test_a_directory_and_a_json_lines_file_train(tmp_path: Path, caplog) -> None:
     raw = text_bytes(60_000)
     for i in range(6):
         write(tmp_path / "dir" / f"{i}.txt", raw[i * 10_000 : (i + 1) * 10_000])
@@ -241,37 +242,35 @@ def test_a_directory_and_a_json_lines_file_train(tmp_path: Path) -> None:
     ]
     write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
     for name, documents in (("dir", "6 documents"), ("c.jsonl", "60 documents")):
-        run = tmp_path / f"run-{name}"
-        done = seqtrain(*TINY, f"data.path={tmp_path / name}", f"hydra.run.dir={run}")
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert documents in (run / "cli.log").read_text() and summary(run)["steps"] == 6
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="seqtrain"):
+            done = run_in_process(tmp_path / f"run-{name}", *TINY, f"data.path={tmp_path / name}")
+        assert documents in caplog.text and done["steps"] == 6
 
 
-def test_a_user_reader_by_import_path(tmp_path: Path) -> None:
+def test_a_user_reader_by_import_path(tmp_path: Path, monkeypatch, caplog) -> None:
     raw = text_bytes(1800)
     rows = "".join(f'{i},"{raw[i * 20 : i * 20 + 20].hex()}"\n' for i in range(90))
     write(tmp_path / "c.csv", "id,text\n" + rows)
-    run = tmp_path / "run"
-    done = seqtrain(
-        *TINY,
-        f"data.path={tmp_path / 'c.csv'}",
-        "data.reader=my_readers:csv_text",
-        "data.batch_size=2",
-        "data.eval_batch_size=2",
-        f"hydra.run.dir={run}",
-        env=with_pythonpath(PLUGINS),
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "3,600 bytes, 90 documents" in (run / "cli.log").read_text()
+    monkeypatch.syspath_prepend(str(PLUGINS))  # as PYTHONPATH puts a user's module there
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        run_in_process(
+            tmp_path / "run",
+            *TINY,
+            f"data.path={tmp_path / 'c.csv'}",
+            "data.reader=my_readers:csv_text",
+            "data.batch_size=2",
+            "data.eval_batch_size=2",
+        )
+    assert "3,600 bytes, 90 documents" in caplog.text
 
 
-@pytest.mark.slow
 def test_resume_on_a_memory_mapped_corpus_is_exact(tmp_path: Path) -> None:
     tokens = np.random.default_rng(0).integers(0, 300, 30_000, dtype=np.uint16)
     tokens.tofile(tmp_path / "t.bin")
     args = [*TINY, f"data.path={tmp_path / 't.bin'}", "data.vocab_size=300"]
     args += ["trainer.max_steps=30", "trainer.val_check_interval=15", "model.dropout=0.1"]
-    runs = assert_exact_resume(tmp_path, args, ENV)
+    runs = assert_exact_resume_in_process(tmp_path, args)
     assert runs["resumed"]["val_loss"] == runs["reference"]["val_loss"]
 
 

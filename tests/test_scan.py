@@ -3,12 +3,16 @@ formulas, resets, carried state, dtypes and edge shapes, and the residual block.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from seqtrain import evaluate, sample
 from seqtrain.cells.blocks import ResidualBlock, residual_stack
 from seqtrain.cells.scan import (
     RGLRU_C,
@@ -17,6 +21,8 @@ from seqtrain.cells.scan import (
     linear_scan,
 )
 from seqtrain.memory import SavedBytes
+
+from .conftest import assert_exact_resume_in_process, run_in_process
 
 CELLS = list(SCAN_CELLS)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -532,34 +538,22 @@ def test_engine_passes_resets_into_the_scan_instead_of_cutting(cell: str, monkey
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.slow
 def test_scan_cells_in_residual_blocks_resume_exactly(tmp_path) -> None:
     """Stopped by SIGTERM and resumed: every step's loss equals the uninterrupted run's."""
-    from .conftest import assert_exact_resume
-    from .test_cli import ENV
-
     args = ["+debug=tiny", "trainer.max_steps=30", "trainer.val_check_interval=15"]
     args += ["trainer.sample_length=0", "model.cell=minlstm", "model.backend=modular"]
     args += ["model.block=residual", "model.num_layers=2", "model.dropout=0.1"]
-    runs = assert_exact_resume(tmp_path, args, ENV)
+    runs = assert_exact_resume_in_process(tmp_path, args)
     assert runs["resumed"]["val_bpc"] == runs["reference"]["val_bpc"]
 
 
-@pytest.mark.slow
-def test_a_scan_cell_trains_evaluates_and_samples_through_the_cli(tmp_path) -> None:
-    import json
-
-    from .conftest import seqtrain
-
+def test_a_scan_cell_trains_evaluates_and_samples(tmp_path, caplog, capsys) -> None:
     run = tmp_path / "run"
-    cell = ["model.cell=mingru", "model.backend=modular"]
-    done = seqtrain("+debug=tiny", *cell, f"hydra.run.dir={run}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "chunked linear scan" in (run / "cli.log").read_text()
-    summary = json.loads((run / "summary.json").read_text())
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        summary = run_in_process(run, "+debug=tiny", "model.cell=mingru", "model.backend=modular")
+    assert "chunked linear scan" in caplog.text  # the startup line names the kernel
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    ev = seqtrain(ckpt, "split=val", module="seqtrain.evaluate")
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    assert json.loads(ev.stdout)["bpc"] == pytest.approx(summary["val_bpc"], abs=1e-4)
-    sample = seqtrain(ckpt, "length=20", "prompt=def ", module="seqtrain.sample")
-    assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr[-2000:]
+    evaluate.main([ckpt, "split=val"])
+    assert json.loads(capsys.readouterr().out)["bpc"] == pytest.approx(summary["val_bpc"], abs=1e-4)
+    sample.main([ckpt, "length=20", "prompt=def "])
+    assert capsys.readouterr().out.startswith("def ")

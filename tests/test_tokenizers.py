@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqtrain import data
+from seqtrain import data, evaluate, sample
 from seqtrain.config import from_dict, to_dict, validate
 from seqtrain.data import (
     SPLITS,
@@ -29,7 +30,7 @@ from seqtrain.data import (
     text_blocks,
     with_targets,
 )
-from seqtrain.errors import ConfigError, DataError
+from seqtrain.errors import CheckpointError, ConfigError, DataError
 from seqtrain.model import ModelConfig
 from seqtrain.tasks import LanguageModelling, build_model
 from seqtrain.tokenizers import (
@@ -41,8 +42,7 @@ from seqtrain.tokenizers import (
     token_dtype,
 )
 
-from .conftest import PLUGINS, seqtrain
-from .test_config import composed
+from .conftest import PLUGINS, composed, run_in_process
 
 WORDS = "the a cat dog sat on mat ran to house big small red über café naïve 字 and or not"
 WORDS = WORDS.split()  # a vocabulary with non-ASCII words
@@ -339,7 +339,7 @@ def test_a_user_tokenizer_plugs_in_by_import_path(tmp_path: Path, monkeypatch) -
     assert "my_tokenizers:Chars" in TOKENIZERS
 
 
-# Through the command line, as a user runs it: a tiny word and BPE model on a small text file.
+# A tiny word and BPE model on a small text file, trained as the command line trains it.
 TOKENIZED = {
     "word": ["data.tokenizer=word"],
     "bpe": ["data.tokenizer=bpe", "data.vocab_size=300"],
@@ -353,9 +353,7 @@ def tokenized_run(request, tmp_path_factory) -> tuple[str, Path, Path]:
     corpus.write_text(lines_of_words(3000))
     out = root / "run"
     args = ["+debug=tiny", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}"]
-    done = seqtrain(*args, *TOKENIZED[request.param], f"hydra.run.dir={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "val/bits_per_byte:" in done.stdout
+    run_in_process(out, *args, *TOKENIZED[request.param])
     return request.param, out, corpus
 
 
@@ -372,53 +370,54 @@ def test_a_tokenized_run_reports_bits_per_byte_and_perplexity(tokenized_run) -> 
         assert "tokenizer_state" not in yaml.read_text() and yaml.stat().st_size < 10_000, yaml
 
 
-def test_evaluate_repeats_the_last_validation(tokenized_run, tmp_path: Path) -> None:
+def test_evaluate_repeats_the_last_validation(
+    tokenized_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
     _, out, _ = tokenized_run
     summary = json.loads((out / "summary.json").read_text())
     ckpt = out / "checkpoints" / "last.ckpt"
-    done = seqtrain(f"ckpt={ckpt}", "split=val", module="seqtrain.evaluate", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    monkeypatch.chdir(tmp_path)  # evaluate finds the corpus where training read it
+    evaluate.main([f"ckpt={ckpt}", "split=val"])
+    result = json.loads(capsys.readouterr().out)
     for key in ("loss", "bpc", "ppl", "bits_per_byte"):
         assert result[key] == pytest.approx(summary[f"val_{key}"], abs=1e-9), key
-    test = seqtrain(f"ckpt={ckpt}", "split=test", module="seqtrain.evaluate", cwd=tmp_path)
-    assert test.returncode == 0 and json.loads(test.stdout)["bits_per_byte"] > 0
+    evaluate.main([f"ckpt={ckpt}", "split=test"])
+    assert json.loads(capsys.readouterr().out)["bits_per_byte"] > 0
 
 
-def test_sample_needs_only_the_checkpoint(tokenized_run, tmp_path: Path) -> None:
+def test_sample_needs_only_the_checkpoint(
+    tokenized_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """As on another machine: a fresh folder with the checkpoint alone, the corpus gone."""
     name, out, corpus = tokenized_run
     shutil.copy(out / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
     moved = corpus.with_suffix(".moved")
     corpus.rename(moved)
+    monkeypatch.chdir(tmp_path)
     try:
-        done = seqtrain(
-            "ckpt=model.ckpt", "prompt=the cat", "length=20", module="seqtrain.sample", cwd=tmp_path
-        )
+        sample.main(["ckpt=model.ckpt", "prompt=the cat", "length=20"])
     finally:
         moved.rename(corpus)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = done.stdout
+    text = capsys.readouterr().out
     assert text.startswith("the cat")
     words = set(text.split())
     assert words <= {*WORDS, "<unk>"} if name == "word" else len(text) > len("the cat ")
 
 
-@pytest.mark.slow
-def test_resume_keeps_the_runs_tokenizer(tokenized_run, tmp_path: Path) -> None:
+def test_resume_keeps_the_runs_tokenizer(tokenized_run, tmp_path: Path, caplog) -> None:
     """Resumed elsewhere, the tokens come from the checkpoint's tokenizer (no refit) and a
     changed tokenizer setting is refused."""
     name, out, corpus = tokenized_run
     run = tmp_path / "run"
     shutil.copytree(out / "checkpoints", run / "checkpoints")
     args = ["+debug=tiny", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
-    args += [*TOKENIZED[name], f"hydra.run.dir={run}", "resume=auto", "trainer.max_steps=8"]
-    done = seqtrain(*args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "fitted" not in done.stdout and "tokenized in" in done.stdout
-    change, refusal = {
+    args += [*TOKENIZED[name], "resume=auto", "trainer.max_steps=8"]
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        run_in_process(run, *args)
+    assert "fitted" not in caplog.text and "tokenized in" in caplog.text
+    change, message = {
         "word": ("data.min_count=2", "data.min_count=1 (now 2)"),
         "bpe": ("data.vocab_size=290", "data.vocab_size=300 (now 290)"),
     }[name]
-    changed = seqtrain(*args, change)
-    assert changed.returncode == 2 and refusal in changed.stderr, changed.stderr
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        run_in_process(run, *args, change)
