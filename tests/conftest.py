@@ -175,10 +175,25 @@ def counting_corpus(n: int, doc_starts: list[int] | None = None) -> Corpus:
     return Corpus(tokens, np.array(doc_starts or [0], dtype=np.int64), "counting")
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
-    """assert_allclose that reports the max and mean difference."""
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    what: str,
+    atol: float = 1e-5,
+    scaled: bool = False,
+) -> None:
+    """|actual - expected| <= atol everywhere (times max(1, max |expected|) when `scaled`: long
+    sums grow), shapes equal; a failure reports the max and mean difference, not a boolean."""
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    if not expected.numel():
+        return
     diff = (actual.double() - expected.double()).abs()
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g} > {atol}"
+    scale = max(1.0, expected.abs().max().item()) if scaled else 1.0
+    assert diff.max() <= atol * scale, (
+        f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g} > {atol:g} x {scale:.3g}"
+    )
 
 
 def read_scalars(run_dir: Path, tag: str) -> dict[int, float]:

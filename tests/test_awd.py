@@ -101,7 +101,7 @@ def test_penalised_update_equals_the_penalised_loss_of_one_pass(chunk) -> None:
     tar = 1.0 * (raw[:, 1:] - raw[:, :-1]).square().mean()
     (cross_entropy + ar + tar).backward()
     for name, g in grads(model).items():
-        assert_close(actual[name], g, 1e-6, name)
+        assert_close(actual[name], g, name, 1e-6)
     assert result.loss == pytest.approx(cross_entropy.item(), abs=1e-6)  # no penalty in it
 
 
@@ -133,7 +133,7 @@ def test_penalty_is_on_the_new_steps_only_with_history() -> None:
     )
     raw, dropped, _ = model.layer_outputs(x)
     expected = penalty(raw[:, 7:], dropped[:, 7:], None, 5)
-    assert_close(out.penalty, expected, 1e-6, "penalty of the 5 new steps")
+    assert_close(out.penalty, expected, "penalty of the 5 new steps", 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_varied_windows_carry_the_state_exactly() -> None:
         read_so_far += w.inputs.shape[1]
         _, expected = model(torch.from_numpy(whole[:, :read_so_far]).long())
         for carried, one_pass in zip(engine.state, expected, strict=True):
-            assert_close(carried, one_pass, 1e-5, f"state after {read_so_far} steps")
+            assert_close(carried, one_pass, f"state after {read_so_far} steps", 1e-5)
 
 
 def test_a_varied_step_scales_the_rate_for_that_step_only() -> None:

@@ -95,7 +95,7 @@ def test_checkpoint_holds_every_ranks_carried_state_and_cursor(runs) -> None:
     for part, h_one in enumerate(single["engine"]["state"]):
         h_two = [r["engine"]["state"][part] for r in ranks]
         assert all(h.shape[1] == 2 for h in h_two)
-        assert_close(torch.cat(h_two, dim=1), h_one, 1e-5, f"carried state {part}")
+        assert_close(torch.cat(h_two, dim=1), h_one, f"carried state {part}", 1e-5)
 
 
 def test_resume_under_ddp_is_exact(runs, tmp_path: Path) -> None:

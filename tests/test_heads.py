@@ -87,7 +87,7 @@ def test_the_tied_tensor_gets_the_gradients_of_both_uses() -> None:
     summed_loss(untied, x, y).backward()
     both = untied.embedding.weight.grad + untied.head.weight.grad
     assert untied.embedding.weight.grad.abs().sum() > 0 and untied.head.weight.grad.abs().sum() > 0
-    assert_close(tied.embedding.weight.grad, both, 1e-5, "tied gradient")
+    assert_close(tied.embedding.weight.grad, both, "tied gradient", 1e-5)
 
 
 def test_the_optimizer_sees_the_tied_tensor_once() -> None:
@@ -176,9 +176,9 @@ def test_the_adaptive_loss_is_the_exact_nll_of_its_full_distribution() -> None:
     assert (targets < 100).any() and (targets >= 500).any()
     outputs = head(h)
     log_prob = heads.scores(outputs)  # (B, T, V)
-    assert_close(log_prob.logsumexp(-1), torch.zeros(3, 7), 1e-5, "a distribution")
+    assert_close(log_prob.logsumexp(-1), torch.zeros(3, 7), "a distribution", 1e-5)
     exact = -log_prob.gather(-1, targets.unsqueeze(-1)).sum()
-    assert_close(heads.nll(outputs, targets), exact, 1e-4, "adaptive NLL")
+    assert_close(heads.nll(outputs, targets), exact, "adaptive NLL", 1e-4)
 
 
 def test_an_adaptive_model_samples_from_its_full_distribution() -> None:

@@ -123,7 +123,7 @@ def test_checkpointed_gradients_equal_kept_gradients(backend, monkeypatch) -> No
     monkeypatch.setattr(tbptt, "checkpointed", uncheckpointed)
     kept = grads(m, chunk=5)
     for name, g in kept.items():
-        assert_close(recomputed[name], g, 1e-6, f"{backend} {name}")
+        assert_close(recomputed[name], g, f"{backend} {name}", 1e-6)
 
 
 def test_zoneout_and_recurrent_dropout_replay_under_checkpointing(monkeypatch) -> None:
@@ -132,14 +132,14 @@ def test_zoneout_and_recurrent_dropout_replay_under_checkpointing(monkeypatch) -
     monkeypatch.setattr(tbptt, "checkpointed", uncheckpointed)
     kept = grads(m, chunk=4)
     for name, g in kept.items():
-        assert_close(recomputed[name], g, 1e-6, name)
+        assert_close(recomputed[name], g, name, 1e-6)
 
 
 def test_without_dropout_checkpointing_equals_one_pass() -> None:
     m = model()
     whole = grads(m, chunk=None)
     for name, g in grads(m, chunk=7).items():
-        assert_close(g, whole[name], 1e-6, name)
+        assert_close(g, whole[name], name, 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

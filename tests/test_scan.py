@@ -22,19 +22,11 @@ from seqtrain.cells.scan import (
 )
 from seqtrain.memory import SavedBytes
 
-from .conftest import assert_exact_resume_in_process, run_in_process
+from .conftest import assert_close, assert_exact_resume_in_process, run_in_process
 
 CELLS = list(SCAN_CELLS)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def assert_near(got: Tensor, want: Tensor, tol: float, what: str) -> None:
-    """|got - want| <= tol * max(1, max |want|), reporting the max difference."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    diff = (got - want).abs().max().item() if want.numel() else 0.0
-    assert diff <= tol * scale, f"{what}: max diff {diff:.3g} > {tol:g} x {scale:.3g}"
 
 
 def make(cell: str, dtype: torch.dtype, inp: int = 5, H: int = 4, L: int = 2) -> ScanStack:
@@ -80,7 +72,7 @@ def run(
 def compare(got: dict[str, Tensor], want: dict[str, Tensor], tol: float) -> None:
     assert got.keys() == want.keys()
     for key in want:
-        assert_near(got[key], want[key], tol, key)
+        assert_close(got[key], want[key], key, tol, scaled=True)
 
 
 # --- the scan against the step form -----------------------------------------------------------
@@ -185,8 +177,8 @@ def test_cells_are_the_papers_recurrences(cell: str) -> None:
                 state = paper_step(layer, cell, layer_in[:, t], state)
                 states.append(state)
             layer_in = torch.stack(states, 1)
-            assert_near(h[k], state, 1e-12, f"layer {k} final state")
-    assert_near(y, layer_in, 1e-12, "y")
+            assert_close(h[k], state, f"layer {k} final state", 1e-12, scaled=True)
+    assert_close(y, layer_in, "y", 1e-12, scaled=True)
 
 
 def identity_projected(cell: str, H: int, dtype: torch.dtype) -> ScanStack:
@@ -232,8 +224,8 @@ def test_coefficients_accurate_when_gates_saturate(cell: str) -> None:
         assert rel < 1e-5, f"{cell} {name}: relative error {rel:.3g}"
         assert (err[~representable] <= normal).all(), f"{cell} {name} below float32's range"
     log_a, log_b = log_space_coefficients(layer64, cell, x.double())
-    assert_near(a64.log(), log_a, 1e-12, "log a")
-    assert_near(b64.abs().log(), log_b, 1e-12, "log |b|")
+    assert_close(a64.log(), log_a, "log a", 1e-12, scaled=True)
+    assert_close(b64.abs().log(), log_b, "log |b|", 1e-12, scaled=True)
 
 
 def log_space_coefficients(layer: nn.Module, cell: str, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -276,12 +268,12 @@ def test_reset_drops_exactly_the_carried_state(cell: str, form: str) -> None:
     y, (h,) = stack(x, (h0,), resets)
     plain, (h_plain,) = stack(x, (h0,))
     fresh, (h_fresh,) = stack(x[:1, 4:])
-    assert_near(y[0, 4:], fresh[0], 1e-12, "stream 0 after its reset")
-    assert_near(h[:, 0], h_fresh[:, 0], 1e-12, "stream 0 final state")
-    assert_near(y[0, :4], plain[0, :4], 1e-12, "stream 0 before its reset")
-    assert_near(y[1], plain[1], 1e-12, "stream 1")
+    assert_close(y[0, 4:], fresh[0], "stream 0 after its reset", 1e-12, scaled=True)
+    assert_close(h[:, 0], h_fresh[:, 0], "stream 0 final state", 1e-12, scaled=True)
+    assert_close(y[0, :4], plain[0, :4], "stream 0 before its reset", 1e-12, scaled=True)
+    assert_close(y[1], plain[1], "stream 1", 1e-12, scaled=True)
     zero_h0, _ = stack(x[2:], (torch.zeros_like(h0[:, 2:]),))
-    assert_near(y[2], zero_h0[0], 1e-12, "stream 2")
+    assert_close(y[2], zero_h0[0], "stream 2", 1e-12, scaled=True)
     gx, gh0 = torch.autograd.grad(y[0, 4:].sum() + y[2].sum(), (x, h0))
     assert (gx[0, :4] == 0).all() and (gh0[:, 0] == 0).all() and (gh0[:, 2] == 0).all()
     assert (gx[0, 4:] != 0).any()
@@ -330,7 +322,7 @@ def test_bf16_autocast_stays_near_float32(cell: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, (h,) = stack(x.requires_grad_(), (h0,), resets)
     assert y.dtype == torch.float32 and h.dtype == torch.float32
-    assert_near(y, want, 3e-2, "bf16 y")
+    assert_close(y, want, "bf16 y", 3e-2, scaled=True)
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in stack.parameters())
@@ -403,9 +395,9 @@ def test_residual_stack_keeps_the_contract(core: str) -> None:
     )
     y1, s1 = model(x[:, :5])
     y2, s2 = model(x[:, 5:], s1)
-    assert_near(torch.cat([y1, y2], 1), y, 1e-12, "carried y")
+    assert_close(torch.cat([y1, y2], 1), y, "carried y", 1e-12, scaled=True)
     for got, want in zip(s2, state, strict=True):
-        assert_near(got, want, 1e-12, "carried state")
+        assert_close(got, want, "carried state", 1e-12, scaled=True)
     y.pow(2).sum().backward()
     assert x.grad.abs().sum() > 0
     for name, p in model.named_parameters():
@@ -421,7 +413,7 @@ def test_residual_block_passes_resets_to_scan_cores() -> None:
     resets[0, 3] = True
     y, _ = block(x, None, resets)
     fresh, _ = block(x[:1, 3:])
-    assert_near(y[0, 3:], fresh[0], 1e-12, "reset inside the block")
+    assert_close(y[0, 3:], fresh[0], "reset inside the block", 1e-12, scaled=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,12 +457,12 @@ def test_compile_computes_the_modular_scan_and_copies(cell: str) -> None:
         y, (h,) = rnn(x, None, resets)
         grads = torch.autograd.grad(y.sum() + h.sum(), [x, *rnn.parameters()])
         outs.append((y, h, grads))
-    assert_near(outs[1][0], outs[0][0], 1e-5, "compiled y")
-    assert_near(outs[1][1], outs[0][1], 1e-5, "compiled h")
+    assert_close(outs[1][0], outs[0][0], "compiled y", 1e-5, scaled=True)
+    assert_close(outs[1][1], outs[0][1], "compiled h", 1e-5, scaled=True)
     for got, want in zip(outs[1][2], outs[0][2], strict=True):
-        assert_near(got, want, 1e-5, "compiled gradient")
+        assert_close(got, want, "compiled gradient", 1e-5, scaled=True)
     for twin in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
-        assert_near(twin(x, None, resets)[0], outs[1][0], 0.0, "copy")
+        assert_close(twin(x, None, resets)[0], outs[1][0], "copy", 0.0, scaled=True)
 
 
 @pytest.mark.parametrize(

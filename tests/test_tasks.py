@@ -86,7 +86,7 @@ def test_regression_update_loss_is_the_mse_and_the_state_is_carried() -> None:
     out, state = model(first.inputs)  # (B, T, K)
     assert abs(result.loss - F.mse_loss(out, first.targets).item()) < 1e-6
     assert result.tokens == 2 * 10  # positions, not target elements
-    assert_close(engine.state[0], state[0], 1e-6, "carried h")
+    assert_close(engine.state[0], state[0], "carried h", 1e-6)
     result = engine.train_update(second, lambda loss: loss.backward())
     out, _ = model(second.inputs, state)  # from the carried state, not from zero
     assert abs(result.loss - F.mse_loss(out, second.targets).item()) < 1e-6

@@ -37,9 +37,9 @@ def test_carried_windows_equal_one_pass(tiny_model) -> None:
     for a in range(0, 40, 16):  # windows of 16, 16, 8
         out, carried = tiny_model(x[:, a : a + 16], carried)
         pieces.append(out)
-    assert_close(torch.cat(pieces, 1), logits, 1e-6, "outputs")
+    assert_close(torch.cat(pieces, 1), logits, "outputs", 1e-6)
     for s, c in zip(state, carried, strict=True):
-        assert_close(c, s, 1e-6, "final state")
+        assert_close(c, s, "final state", 1e-6)
 
 
 def test_stateful_eval_equals_one_pass(tiny_model) -> None:
@@ -72,7 +72,7 @@ def test_window_of_whole_sequence_equals_full_bptt(tiny_model, chunk) -> None:
         w, lambda loss: loss.backward()
     )
     for name, g in grads(tiny_model).items():
-        assert_close(g, expected[name], 1e-6, name)
+        assert_close(g, expected[name], name, 1e-6)
 
 
 def test_state_is_carried_detached_across_updates(tiny_model) -> None:
@@ -84,7 +84,7 @@ def test_state_is_carried_detached_across_updates(tiny_model) -> None:
     assert all(not s.requires_grad for s in carried)
     _, expected_state = tiny_model(x[:, :8])
     for s, e in zip(carried, expected_state, strict=True):
-        assert_close(s, e.detach(), 1e-6, "carried state")
+        assert_close(s, e.detach(), "carried state", 1e-6)
     second = window(x[:, 8:], 1)
     result = engine.train_update(second, lambda loss: loss.backward())
     expected = full_loss(tiny_model, second.inputs, second.targets, carried)
@@ -147,8 +147,8 @@ def test_mid_window_reset_restarts_only_that_stream(tiny_model) -> None:
     untouched = engine.run(x, y, torch.zeros_like(resets), start).state
     _, fresh = tiny_model(x[1:2, 5:])  # stream 1 from a zero state at step 5
     for s, u, f in zip(state, untouched, fresh, strict=True):
-        assert_close(s[:, [0, 2]], u[:, [0, 2]], 1e-6, "other streams")
-        assert_close(s[:, 1], f[:, 0], 1e-6, "reset stream")
+        assert_close(s[:, [0, 2]], u[:, [0, 2]], "other streams", 1e-6)
+        assert_close(s[:, 1], f[:, 0], "reset stream", 1e-6)
 
 
 def test_new_epoch_drops_the_carried_state(tiny_model) -> None:
