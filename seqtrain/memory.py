@@ -35,12 +35,12 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from seqtrain.errors import ConfigError
 from seqtrain.profiling import cpu_peak_bytes
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def plan_chunk(cfg: MemoryConfig, window: int) -> int | None:
 
     `auto` takes ceil(sqrt(window)): it keeps sqrt(T) boundary states plus one segment's
     activations, near the minimum of T/c + c, for about one extra forward of recomputation.
-    With a budget the planner (`plan_for_budget`) replaces this guess once it has measured.
+    With a budget the planner (`plan_memory`) replaces this guess once it has measured.
     """
     if cfg.checkpoint == "none":
         return None
@@ -244,8 +244,38 @@ def _rng_kept(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state(cuda, device)
 
 
+class Task(Protocol):
+    def random_batch(
+        self, batch: int, steps: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+class Pass(Protocol):
+    loss: Tensor
+    penalty: Tensor
+
+
+class Runner(Protocol):
+    """What the planner measures: tbptt.Engine (typed here by what is read, since tbptt imports
+    this module). `longest` is the longest window an update gets."""
+
+    model: nn.Module
+    task: Task
+    longest: int
+
+    def run(
+        self,
+        x: Tensor,
+        y: Tensor,
+        resets: Tensor,
+        state: tuple[Tensor, ...] | None,
+        chunk: int | None = None,
+        penalize: bool = False,
+    ) -> Pass: ...
+
+
 def measure_update(
-    engine,  # noqa: ANN001  (tbptt.Engine; not imported: tbptt imports this module)
+    engine: Runner,
     batch_size: int,
     window: int,
     chunk: int | None,
@@ -414,13 +444,13 @@ def _describe(chunk: int | None) -> str:
 
 def plan_memory(
     cfg: MemoryConfig,
-    engine,  # noqa: ANN001  (tbptt.Engine)
+    engine: Runner,
     batch_size: int,
     autocast: contextlib.AbstractContextManager | None = None,
     say: Callable[[str], None] = log.info,
     measured: dict[int | None, Usage] | None = None,
 ) -> Plan:
-    """Choose the chunk, measure it, say predicted vs measured, and set engine.chunk.
+    """Choose the chunk, measure it and say predicted vs measured; the caller runs the plan.
 
     Without a budget the chunk is `plan_chunk`'s and one probe measures it (memory.probe). With
     a budget and checkpoint=auto: a probe at ceil(sqrt(T)) calibrates the model, the longest
@@ -481,7 +511,6 @@ def plan_memory(
             )
     usage = measured.get(chunk)
     saved, peak = predicted.get(chunk, (model.saved(chunk), model.peak(chunk)))
-    engine.chunk = chunk
     plan = Plan(
         checkpoint=cfg.checkpoint,
         chunk=chunk,
@@ -530,17 +559,3 @@ class PeakMeter:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
-
-
-def plan_run(module: nn.Module, cfg, device: torch.device) -> Plan:  # noqa: ANN001  (Config)
-    """train.fit's call: plan the module's engine on the training device under its precision;
-    a budget that cannot be met is a one-line ConfigError."""
-    device = torch.device(device)
-    module.to(device)
-    autocast = None
-    if cfg.trainer.precision == "bf16-mixed":
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    try:
-        return plan_memory(cfg.memory, module.engine, cfg.data.batch_size, autocast)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None

@@ -83,7 +83,7 @@ class SequenceModule(L.LightningModule):
         )
         # optim.average: validation, best.ckpt and sampling read its mean once it has started
         self.average = optim.build_average(self.cfg.optim)
-        self.memory_plan: dict | None = None  # memory.plan_run's measured plan (train.fit sets it)
+        self.memory_plan: dict | None = None  # the measured memory plan (train.plan_chunks sets it)
         self.saved_bytes = 0  # the most any update saved for backward
         self.peak_bytes: int | None = None  # the highest update peak (CUDA) or the probe's (CPU)
         self.automatic_optimization = False

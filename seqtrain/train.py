@@ -2,7 +2,7 @@
 
 The split lets the command line refuse bad input (a missing corpus, a foreign checkpoint, a run
 directory that holds another run) before anything is written. `fit` is a straight line of named
-steps: build the module, the trainer and the streams, plan memory, run, write the summary.
+steps: build the module, the trainer and the streams, plan the chunks, run, write the summary.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from seqtrain.checkpoint import (
 from seqtrain.config import Config, TrainerConfig, to_dict
 from seqtrain.data import Corpus, DataSpec, Streams, eval_loader, load_splits, train_loader
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
-from seqtrain.memory import cache_host_memory, plan_run
+from seqtrain.memory import cache_host_memory, plan_memory
 from seqtrain.module import MIB, SequenceModule, host_rss_bytes
 from seqtrain.tasks import build_task
 
@@ -376,9 +376,21 @@ def build_streams(job: Job, trainer: L.Trainer) -> tuple[Streams, Streams]:
     return train, val
 
 
-def plan_memory(job: Job, module: SequenceModule, trainer: L.Trainer) -> None:
-    """Choose the checkpoint chunk (memory.budget) and measure one update, before training."""
-    module.memory_plan = plan_run(module, job.cfg, trainer.strategy.root_device).as_dict()
+def plan_chunks(job: Job, module: SequenceModule, trainer: L.Trainer) -> None:
+    """Choose the checkpoint chunk (memory.budget) by measuring updates on the training device
+    under the run's precision, before training; the engine runs the plan. A budget that cannot
+    be met is one line."""
+    cfg, device = job.cfg, trainer.strategy.root_device
+    module.to(device)
+    autocast = None
+    if cfg.trainer.precision == "bf16-mixed":
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    try:
+        plan = plan_memory(cfg.memory, module.engine, cfg.data.batch_size, autocast)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module.engine.chunk = plan.chunk
+    module.memory_plan = plan.as_dict()
 
 
 def log_start(job: Job, module: SequenceModule, trainer: L.Trainer) -> None:
@@ -506,7 +518,7 @@ def fit(job: Job, before_training: Callable[[], None] | None = None) -> dict:
             # here on each rank draws its own dropout masks, as the streams of one process do.
             L.seed_everything(cfg.seed + parts.trainer.global_rank, workers=True, verbose=False)
         log_start(job, module, parts.trainer)
-        plan_memory(job, module, parts.trainer)
+        plan_chunks(job, module, parts.trainer)
         if before_training is not None:
             before_training()
         wall = run(job, module, parts.trainer, train, val)

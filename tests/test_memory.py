@@ -240,7 +240,6 @@ def test_planner_keeps_to_several_budgets() -> None:
     for fraction in (0.0, 0.3, 0.6, 1.2):  # from near the minimum to more than enough
         budget = int(smallest * 1.05 + fraction * (none - smallest))
         plan = plan_memory(MemoryConfig("auto", budget=str(budget)), engine, B, say=print)
-        assert plan.chunk == engine.chunk
         assert plan.peak_bytes <= budget, f"budget {budget}: {plan}"
         assert measure_update(engine, B, T, plan.chunk).peak_bytes <= budget
         chunks.append(T if plan.chunk is None else plan.chunk)
@@ -294,7 +293,8 @@ def test_plan_without_budget_is_measured_once() -> None:
     m = model()
     engine = Engine(m, BYTE_LM, 64)
     plan = plan_memory(MemoryConfig("auto"), engine, 4)
-    assert plan.chunk == 8 == engine.chunk and plan.probes == 1
+    assert plan.chunk == 8 and plan.probes == 1
+    assert engine.chunk is None  # the planner measures; train.plan_chunks hands the engine its plan
     assert plan.saved_bytes > 0 and plan.peak_bytes >= plan.saved_bytes
 
 
