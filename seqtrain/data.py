@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from seqtrain.errors import DataError
+from seqtrain.errors import POSITIVE, DataError, require
 from seqtrain.registry import Registry
 from seqtrain.rundir import atomic_file, write_atomic
 from seqtrain.tokenizers import BYTES, TOKENIZERS, Tokenizer, token_dtype
@@ -49,6 +49,8 @@ from seqtrain.tokenizers import BYTES, TOKENIZERS, Tokenizer, token_dtype
 log = logging.getLogger("seqtrain")
 SPLITS = ("train", "val", "test")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # data.dtype: how a .bin file stores its token ids
+# The data.* keys that tokenizers read; each tokenizer names those it uses (Tokenizer.settings).
+TOKENIZER_KEYS = ("vocab_size", "min_count", "tokenizer_file")
 
 
 @dataclass
@@ -79,6 +81,70 @@ class DataConfig:
     target_path: str | None = None  # series: (N, K) .npy of targets, row t = after input row t
     target_columns: list[int] | None = None  # series: the columns predicted; None = all
     doc_starts_path: str | None = None  # series, token arrays: 1-D .npy of where documents start
+
+    def check(self, saved: bool = False) -> None:
+        """data.* on its own, one line per problem. saved: a checkpoint's config, checked when its
+        run started; the files its tokenizer settings name belong to that machine (the tokenizer
+        itself is in the checkpoint), so they are not looked at again."""
+        require(
+            self.source in SOURCES, "data.source", self.source, f"choose from {', '.join(SOURCES)}"
+        )
+        require(self.batch_size > 0, "data.batch_size", self.batch_size, POSITIVE)
+        require(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, POSITIVE)
+        require(
+            self.max_bytes is None or self.max_bytes > 0, "data.max_bytes", self.max_bytes, POSITIVE
+        )
+        if not saved:
+            self.check_tokenizer()
+        require(
+            self.reader is None or self.reader in READERS,
+            "data.reader",
+            self.reader,
+            f"choose from {', '.join(READERS)}, or name your own as module:function",
+        )
+        require(
+            self.dtype in TOKEN_DTYPES,
+            "data.dtype",
+            self.dtype,
+            f"choose from {', '.join(TOKEN_DTYPES)}",
+        )
+        require(
+            self.vocab_size is None or self.vocab_size > 0,
+            "data.vocab_size",
+            self.vocab_size,
+            POSITIVE,
+        )
+        require(
+            len(self.split) == 3 and all(0 < f < math.inf for f in self.split),
+            "data.split",
+            self.split,
+            "must be three positive fractions [train, val, test]",
+        )
+
+    def check_tokenizer(self) -> None:
+        """data.tokenizer exists, a key it does not read keeps its default, and its own check
+        passes (vocabulary size, tokenizer_file)."""
+        require(
+            self.tokenizer in TOKENIZERS,
+            "data.tokenizer",
+            self.tokenizer,
+            f"choose from {', '.join(TOKENIZERS)}, or name your own as module:Class",
+        )
+        kind = TOKENIZERS.get(self.tokenizer)
+        require(self.min_count >= 1, "data.min_count", self.min_count, POSITIVE)
+        for key in TOKENIZER_KEYS:
+            if key == "vocab_size" and names_token_array(self):
+                continue  # a token array's own vocabulary: its reader checks the ids against it
+            value, default = getattr(self, key), DataConfig.__dataclass_fields__[key].default
+            readers = [n for n in TOKENIZERS if key in TOKENIZERS.get(n).settings]
+            require(
+                key in kind.settings or value == default,
+                f"data.{key}",
+                value,
+                f"not read by data.tokenizer={self.tokenizer}; it is for data.tokenizer="
+                f"{' or '.join(readers)}",
+            )
+        kind.check(self)
 
 
 @dataclass(frozen=True)

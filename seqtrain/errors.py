@@ -25,3 +25,12 @@ class CheckpointError(SeqtrainError):
 
 class NonFiniteError(SeqtrainError):
     """Training diverged: too many consecutive non-finite updates."""
+
+
+POSITIVE = "must be a positive integer"
+
+
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """`key=value: allowed` as a ConfigError unless ok: the one line of every config check."""
+    if not ok:
+        raise ConfigError(f"{key}={value}: {allowed}")

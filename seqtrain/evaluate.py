@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from seqtrain.checkpoint import check_corpus, check_device, config_of, load_model, read, spec_of
 from seqtrain.cli import fail, parse_key_values
-from seqtrain.config import TOKENIZER_KEYS, Config
-from seqtrain.data import SPLITS, Streams, load_splits
+from seqtrain.config import Config
+from seqtrain.data import SPLITS, TOKENIZER_KEYS, Streams, load_splits
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory
 from seqtrain.model import RecurrentModel

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from seqtrain.errors import POSITIVE, ConfigError, require
 from seqtrain.profiling import cpu_peak_bytes
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,27 @@ class MemoryConfig:
     budget: str | None = None  # peak bytes of one update, e.g. 512MiB; auto fits the chunk to it
     probe: bool = True  # measure one update before training and print predicted vs measured
     host_cache: bool = True  # keep freed CPU memory in the process for reuse (glibc; see below)
+
+    def check(self) -> None:
+        """memory.* on its own, one line per problem."""
+        require(
+            self.checkpoint in CHECKPOINT_MODES,
+            "memory.checkpoint",
+            self.checkpoint,
+            f"choose from {', '.join(CHECKPOINT_MODES)}",
+        )
+        require(
+            self.checkpoint != "chunk" or (self.chunk is not None and self.chunk > 0),
+            "memory.chunk",
+            self.chunk,
+            "memory.checkpoint=chunk needs a positive chunk length",
+        )
+        require(self.chunk is None or self.chunk > 0, "memory.chunk", self.chunk, POSITIVE)
+        if self.budget is not None:
+            try:
+                parse_size(self.budget)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------

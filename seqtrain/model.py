@@ -7,6 +7,7 @@ projection and K outputs for regression); this file owns the stack and the dropo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from seqtrain import cells
 from seqtrain.cells import State
+from seqtrain.errors import POSITIVE, ConfigError, require
 from seqtrain.heads import HEADS, AdaptiveOutputs
 
 # Options that belong to the recurrent stack (handed to cells.build_recurrent as keywords).
@@ -50,7 +52,7 @@ BLOCKS = {
 @dataclass
 class ModelConfig:
     backend: str = "cudnn"  # cell implementation: cudnn | jit | modular | compile
-    cell: str = "lstm"  # lstm | gru
+    cell: str = "lstm"  # lstm | gru | mingru | minlstm | rglru | module:Name (docs/cells.md)
     embedding_size: int = 64  # E: byte embeddings (few symbols need few dimensions), or inputs
     hidden_size: int = 512  # H: state size per layer
     num_layers: int = 1  # stacked recurrent layers (or residual blocks)
@@ -80,6 +82,50 @@ class ModelConfig:
     # (docs/awd.md): ar * mean(dropped ** 2) and tar * mean((raw[t] - raw[t - 1]) ** 2)
     ar: float = 0.0  # activation regularisation (awd-lstm-lm's alpha, 2 there)
     tar: float = 0.0  # temporal activation regularisation, slowness (its beta, 1 there)
+
+    def check(self) -> None:
+        """model.* on its own, one line per problem. The cell options (recurrent dropout, zoneout,
+        projection, clip, ...) are the chosen block's and cell's to check (cells.check_options):
+        what a backend runs is theirs to say."""
+        require(
+            self.backend in cells.BACKENDS,
+            "model.backend",
+            self.backend,
+            f"choose from {', '.join(cells.BACKENDS)}",
+        )
+        require(
+            self.cell in cells.CELLS,
+            "model.cell",
+            self.cell,
+            f"choose from {', '.join(cells.CELLS)}",
+        )
+        require(self.block in BLOCKS, "model.block", self.block, f"choose from {', '.join(BLOCKS)}")
+        for key in ("embedding_size", "hidden_size", "num_layers"):
+            require(getattr(self, key) > 0, f"model.{key}", getattr(self, key), POSITIVE)
+        for key in ("dropout", "input_dropout", "embedding_dropout"):  # the model's own
+            p = getattr(self, key)
+            require(0.0 <= p < 1.0, f"model.{key}", p, "must be a probability in [0, 1)")
+        require(
+            0 <= self.proj_size < self.hidden_size,
+            "model.proj_size",
+            self.proj_size,
+            f"must be 0 (off) or in 1..{self.hidden_size - 1} (below model.hidden_size)",
+        )
+        require(
+            math.isfinite(self.forget_bias), "model.forget_bias", self.forget_bias, "must be finite"
+        )
+        for key in ("ar", "tar"):
+            weight = getattr(self, key)
+            require(
+                0 <= weight < math.inf, f"model.{key}", weight, "must be >= 0 and finite (0 = off)"
+            )
+        try:
+            BLOCKS[self.block].check(
+                self.backend, self.cell, self.num_layers, **self.cell_options()
+            )
+            check_head(self)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def cell_options(self) -> dict:
         options = {k: v for k, v in asdict(self).items() if k in CELL_OPTIONS}

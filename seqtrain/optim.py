@@ -63,6 +63,38 @@ class OptimConfig:
     average: str | None = None
     nonmono: int = 5  # nt: start when val is worse than the best before the last nonmono passes
 
+    def check(self) -> None:
+        """One-line errors for what would otherwise fail when training starts."""
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0 and finite")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0 and finite")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip}: must be > 0 and finite, or null")
+        if self.max_skipped <= 0:
+            raise ConfigError(f"optim.max_skipped={self.max_skipped}: must be a positive integer")
+        if self.nonmono < 1:
+            raise ConfigError(f"optim.nonmono={self.nonmono}: must be a positive number of passes")
+        if self.average is not None:
+            AVERAGE_STARTS.get(self.average)  # an unknown name is one line listing the rules
+        for name in ("lr", "weight_decay"):
+            if name in self.optimizer:
+                raise ConfigError(f"optim.optimizer.{name}: seqtrain sets it; give optim.{name}")
+        targets.check("optim.optimizer", self.optimizer, given=("params", "lr"))
+        targets.check("optim.schedule", self.schedule, given=("optimizer",))
+        if self.schedule["_target_"] == "seqtrain.optim.warmup_cosine":
+            arguments = _arguments(self.schedule)
+            warmup_cosine(torch.optim.SGD([torch.zeros(1)]), **arguments)
+            warmup, steps = arguments["warmup_steps"], arguments["max_steps"]
+            if effective_warmup(warmup, steps) != warmup:
+                log.warning(
+                    "optim.schedule.warmup_steps=%d >= trainer.max_steps=%d: the LR would never "
+                    "reach optim.lr; warming up over %d updates instead",
+                    warmup,
+                    steps,
+                    effective_warmup(warmup, steps),
+                )
+
 
 def lr_factor(step: int, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
@@ -95,39 +127,6 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, min_lr_ratio, max_steps)
     )
-
-
-def check(optim: OptimConfig) -> None:
-    """One-line errors for what would otherwise fail when training starts."""
-    if not 0 < optim.lr < math.inf:
-        raise ConfigError(f"optim.lr={optim.lr}: must be > 0 and finite")
-    if not 0 <= optim.weight_decay < math.inf:
-        raise ConfigError(f"optim.weight_decay={optim.weight_decay}: must be >= 0 and finite")
-    if optim.grad_clip is not None and not 0 < optim.grad_clip < math.inf:
-        raise ConfigError(f"optim.grad_clip={optim.grad_clip}: must be > 0 and finite, or null")
-    if optim.max_skipped <= 0:
-        raise ConfigError(f"optim.max_skipped={optim.max_skipped}: must be a positive integer")
-    if optim.nonmono < 1:
-        raise ConfigError(f"optim.nonmono={optim.nonmono}: must be a positive number of passes")
-    if optim.average is not None:
-        AVERAGE_STARTS.get(optim.average)  # an unknown name is one line listing the rules
-    for name in ("lr", "weight_decay"):
-        if name in optim.optimizer:
-            raise ConfigError(f"optim.optimizer.{name}: seqtrain sets it; give optim.{name}")
-    targets.check("optim.optimizer", optim.optimizer, given=("params", "lr"))
-    targets.check("optim.schedule", optim.schedule, given=("optimizer",))
-    if optim.schedule["_target_"] == "seqtrain.optim.warmup_cosine":
-        arguments = _arguments(optim.schedule)
-        warmup_cosine(torch.optim.SGD([torch.zeros(1)]), **arguments)
-        warmup, steps = arguments["warmup_steps"], arguments["max_steps"]
-        if effective_warmup(warmup, steps) != warmup:
-            log.warning(
-                "optim.schedule.warmup_steps=%d >= trainer.max_steps=%d: the LR would never reach "
-                "optim.lr; warming up over %d updates instead",
-                warmup,
-                steps,
-                effective_warmup(warmup, steps),
-            )
 
 
 def _arguments(node: dict[str, Any]) -> dict[str, Any]:

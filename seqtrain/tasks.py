@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from seqtrain import heads
 from seqtrain.data import DataSpec
-from seqtrain.errors import ConfigError, DataError
+from seqtrain.errors import ConfigError, DataError, require
 from seqtrain.model import ModelConfig, RecurrentModel, TokenEmbedding
 from seqtrain.registry import Registry
 from seqtrain.tokenizers import TOKENIZERS, Tokenizer, rebuild
@@ -35,6 +35,14 @@ from seqtrain.tokenizers import TOKENIZERS, Tokenizer, rebuild
 @dataclass
 class TaskConfig:
     name: str = "lm"  # lm | regression | module:Name (a class like those below)
+
+    def check(self) -> None:
+        require(
+            self.name in TASKS,
+            "task.name",
+            self.name,
+            f"choose from {', '.join(TASKS)}, or name your own as module:Name",
+        )
 
 
 class Task:
@@ -155,7 +163,7 @@ class LanguageModelling(Task):
         return TokenEmbedding(self.spec.input_size, cfg.embedding_size, cfg.embedding_dropout)
 
     def check_model(self, cfg: ModelConfig) -> None:
-        """The cutoffs against the vocabulary, known only now (the rest: config.validate)."""
+        """The cutoffs against the vocabulary, known only now (the rest: ModelConfig.check)."""
         try:
             heads.HEADS.get(cfg.head).check(cfg.cutoffs, cfg.output_size, self.spec.target_size)
         except ValueError as err:

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from seqtrain.cells import State  # (h, c) for LSTM, (h,) for GRU; each (num_layers, B, H)
-from seqtrain.data import Window
+from seqtrain.data import VARY_MIN, VARY_SD, Window
+from seqtrain.errors import POSITIVE, require
 from seqtrain.memory import SavedBytes, checkpointed
 
 
@@ -38,6 +39,30 @@ class TbpttConfig:
     # awd-lstm-lm's variable windows: each update's length drawn around `window` (at most
     # window + 15), its LR scaled by length / window; plain TBPTT only (docs/awd.md)
     vary: bool = False
+
+    def check(self) -> None:
+        """tbptt.* on its own, one line per problem."""
+        require(self.window > 0, "tbptt.window", self.window, POSITIVE)
+        require(
+            self.stride is None or 0 < self.stride <= self.window,
+            "tbptt.stride",
+            self.stride,
+            f"must be in 1..tbptt.window ({self.window}), or null for stride = window",
+        )
+        if self.vary:  # awd-lstm-lm's variable windows (data.VariedSpans)
+            require(
+                self.stride in (None, self.window),
+                "tbptt.stride",
+                self.stride,
+                "tbptt.vary=true draws each whole window (plain TBPTT): leave tbptt.stride null",
+            )
+            require(
+                self.window >= 2 * VARY_MIN,
+                "tbptt.window",
+                self.window,
+                f"tbptt.vary=true needs a window of at least {2 * VARY_MIN}: lengths are drawn "
+                f"around window / 2 too, {VARY_SD} steps apart and at least {VARY_MIN}",
+            )
 
 
 class Objective(Protocol):

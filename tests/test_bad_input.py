@@ -22,8 +22,7 @@ import torch
 from seqtrain import cli, evaluate, sample, train
 from seqtrain.config import validate
 
-from .conftest import ROOT
-from .test_config import composed
+from .conftest import ROOT, composed
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
 REGRESSION = ["task=regression", "data.source=mackey_glass", "data.length=2000"]

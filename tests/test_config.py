@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from seqtrain.cli import CONF_DIR, check_command_line
-from seqtrain.config import Config, ConfigError, from_dict, to_dict, validate
+from seqtrain.cli import check_command_line
+from seqtrain.config import Config, ConfigError, TrainerConfig, from_dict, to_dict, validate
+from seqtrain.data import DataConfig
 from seqtrain.hydra_compat import parse_args
+from seqtrain.memory import MemoryConfig
+from seqtrain.model import ModelConfig
 from seqtrain.optim import OptimConfig, lr_factor
+from seqtrain.tasks import TaskConfig
+from seqtrain.tbptt import TbpttConfig
 
-
-def composed(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+from .conftest import composed
 
 
 def test_yaml_defaults_equal_the_schema_defaults() -> None:
@@ -131,3 +132,22 @@ def test_warmup_as_long_as_the_run_is_scaled_with_one_warning(caplog) -> None:
         optimizer.step()
         schedule.step()
     assert max(rates) == pytest.approx(cfg.optim.lr)  # the configured rate is reached
+
+
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        (DataConfig(batch_size=0), "data.batch_size=0: must be a positive integer"),
+        (ModelConfig(hidden_size=0), "model.hidden_size=0: must be a positive integer"),
+        (TbpttConfig(window=8, stride=9), r"tbptt.stride=9: must be in 1..tbptt.window \(8\)"),
+        (MemoryConfig(checkpoint="chunk"), "memory.chunk=None: memory.checkpoint=chunk needs"),
+        (OptimConfig(lr=0.0), "optim.lr=0.0: must be > 0"),
+        (TrainerConfig(devices=0), "trainer.devices=0: must be a positive integer"),
+        (TaskConfig(name="nosuch"), "task.name=nosuch: choose from lm, regression"),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, str) else "",
+)
+def test_each_group_checks_its_own_keys(group, message) -> None:
+    """Each config class owns its checks and runs them alone, without the whole Config."""
+    with pytest.raises(ConfigError, match=message):
+        group.check()

@@ -17,9 +17,8 @@ from seqtrain import cli, report
 from seqtrain.checkpoint import newest_complete, read
 from seqtrain.config import validate
 
-from .conftest import finish, seqtrain, start_run
+from .conftest import composed, finish, seqtrain, start_run
 from .test_cli import ENV
-from .test_config import composed
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
 ENV = {**ENV, "OMP_NUM_THREADS": "1"}

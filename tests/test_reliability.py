@@ -19,9 +19,8 @@ from seqtrain import train
 from seqtrain.checkpoint import AtomicCheckpointIO, newest_complete, read
 from seqtrain.module import NonFiniteError
 
-from .conftest import finish, read_scalars, start_run, tensorboard_points
+from .conftest import composed, finish, read_scalars, start_run, tensorboard_points
 from .test_cli import ENV
-from .test_config import composed
 
 # Dropout on, two layers: the RNG must be restored for the losses to match bit for bit.
 RUN = [

@@ -113,13 +113,13 @@ def check_options(backend: str, cell: str, num_layers: int, **options: object) -
     for name in _PROBABILITIES:
         p = float(options.get(name, 0.0) or 0.0)
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"model.{name}={p} must be in [0, 1)")
+            raise ValueError(f"model.{name}={p}: must be a probability in [0, 1)")
     proj = int(options.get("proj_size", 0) or 0)
     if proj < 0:
         raise ValueError(f"model.proj_size={proj} must be >= 0")
     clip = options.get("cell_clip")
-    if clip is not None and float(clip) <= 0:
-        raise ValueError(f"model.cell_clip={clip} must be positive (or null for no clipping)")
+    if clip is not None and not 0 < float(clip) < float("inf"):
+        raise ValueError(f"model.cell_clip={clip}: must be > 0 and finite, or null (no clipping)")
     if float(options.get("dropout", 0.0) or 0.0) > 0 and num_layers == 1:
         raise ValueError(
             "model.dropout>0 with model.num_layers=1 does nothing (dropout acts between layers "
