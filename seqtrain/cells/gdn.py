@@ -47,6 +47,7 @@ from seqtrain.cells.matrix import (
     MatrixStack,
     ShortConv,
     at_least_float32,
+    pairwise_sums,
     segments,
 )
 
@@ -109,7 +110,7 @@ class GatedDeltaNet(MatrixLayer):
     def _output(self, o: Tensor, x: Tensor) -> Tensor:
         """o (..., N, d) read from the state, x the layer input -> (..., H)."""
         gate = F.silu(self.gate_out(x)).unflatten(-1, (self.num_heads, self.head_size))
-        return self.proj_out((self.norm(o.to(gate.dtype)) * gate).flatten(-2))
+        return self.proj_out((self.norm(o) * gate).flatten(-2))
 
     def step(self, x_t: Tensor, state: State, reset: Tensor | None) -> tuple[Tensor, State]:
         S, tail = state  # (B, N, d, d), (B, K - 1, 3H)
@@ -154,7 +155,7 @@ def _chunk(
     B, _, c, _ = q.shape
     seg = segments(resets, B, c, q.device)
     G = g.cumsum(-1)  # (B, N, c): log gamma
-    D = torch.where(seg.same, G[..., :, None] - G[..., None, :], -math.inf).exp()  # (B, N, c, c)
+    D = torch.where(seg.same, pairwise_sums(g), -math.inf).exp()  # (B, N, c, c): gamma_t / gamma_s
     gamma = G.exp() * seg.first  # (B, N, c): the carried state reaches the first segment only
     strict = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1)
     A = (beta[..., None] * D * (k @ k.transpose(-1, -2))).masked_fill(~strict, 0.0)

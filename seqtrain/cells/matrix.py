@@ -61,6 +61,15 @@ def segments(resets: Tensor | None, B: int, c: int, device: torch.device) -> Seg
     return Segments(same[:, None], (seg == 0)[:, None], start[:, None])
 
 
+def pairwise_sums(g: Tensor) -> Tensor:
+    """X[..., t, s] = sum of g over (s, t] for s <= t (0 above the diagonal): g (..., c) ->
+    (..., c, c). Summed term by term, not as cumsum(g)[t] - cumsum(g)[s]: that difference of two
+    large sums loses eps * |cumsum| in float32, a relative error of exp(X) that grows with c."""
+    c = g.shape[-1]
+    later = torch.ones(c, c, dtype=torch.bool, device=g.device).triu(1)  # (s, j): j > s
+    return g[..., None, :].masked_fill(~later, 0.0).cumsum(-1).transpose(-1, -2)
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution over time, kernel K, carrying the last K - 1 inputs.
 

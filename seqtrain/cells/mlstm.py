@@ -44,6 +44,7 @@ from seqtrain.cells.matrix import (
     MatrixLayer,
     MatrixStack,
     at_least_float32,
+    pairwise_sums,
     segments,
 )
 
@@ -86,7 +87,7 @@ class MLSTM(MatrixLayer):
     def _output(self, h: Tensor, x: Tensor) -> Tensor:
         """h (..., N, d) read from the state, x the layer input -> (..., H)."""
         gate = torch.sigmoid(self.gate_out(x)).unflatten(-1, (self.num_heads, self.head_size))
-        return self.proj_out((self.norm(h.to(gate.dtype)) * gate).flatten(-2))
+        return self.proj_out((self.norm(h) * gate).flatten(-2))
 
     def step(self, x_t: Tensor, state: State, reset: Tensor | None) -> tuple[Tensor, State]:
         C, n, m = state  # (B, N, d, d), (B, N, d), (B, N)
@@ -133,7 +134,7 @@ def _chunk(
     # log weight of the state entering step t's segment: b_t - b_{start - 1}, plus m0 if carried
     before = (b - log_f).gather(-1, seg.start.expand_as(b))  # (B, N, c): b_{start - 1}
     a = b - before + m0[..., None] * seg.first
-    D = torch.where(seg.same, b[..., :, None] - b[..., None, :] + i[..., None, :], -math.inf)
+    D = torch.where(seg.same, pairwise_sums(log_f) + i[..., None, :], -math.inf)  # (B, N, c, c)
     m = torch.maximum(a, D.amax(-1))  # (B, N, c)
     w = (D - m[..., None]).exp()  # (B, N, c, c)
     carried = (a - m).exp() * seg.first  # (B, N, c)
