@@ -379,3 +379,108 @@ def test_a_matrix_cell_trains_resumes_exactly_evaluates_and_samples(
     assert figures["bpc"] == pytest.approx(reference["val_bpc"], abs=1e-4)
     text = sample.sample(sample.SampleArgs(ckpt=ckpt, prompt="def ", length=10), {})
     assert text.startswith("def ") and len(text) > 4
+
+
+# --- peers: flash-linear-attention's and mlstm-kernels' pure-PyTorch references -----------------
+
+
+def _peer_inputs(d: int = 8, T: int = 37) -> dict[str, Tensor]:
+    """Raw recurrence inputs (B, N, T, ...) in float32, as the layers make them."""
+    g = torch.Generator().manual_seed(6)
+    B, N = 2, 3
+    q, k, v = (torch.randn(B, N, T, d, generator=g) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    q = torch.nn.functional.normalize(q, dim=-1) * d**-0.5
+    gates = torch.randn(B, N, T, generator=g), torch.randn(B, N, T, generator=g)
+    S = 0.5 * torch.randn(B, N, d, d, generator=g)
+    n, m = 0.5 * torch.randn(B, N, d, generator=g), torch.randn(B, N, generator=g)
+    return {"q": q, "k": k, "v": v, "a": gates[0], "b": gates[1], "S": S, "n": n, "m": m}
+
+
+def _with_grads(fn, inputs: list[Tensor]) -> list[Tensor]:
+    """fn's outputs and the gradients of a random-weighted sum of them w.r.t. `inputs`."""
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("form", ["step", "chunk"])
+def test_gdn_equals_fla_naive_recurrent_gated_delta_rule(form: str) -> None:
+    """Outputs, final state and gradients (initial state included) against fla's reference."""
+    pytest.importorskip("triton", reason="fla's ops import triton (pip install -e '.[fla]')")
+    naive = pytest.importorskip(
+        "fla.ops.gated_delta_rule.naive", reason="pip install -e '.[fla]' adds fla"
+    )
+    from seqtrain.cells.gdn import delta_rule_chunkwise, delta_rule_step
+
+    x = _peer_inputs()
+    beta, log_decay = torch.sigmoid(x["a"]), -torch.nn.functional.softplus(x["b"])
+
+    def ours(q, k, v, beta, g, S):
+        if form == "chunk":
+            return delta_rule_chunkwise(q, k, v, beta, g, S, None, 16)
+        out = []
+        for t in range(q.shape[2]):
+            o, S = delta_rule_step(q[:, :, t], k[:, :, t], v[:, :, t], beta[..., t], g[..., t], S)
+            out.append(o)
+        return torch.stack(out, 2), S
+
+    def theirs(q, k, v, beta, g, S):  # fla's layout is (B, T, N, ...); q already scaled
+        o, S = naive.naive_recurrent_gated_delta_rule(
+            *(t.transpose(1, 2) for t in (q, k, v, beta, g)), 1.0, S, True
+        )
+        return o.transpose(1, 2), S
+
+    args = [x["q"], x["k"], x["v"], beta, log_decay, x["S"]]
+    for got, want in zip(_with_grads(ours, args), _with_grads(theirs, args), strict=True):
+        assert_near(got, want, 1e-5, f"gdn {form} vs fla")
+
+
+@pytest.mark.parametrize("form", ["step", "chunk"])
+def test_mlstm_equals_mlstm_kernels_native_backends(form: str) -> None:
+    """Outputs and final state (C, n, m) against mlstm-kernels' native recurrent and chunkwise
+    PyTorch backends, from a carried initial state; gradients against the chunkwise one."""
+    recurrent = pytest.importorskip(
+        "mlstm_kernels.torch.recurrent.native_sequence", reason="pip install -e '.[fla]'"
+    )
+    chunkwise = pytest.importorskip("mlstm_kernels.torch.chunkwise.native.fwbw")
+    from seqtrain.cells.mlstm import mlstm_chunkwise, mlstm_step
+
+    x = _peer_inputs(d=8, T=32)  # mlstm-kernels' chunkwise form needs T a multiple of its chunk
+    d = x["q"].shape[-1]
+
+    def ours(q, k, v, i, f, C, n, m):  # q unscaled, f the pre-activation, as theirs
+        q, log_f = q * d**-0.5, torch.nn.functional.logsigmoid(f)
+        if form == "chunk":
+            h, state = mlstm_chunkwise(q, k, v, i, log_f, (C, n, m), None, 16)
+            return h, *state
+        out, state = [], (C, n, m)
+        for t in range(q.shape[2]):
+            h, state = mlstm_step(
+                q[:, :, t], k[:, :, t], v[:, :, t], i[..., t], log_f[..., t], state
+            )
+            out.append(h)
+        return torch.stack(out, 2), *state
+
+    def theirs_recurrent(q, k, v, i, f, C, n, m):
+        h, (C, n, m) = recurrent.mlstm_recurrent_sequence__native_fw(
+            q, k, v, i, f, C, n, m[..., None], return_last_states=True
+        )
+        return h, C, n, m[..., 0]
+
+    def theirs_chunkwise(q, k, v, i, f, C, n, m):
+        h, (C, n, m) = chunkwise.mlstm_chunkwise__native_autograd(
+            q, k, v, i, f, C, n, m[..., None], return_last_states=True, chunk_size=16
+        )
+        return h, C, n, m.reshape(m.shape[:2])
+
+    args = [x["q"], x["k"], x["v"], x["a"], x["b"] + 3.0, x["S"], x["n"], x["m"]]
+    got = _with_grads(ours, args)
+    with torch.no_grad():
+        want = theirs_recurrent(*args)
+    for a, b in zip(got[:4], want, strict=True):
+        assert_near(a, b, 1e-5, f"mlstm {form} vs mlstm-kernels' recurrent")
+    for a, b in zip(got, _with_grads(theirs_chunkwise, args), strict=True):
+        assert_near(a, b, 1e-5, f"mlstm {form} vs mlstm-kernels' chunkwise")

@@ -120,10 +120,7 @@ class GatedDeltaNet(MatrixLayer):
         u, beta, g = self._inputs(x_t)  # (B, 3H), (B, N) twice
         c, tail = self.conv.step(u, tail.to(u.dtype))
         q, k, v = self._qkv(c)  # (B, N, d) each
-        S = S.to(u.dtype) * g.exp()[..., None, None]
-        delta = beta[..., None] * (v - torch.einsum("bnkv,bnk->bnv", S, k))  # (B, N, d)
-        S = S + k[..., :, None] * delta[..., None, :]
-        o = torch.einsum("bnkv,bnk->bnv", S, q)  # (B, N, d): S^T q
+        o, S = delta_rule_step(q, k, v, beta, g, S.to(u.dtype))
         return self._output(o, x_t), (S, tail)
 
     def window(
@@ -134,17 +131,41 @@ class GatedDeltaNet(MatrixLayer):
         c, tail = self.conv(u, tail, resets)
         q, k, v = (t.transpose(1, 2) for t in self._qkv(c))  # (B, N, T, d) each
         beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, N, T)
-        B, T = x.shape[:2]
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 or more
-            S = S.to(u.dtype)
-            out = []
-            for a in range(0, T, chunk):
-                z = slice(a, a + chunk)
-                r = None if resets is None else resets[:, z]
-                o, S = _chunk(q[:, :, z], k[:, :, z], v[:, :, z], beta[:, :, z], g[:, :, z], S, r)
-                out.append(o)
-            o = torch.cat(out, 2).transpose(1, 2)  # (B, T, N, d)
-        return self._output(o, x), (S, tail)
+            o, S = delta_rule_chunkwise(q, k, v, beta, g, S.to(u.dtype), resets, chunk)
+        return self._output(o.transpose(1, 2), x), (S, tail)
+
+
+def delta_rule_step(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, S: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of the gated delta rule: q, k, v (B, N, d), beta, g (B, N), S (B, N, d, d) ->
+    o = S_t^T q (B, N, d) and S_t: decay, then the delta update with the decayed state."""
+    S = S * g.exp()[..., None, None]
+    delta = beta[..., None] * (v - torch.einsum("bnkv,bnk->bnv", S, k))  # (B, N, d)
+    S = S + k[..., :, None] * delta[..., None, :]
+    return torch.einsum("bnkv,bnk->bnv", S, q), S
+
+
+def delta_rule_chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    S: Tensor,
+    resets: Tensor | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule over a window in chunks of `chunk` steps: q, k, v (B, N, T, d),
+    beta, g (B, N, T), S (B, N, d, d) the initial state, resets (B, T) -> o (B, N, T, d), S_T."""
+    out = []
+    for a in range(0, q.shape[2], chunk):
+        z = slice(a, a + chunk)
+        r = None if resets is None else resets[:, z]
+        o, S = _chunk(q[:, :, z], k[:, :, z], v[:, :, z], beta[:, :, z], g[:, :, z], S, r)
+        out.append(o)
+    return torch.cat(out, 2), S
 
 
 def _chunk(

@@ -95,31 +95,52 @@ class MLSTM(MatrixLayer):
             keep = ~reset
             C, n, m = C * keep[:, None, None, None], n * keep[:, None, None], m * keep[:, None]
         q, k, v, i, log_f = self._inputs(x_t)  # (B, N, d) thrice, (B, N) twice
-        C, n, m = C.to(q.dtype), n.to(q.dtype), m.to(q.dtype)
-        m_new = torch.maximum(log_f + m, i)
-        f, i = (log_f + m - m_new).exp(), (i - m_new).exp()
-        C = f[..., None, None] * C + i[..., None, None] * k[..., :, None] * v[..., None, :]
-        n = f[..., None] * n + i[..., None] * k
-        den = (n * q).sum(-1).abs().maximum((-m_new).exp()) + EPS  # (B, N)
-        h = torch.einsum("bnkv,bnk->bnv", C, q) / den[..., None]
-        return self._output(h, x_t), (C, n, m_new)
+        h, state = mlstm_step(q, k, v, i, log_f, (C.to(q.dtype), n.to(q.dtype), m.to(q.dtype)))
+        return self._output(h, x_t), state
 
     def window(
         self, x: Tensor, state: State, resets: Tensor | None, chunk: int
     ) -> tuple[Tensor, State]:
         q, k, v, i, log_f = (t.transpose(1, 2) for t in self._inputs(x))  # (B, N, T[, d])
-        T = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 or more
             state = tuple(s.to(q.dtype) for s in state)
-            out = []
-            for a in range(0, T, chunk):
-                z = slice(a, a + chunk)
-                r = None if resets is None else resets[:, z]
-                h, state = _chunk(q[:, :, z], k[:, :, z], v[:, :, z], i[:, :, z], log_f[:, :, z],
-                                  state, r)  # fmt: skip
-                out.append(h)
-            h = torch.cat(out, 2).transpose(1, 2)  # (B, T, N, d)
-        return self._output(h, x), state
+            h, state = mlstm_chunkwise(q, k, v, i, log_f, state, resets, chunk)
+        return self._output(h.transpose(1, 2), x), state
+
+
+def mlstm_step(
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, log_f: Tensor, state: State
+) -> tuple[Tensor, State]:
+    """One stabilised mLSTM step: q (scaled), k, v (B, N, d), i~, log f (B, N), state (C (B, N,
+    d, d), n (B, N, d), m (B, N)) -> h~ (B, N, d) and the new state (module docstring)."""
+    C, n, m = state
+    m_new = torch.maximum(log_f + m, i)
+    f, i = (log_f + m - m_new).exp(), (i - m_new).exp()
+    C = f[..., None, None] * C + i[..., None, None] * k[..., :, None] * v[..., None, :]
+    n = f[..., None] * n + i[..., None] * k
+    den = (n * q).sum(-1).abs().maximum((-m_new).exp()) + EPS  # (B, N)
+    return torch.einsum("bnkv,bnk->bnv", C, q) / den[..., None], (C, n, m_new)
+
+
+def mlstm_chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    i: Tensor,
+    log_f: Tensor,
+    state: State,
+    resets: Tensor | None,
+    chunk: int,
+) -> tuple[Tensor, State]:
+    """The mLSTM over a window in chunks of `chunk` steps: q (scaled), k, v (B, N, T, d), i~,
+    log f (B, N, T), state (C, n, m), resets (B, T) -> h~ (B, N, T, d) and the final state."""
+    out = []
+    for a in range(0, q.shape[2], chunk):
+        z = slice(a, a + chunk)
+        r = None if resets is None else resets[:, z]
+        h, state = _chunk(q[:, :, z], k[:, :, z], v[:, :, z], i[:, :, z], log_f[:, :, z], state, r)
+        out.append(h)
+    return torch.cat(out, 2), state
 
 
 def _chunk(
