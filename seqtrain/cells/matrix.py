@@ -4,7 +4,8 @@ carries their tuple state, the short causal convolution, the per-chunk masks for
 A matrix-state layer keeps per stream and head a (d_k, d_v) matrix S (plus small extras) and
 reads it with a query: o_t = S_t^T q_t. Each layer runs in one of three forms that agree:
 
-    step       one step at a time (`Layer.step`): the specification, and what sampling uses
+    step       one step at a time (`MatrixLayer.step`): the specification, and what sampling
+               uses (the chunk form runs it for a one-step window)
     chunk      chunks of `chunk` steps: dense (c, c) matmuls inside a chunk, the state carried
                from chunk to chunk (training)
     quadratic  the chunk form with one chunk over the whole window: the attention-like
@@ -113,7 +114,8 @@ class MatrixLayer(nn.Module):
     """One layer of a matrix-state cell; subclasses define the state and the three forms.
 
     ``state_shapes(batch)`` the layer's state tensors' shapes (batch first), ``step(x_t, state,
-    reset)`` one step, ``forward(x, state, resets, form, chunk)`` a window."""
+    reset)`` one step, ``window(x, state, resets, chunk)`` the chunk form, ``saved_per_step``
+    the memory planner's estimate; ``forward(x, state, resets, form, chunk)`` picks the form."""
 
     def __init__(self, input_size: int, hidden_size: int, num_heads: int) -> None:
         super().__init__()
@@ -127,7 +129,12 @@ class MatrixLayer(nn.Module):
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], ...]:
         raise NotImplementedError
 
+    def saved_per_step(self, batch: int, chunk: int) -> int:
+        """Floating elements autograd keeps per step for backward in the chunk form."""
+        raise NotImplementedError
+
     def step(self, x_t: Tensor, state: State, reset: Tensor | None) -> tuple[Tensor, State]:
+        """One step: x_t (B, I), the state, reset (B,) bool -> y_t (B, H) and the next state."""
         raise NotImplementedError
 
     def forward(
