@@ -4,6 +4,9 @@ memory estimate, the config keys and a tiny training run that resumes, evaluates
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import Tensor
@@ -162,6 +165,8 @@ def test_state_layout_and_bad_inputs(cell: str) -> None:
     assert y.shape == (3, 5, 8) and [tuple(s.shape) for s in state] == want
     assert stack.num_states == len(want) and stack.resets_inside and stack.output_size == 8
     assert cells.kernel_name(stack, torch.device("cpu")).startswith(f"{cell}, chunk form")
+    x = torch.randn(3, 5, 5)
+    assert torch.equal(pickle.loads(pickle.dumps(copy.deepcopy(stack)))(x)[0], stack(x)[0])
     with pytest.raises(ValueError, match="T=0"):
         stack(torch.randn(2, 0, 5))
     with pytest.raises(ValueError, match=r"state\[0\] must be \(num_layers, B, \.\.\.\)"):
