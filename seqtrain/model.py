@@ -32,6 +32,8 @@ CELL_OPTIONS = (
     "cell_clip",
     "peephole",
     "proj_size",
+    "num_heads",
+    "conv_size",
 )
 
 
@@ -71,6 +73,10 @@ class ModelConfig:
     cell_clip: float | None = None  # clip the cell state to [-cell_clip, cell_clip]
     peephole: bool = False  # gates also see the cell state
     proj_size: int = 0  # project h to this size (nn.LSTM's proj_size); 0 = off
+    # matrix-state cells (gdn, mlstm): heads, each with a (d, d) state, d = hidden_size / heads;
+    # null = the cell's default (1)
+    num_heads: int | None = None
+    conv_size: int | None = None  # gdn: steps of its short causal convolution; null = 4
     # lm's output layer over the vocabulary (seqtrain/heads.py): linear (logits) | adaptive
     # (adaptive softmax over model.cutoffs: for large vocabularies)
     head: str = "linear"
@@ -144,7 +150,15 @@ class ModelConfig:
 
 def check_head(cfg: ModelConfig) -> None:
     """model.head, model.cutoffs and model.tie_weights as far as they are known before the data
-    is read (the task checks the cutoffs against the vocabulary): a one-line ValueError."""
+    is read (the task checks the cutoffs against the vocabulary), and the attention-like heads
+    of a matrix-state cell (model.num_heads): a one-line ValueError."""
+    if cfg.num_heads is not None and (cfg.num_heads < 1 or cfg.hidden_size % cfg.num_heads):
+        raise ValueError(
+            f"model.num_heads={cfg.num_heads} must be at least 1 and divide "
+            f"model.hidden_size={cfg.hidden_size}"
+        )
+    if cfg.conv_size is not None and cfg.conv_size < 1:
+        raise ValueError(f"model.conv_size={cfg.conv_size} must be at least 1 (or null)")
     head = HEADS.get(cfg.head)
     head.check(cfg.cutoffs, cfg.output_size, None)
     if not cfg.tie_weights:

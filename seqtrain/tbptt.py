@@ -106,8 +106,8 @@ def reset(state: State | None, keep: Tensor) -> State | None:
     """Zero the state of the streams where keep is False; the others are untouched."""
     if state is None:
         return None
-    mask = keep.to(state[0].dtype).view(1, -1, 1)  # (1, B, 1)
-    return tuple(s * mask for s in state)
+    # every state tensor is (num_layers, B, ...): a matrix state has more trailing dimensions
+    return tuple(s * keep.to(s.dtype).view(1, -1, *[1] * (s.dim() - 2)) for s in state)
 
 
 def segment_bounds(

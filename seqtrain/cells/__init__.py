@@ -18,6 +18,9 @@ Package layout, one module per family:
     stack.py         cell -> layer -> stack for modular, jit and compile; CellSpec; registrations
     custom.py        the adapter for a user's cell named by import path
     scan.py          minGRU, minLSTM, RG-LRU: diagonal recurrences trained by a chunked scan
+    matrix.py        what the matrix-state cells share: their stack, short convolution, chunk masks
+    gdn.py           Gated DeltaNet: the gated delta rule, trained chunkwise (WY representation)
+    mlstm.py         xLSTM's mLSTM: exponential gating stabilised in log space, trained chunkwise
     blocks.py        pre-norm residual blocks around any one-layer stack (model.block=residual)
     onednn.py        oneDNN's private ops behind a once-per-process check with a public fallback
     flat_weights.py  nn.RNNBase._flat_weights behind the same kind of check
@@ -42,7 +45,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqtrain.cells import blocks, cudnn, custom, onednn, scan, stack  # noqa: F401 - registers
+from seqtrain.cells import (  # noqa: F401 - registers
+    blocks,
+    cudnn,
+    custom,
+    gdn,
+    mlstm,
+    onednn,
+    scan,
+    stack,
+)
 from seqtrain.cells.base import (
     OPTION_DEFAULTS,
     TABLE,

@@ -29,8 +29,11 @@ OPTION_DEFAULTS: dict[str, object] = {
     "cell_clip": None,
     "peephole": False,
     "proj_size": 0,
+    "num_heads": None,  # matrix-state cells (gdn, mlstm): heads; None = the cell's default (1)
+    "conv_size": None,  # gdn: steps of the short causal convolution; None = the cell's default (4)
 }
-ALL_OPTIONS = frozenset(OPTION_DEFAULTS)
+# The options of the vector-state cells (LSTM, GRU): all but the matrix-state cells' own.
+VECTOR_OPTIONS = frozenset(OPTION_DEFAULTS) - {"num_heads", "conv_size"}
 _PROBABILITIES = ("dropout", "recurrent_dropout", "weight_drop", "zoneout")
 
 # build(cell, input_size, hidden_size, num_layers, options with defaults filled in) -> module

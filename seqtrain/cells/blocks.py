@@ -74,11 +74,11 @@ class ResidualStack(nn.Module):
         self.num_states = getattr(core, "num_states", None)
         self.resets_inside = getattr(core, "resets_inside", False)
 
-    def state_shapes(self, batch: int) -> list[tuple[int, int, int]]:
-        """Each state tensor's shape: the blocks' (1, B, H) ones stacked on the layer dimension."""
+    def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """Each state tensor's shape: the blocks' (1, B, ...) stacked on the layer dimension."""
         cores = [b.core.state_shapes(batch) for b in self.blocks]
         per_state = zip(*cores, strict=True)
-        return [(sum(s[0] for s in shapes), batch, shapes[0][2]) for shapes in per_state]
+        return [(sum(s[0] for s in shapes), batch, *shapes[0][2:]) for shapes in per_state]
 
     def activation_elements_per_step(self, batch: int) -> int:
         """The cores' own count, plus per block the two norms' inputs, the MLP's input, its

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from seqtrain.cells import fused
 from seqtrain.cells.base import (
-    ALL_OPTIONS,
+    VECTOR_OPTIONS,
     State,
     active,
     compute_dtype,
@@ -183,9 +183,8 @@ LSTM = CellSpec("lstm", 4, 2, lstm_cell, False, fused.FusedLSTMLayer, fused.Fuse
 GRU = CellSpec("gru", 3, 1, gru_cell, True, fused.FusedGRULayer)
 # jit scripts the fused loops, so it runs only the options that act outside the time loop.
 register_cell(LSTM, ["jit"], ["dropout", "variational", "weight_drop", "forget_bias"])
-register_cell(LSTM, ["modular", "compile"], ALL_OPTIONS)
+register_cell(LSTM, ["modular", "compile"], VECTOR_OPTIONS)
 register_cell(GRU, ["jit"], ["dropout", "variational", "weight_drop"])
 # forget_bias, cell_clip, peephole and proj_size act on a cell state, which a GRU has not.
-register_cell(
-    GRU, ["modular", "compile"], ALL_OPTIONS - {"forget_bias", "cell_clip", "peephole", "proj_size"}
-)
+_CELL_STATE_OPTIONS = {"forget_bias", "cell_clip", "peephole", "proj_size"}
+register_cell(GRU, ["modular", "compile"], VECTOR_OPTIONS - _CELL_STATE_OPTIONS)
