@@ -120,6 +120,19 @@ class ModelConfig:
         require(
             math.isfinite(self.forget_bias), "model.forget_bias", self.forget_bias, "must be finite"
         )
+        heads = self.num_heads
+        require(
+            heads is None or (heads >= 1 and self.hidden_size % heads == 0),
+            "model.num_heads",
+            heads,
+            f"must be at least 1 and divide model.hidden_size={self.hidden_size}",
+        )
+        require(
+            self.conv_size is None or self.conv_size >= 1,
+            "model.conv_size",
+            self.conv_size,
+            "must be at least 1, or null",
+        )
         for key in ("ar", "tar"):
             weight = getattr(self, key)
             require(
@@ -150,15 +163,7 @@ class ModelConfig:
 
 def check_head(cfg: ModelConfig) -> None:
     """model.head, model.cutoffs and model.tie_weights as far as they are known before the data
-    is read (the task checks the cutoffs against the vocabulary), and the attention-like heads
-    of a matrix-state cell (model.num_heads): a one-line ValueError."""
-    if cfg.num_heads is not None and (cfg.num_heads < 1 or cfg.hidden_size % cfg.num_heads):
-        raise ValueError(
-            f"model.num_heads={cfg.num_heads} must be at least 1 and divide "
-            f"model.hidden_size={cfg.hidden_size}"
-        )
-    if cfg.conv_size is not None and cfg.conv_size < 1:
-        raise ValueError(f"model.conv_size={cfg.conv_size} must be at least 1 (or null)")
+    is read (the task checks the cutoffs against the vocabulary): a one-line ValueError."""
     head = HEADS.get(cfg.head)
     head.check(cfg.cutoffs, cfg.output_size, None)
     if not cfg.tie_weights:

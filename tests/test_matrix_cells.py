@@ -320,11 +320,11 @@ def test_residual_blocks_carry_matrix_states(cell: str) -> None:
         ),
         (
             ["model.cell=gdn", "model.backend=modular", "model.num_heads=3"],
-            "model.num_heads=3 must be at least 1 and divide model.hidden_size=16",
+            "model.num_heads=3: must be at least 1 and divide model.hidden_size=16",
         ),
         (
             ["model.cell=gdn", "model.backend=modular", "model.conv_size=0"],
-            "model.conv_size=0 must be at least 1",
+            "model.conv_size=0: must be at least 1",
         ),
         (["model.cell=gdn", "model.backend=cudnn"], "does not run model.cell=gdn"),
     ],
@@ -333,7 +333,7 @@ def test_bad_matrix_cell_config_is_one_line(overrides: list[str], message: str) 
     from seqtrain.config import validate
     from seqtrain.errors import ConfigError
 
-    from .test_config import composed
+    from .conftest import composed
 
     with pytest.raises(ConfigError, match=message) as err:
         validate(composed("+debug=tiny", *overrides))
@@ -343,7 +343,6 @@ def test_bad_matrix_cell_config_is_one_line(overrides: list[str], message: str) 
 # --- a tiny training run -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_matrix_cell_trains_resumes_exactly_evaluates_and_samples(
     cell: str, tmp_path, monkeypatch
