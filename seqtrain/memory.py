@@ -488,7 +488,8 @@ def plan_memory(
     measured = {} if measured is None else measured
     predicted: dict[int | None, tuple[float, float]] = {}  # (saved, peak) before measuring
 
-    def measure(chunk: int | None) -> Usage:
+    def measure(chunk: int | None, model: MemoryModel) -> Usage:
+        """One update at `chunk`, measured once; `model`'s prediction for it kept beside it."""
         if chunk not in measured:
             predicted[chunk] = (model.saved(chunk), model.peak(chunk))
             measured[chunk] = measure_update(engine, batch_size, T, chunk, autocast)
@@ -496,36 +497,9 @@ def plan_memory(
 
     chunk = plan_chunk(cfg, T)
     if budget is not None and cfg.checkpoint == "auto":
-        probe = math.ceil(math.sqrt(T))
-        usage = measure(probe)
-        say(
-            f"memory probe at chunk {probe} (T={T}, B={batch_size}): saved "
-            f"{format_size(usage.saved_bytes)}, peak {format_size(usage.peak_bytes)} "
-            f"(shape model {format_size(model.saved(probe))}, {format_size(model.peak(probe))})"
-        )
-        model = model.calibrated(measured)
-        fits = [c for c, u in measured.items() if u.peak_bytes <= budget]
-        for _ in range(3):
-            chunk = model.fit(budget, exclude=[c for c in measured if c not in fits])
-            if chunk in measured:
-                break
-            usage = measure(chunk)
-            say(
-                f"memory: {_describe(chunk)} predicted peak {format_size(model.peak(chunk))}, "
-                f"measured {format_size(usage.peak_bytes)}"
-            )
-            if usage.peak_bytes <= budget:
-                fits.append(chunk)
-            model = model.calibrated(measured)
-        if not fits:
-            smallest = min(u.peak_bytes for u in measured.values())
-            raise ValueError(
-                f"memory.budget={cfg.budget} ({budget:,} bytes): every plan measured exceeds it "
-                f"(the smallest peak: {smallest:,} bytes); raise it"
-            )
-        chunk = max(fits, key=lambda c: T if c is None else c)  # the least recomputation
+        chunk, model = _search(cfg.budget, budget, model, batch_size, measure, measured, say)
     elif cfg.probe or budget is not None:
-        usage = measure(chunk)
+        usage = measure(chunk, model)
         if budget is not None and usage.peak_bytes > budget:
             raise ValueError(
                 f"memory.budget={cfg.budget}: {_describe(chunk)} needs a peak of "
@@ -544,24 +518,69 @@ def plan_memory(
         peak_bytes=usage.peak_bytes if usage else None,
         probes=len(measured),
     )
-    if usage is not None and budget is None:
-        # No budget: the shape model chose nothing, so its uncalibrated guess (off by up to 2x
-        # on CPU) is not printed as a plan; summary.json keeps it beside the measurement.
-        say(
-            f"memory: {_describe(chunk)}, recomputes {plan.recompute:.0%} of the forward; "
-            f"one update measured: saved {format_size(usage.saved_bytes)}, "
-            f"peak {format_size(usage.peak_bytes)}"
-        )
-    elif usage is not None:
-        within = f" (budget {format_size(budget)})"
-        say(
-            f"memory plan: {_describe(chunk)}, recomputes {plan.recompute:.0%} of the forward; "
-            f"saved {format_size(plan.predicted_saved_bytes)} predicted, "
-            f"{format_size(usage.saved_bytes)} measured; peak "
-            f"{format_size(plan.predicted_peak_bytes)} predicted, "
-            f"{format_size(usage.peak_bytes)} measured{within}"
-        )
+    if usage is not None:
+        say(_described(plan))
     return plan
+
+
+def _search(
+    given: str,
+    budget: int,
+    model: MemoryModel,
+    batch_size: int,
+    measure: Callable[[int | None, MemoryModel], Usage],
+    measured: dict[int | None, Usage],
+    say: Callable[[str], None],
+) -> tuple[int | None, MemoryModel]:
+    """memory.checkpoint=auto under a budget: probe at ceil(sqrt(T)), calibrate, measure the
+    longest chunk predicted to fit, recalibrate (at most four probes in all); the longest
+    measured chunk within the budget, and the calibrated model. Nothing fits: ValueError."""
+    T = model.window
+    probe = math.ceil(math.sqrt(T))
+    usage = measure(probe, model)
+    say(
+        f"memory probe at chunk {probe} (T={T}, B={batch_size}): saved "
+        f"{format_size(usage.saved_bytes)}, peak {format_size(usage.peak_bytes)} "
+        f"(shape model {format_size(model.saved(probe))}, {format_size(model.peak(probe))})"
+    )
+    model = model.calibrated(measured)
+    fits = [c for c, u in measured.items() if u.peak_bytes <= budget]
+    for _ in range(3):
+        chunk = model.fit(budget, exclude=[c for c in measured if c not in fits])
+        if chunk in measured:
+            break
+        usage = measure(chunk, model)
+        say(
+            f"memory: {_describe(chunk)} predicted peak {format_size(model.peak(chunk))}, "
+            f"measured {format_size(usage.peak_bytes)}"
+        )
+        if usage.peak_bytes <= budget:
+            fits.append(chunk)
+        model = model.calibrated(measured)
+    if not fits:
+        smallest = min(u.peak_bytes for u in measured.values())
+        raise ValueError(
+            f"memory.budget={given} ({budget:,} bytes): every plan measured exceeds it "
+            f"(the smallest peak: {smallest:,} bytes); raise it"
+        )
+    return max(fits, key=lambda c: T if c is None else c), model  # the least recomputation
+
+
+def _described(plan: Plan) -> str:
+    """The plan's log line. Without a budget the shape model chose nothing, so its uncalibrated
+    guess (off by up to 2x on CPU) is not printed as a plan; summary.json keeps it."""
+    chunk = _describe(plan.chunk)
+    if plan.budget_bytes is None:
+        return (
+            f"memory: {chunk}, recomputes {plan.recompute:.0%} of the forward; one update "
+            f"measured: saved {format_size(plan.saved_bytes)}, peak {format_size(plan.peak_bytes)}"
+        )
+    return (
+        f"memory plan: {chunk}, recomputes {plan.recompute:.0%} of the forward; saved "
+        f"{format_size(plan.predicted_saved_bytes)} predicted, {format_size(plan.saved_bytes)} "
+        f"measured; peak {format_size(plan.predicted_peak_bytes)} predicted, "
+        f"{format_size(plan.peak_bytes)} measured (budget {format_size(plan.budget_bytes)})"
+    )
 
 
 class PeakMeter:
