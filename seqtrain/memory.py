@@ -568,7 +568,7 @@ def _search(
 
 def _described(plan: Plan) -> str:
     """The plan's log line. Without a budget the shape model chose nothing, so its uncalibrated
-    guess (off by up to 2x on CPU) is not printed as a plan; summary.json keeps it."""
+    guess (on CPU far off, docs/memory.md) is not printed as a plan; summary.json keeps it."""
     chunk = _describe(plan.chunk)
     if plan.budget_bytes is None:
         return (

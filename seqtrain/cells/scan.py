@@ -1,5 +1,5 @@
 """Recurrences that train by parallel scan: minGRU, minLSTM (Feng et al. 2024) and RG-LRU (De et al.
-2024), plus a pre-norm residual block that wraps any recurrent core.
+2024). (The pre-norm residual block that wraps them, or any recurrent core, is blocks.py.)
 
 All three are diagonal linear recurrences whose coefficients depend on the current input only:
 
