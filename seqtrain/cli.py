@@ -268,7 +268,15 @@ def composition_error(err: Exception) -> ConfigError:
     key = re.search(r"full_key: (\S+)", text)
     lines = text.splitlines()
     detail = lines[1].strip() if len(lines) > 1 and where else lines[0]
-    if key and " not in " in detail:
+    group = where.group(1).split("/")[0] if where else None
+    if key and " not in " in detail and key.group(1).split(".")[0] == group:
+        # The file's keys landed under its group's name: a patch of the whole config (an
+        # experiment) needs Hydra's package header, as conf/experiment/char_lm.yaml has.
+        detail = (
+            f"its keys landed under '{group}.'; start the file with the line "
+            "'# @package _global_' (as conf/experiment/char_lm.yaml does)"
+        )
+    elif key and " not in " in detail:
         detail = str(unknown_key(key.group(1)))
     elif key:
         detail = f"{key.group(1)}: {detail}"

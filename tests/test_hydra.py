@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from seqtrain import hydra_compat
+from seqtrain import cli, hydra_compat
 
 from . import conftest
-from .conftest import ROOT
+from .conftest import ROOT, refusal
 from .test_cli import ENV
 
 # +debug=tiny, smaller still: one validation over a small val split.
@@ -75,6 +76,20 @@ def test_a_bad_key_inside_an_own_experiment_names_the_file_and_the_key(
     assert one_line_error(done) == (
         "seqtrain: error: experiment/old.yaml: optim.betas is not a key; 'optim' takes: "
         "optimizer, lr, weight_decay, grad_clip, schedule, max_skipped, average, nonmono"
+    )
+
+
+def test_an_experiment_without_the_package_header_says_to_add_it(
+    my_conf: Path, monkeypatch, capsys
+) -> None:
+    """Without `# @package _global_` Hydra puts an experiment's keys under `experiment.`, which
+    reads as an unknown key: the line says what the file lacks."""
+    (my_conf / "experiment" / "bare.yaml").write_text("model:\n  hidden_size: 32\n")
+    argv = ["seqtrain", "--config-dir", str(my_conf), "+experiment=bare", *TINY]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert refusal(cli.main, capsys=capsys) == (
+        "seqtrain: error: experiment/bare.yaml: its keys landed under 'experiment.'; start the "
+        "file with the line '# @package _global_' (as conf/experiment/char_lm.yaml does)"
     )
 
 
