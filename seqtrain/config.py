@@ -184,7 +184,7 @@ def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
     )
     require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be in 0..2**32-1 (numpy's range)")
     # Last: these import the classes the config names (Lightning, torch.optim).
-    cfg.optim.check()
+    cfg.optim.check(training=not saved)
     trainer_extras.check_trainer_args(cfg.trainer.extra)
     trainer_extras.check(cfg.logger, cfg.callbacks)
     return cfg

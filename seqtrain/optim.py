@@ -63,8 +63,10 @@ class OptimConfig:
     average: str | None = None
     nonmono: int = 5  # nt: start when val is worse than the best before the last nonmono passes
 
-    def check(self) -> None:
-        """One-line errors for what would otherwise fail when training starts."""
+    def check(self, training: bool = True) -> None:
+        """One-line errors for what would otherwise fail when training starts; `training`: say
+        what training would change (a warmup longer than the run), not for a checkpoint's
+        config that sample or evaluate read."""
         if not 0 < self.lr < math.inf:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0 and finite")
         if not 0 <= self.weight_decay < math.inf:
@@ -86,7 +88,7 @@ class OptimConfig:
             arguments = _arguments(self.schedule)
             warmup_cosine(torch.optim.SGD([torch.zeros(1)]), **arguments)
             warmup, steps = arguments["warmup_steps"], arguments["max_steps"]
-            if effective_warmup(warmup, steps) != warmup:
+            if training and effective_warmup(warmup, steps) != warmup:
                 log.warning(
                     "optim.schedule.warmup_steps=%d >= trainer.max_steps=%d: the LR would never "
                     "reach optim.lr; warming up over %d updates instead",

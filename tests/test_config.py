@@ -151,3 +151,16 @@ def test_each_group_checks_its_own_keys(group, message) -> None:
     """Each config class owns its checks and runs them alone, without the whole Config."""
     with pytest.raises(ConfigError, match=message):
         group.check()
+
+
+def test_a_checkpoints_config_says_nothing_of_training(caplog) -> None:
+    """A warmup longer than the run is worth a warning when training starts, not when sample or
+    evaluate read the checkpoint's config (from_dict: validate(saved=True))."""
+    short = to_dict(validate(composed("trainer.max_steps=5")))  # warmup 100 >= 5
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seqtrain"):
+        from_dict(short)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="seqtrain"):
+        validate(short)
+    assert "never reach optim.lr" in caplog.text
