@@ -31,24 +31,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from seqtrain import rundir
-from seqtrain.config import unknown_key, validate
+from seqtrain import completion, rundir
+from seqtrain.config import schema, unknown_key, validate
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.hydra_compat import parse_args
 
 log = logging.getLogger("seqtrain")
 
 
-def conf_dir() -> Path:
-    """conf/ ships inside the wheel (seqtrain/conf) and sits beside the package in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"seqtrain's conf/ directory is missing next to {here}")
-
-
-CONF_DIR = conf_dir()
+CONF_DIR = completion.conf_dir()
 
 
 def key_help(schema: type, passthrough: tuple[str, ...]) -> str:
@@ -348,10 +339,35 @@ def check_command_line(args: argparse.Namespace) -> None:
                 raise unknown_key(key)
 
 
+def completion_words() -> list[str]:
+    """Every word a Tab may complete to: each key as `key=`, each option of each config group as
+    `group=option` (`+group=option` for a group outside train.yaml's defaults), Hydra's flags."""
+
+    def keys(node: dict, prefix: str) -> list[str]:
+        found = []
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                found += keys(value, f"{prefix}{key}.")
+            elif not isinstance(value, dict):
+                found.append(f"{prefix}{key}=")
+        return found
+
+    words = keys(OmegaConf.to_container(schema()), "")
+    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
+    chosen = {next(iter(d)) for d in defaults if isinstance(d, DictConfig)}
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        plus = "" if group.name in chosen else "+"
+        words += [f"{plus}{group.name}={f.stem}" for f in sorted(group.glob("*.yaml"))]
+    return words + ["--help", "--hydra-help", "--cfg", "--multirun", "--config-dir", "--info"]
+
+
 def main() -> None:
     """Check the command line in one line per error, then hand it to Hydra. Help, shell
-    completion (-sc install=bash) and --info go to Hydra unchecked: they compose nothing."""
+    completion and --info go to Hydra unchecked: they compose nothing. A completion query
+    leaves the words in completion's cache, so the next Tab needs no import of torch."""
     args = parse_args()
+    if completion.query(sys.argv[1:]):
+        completion.write(completion_words())
     if not (args.help or args.hydra_help or args.shell_completion or args.info):
         try:
             check_command_line(args)

@@ -102,14 +102,52 @@ def test_unknown_option_lists_the_whole_search_path(my_conf: Path) -> None:
     )
 
 
-def test_shell_completion_help_and_cfg_work() -> None:
-    done = seqtrain("-sc", "install=bash")
-    assert done.returncode == 0 and "hydra_bash_completion" in done.stdout, done.stderr
+def test_help_and_cfg_work() -> None:
     done = seqtrain("--help")
     assert done.returncode == 0 and "optim: adamw, ntasgd, sgd" in done.stdout
     done = seqtrain("--cfg", "job")
     assert done.returncode == 0 and "hidden_size: 512" in done.stdout
     assert "_target_: torch.optim.AdamW" in done.stdout
+
+
+TAB = r"""
+eval "$(python -m seqtrain -sc install=bash)"
+tab() {  # what bash does on a Tab at the end of the line $1
+  COMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; read -ra COMP_WORDS <<< "$COMP_LINE"
+  COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=(); _seqtrain_complete
+  echo "${COMPREPLY[*]}"
+}
+tab "seqtrain model.hid"; tab "python -m seqtrain model.hid"; tab "python -m seqtrain +exp"
+"""
+
+
+def test_tab_completes_both_commands_in_a_real_bash(tmp_path: Path) -> None:
+    """The documented install line, then Tabs as bash runs them, for `seqtrain` and `python -m
+    seqtrain` (Hydra's own completion answers neither); the first Tab fills the cache, the same
+    Tabs again are answered from it."""
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:"}
+    env["PATH"] += ENV["PATH"]
+    experiments = "+experiment=char_lm +experiment=copy_task +experiment=series +experiment=word_lm"
+    for _ in range(2):  # filling the cache, then reading it
+        done = subprocess.run(["bash", "-c", TAB], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[:2] == ["model.hidden_size="] * 2, done.stdout
+        assert lines[2].startswith(experiments), done.stdout
+        assert (tmp_path / "seqtrain" / "completion.json").is_file()
+
+
+def test_a_cached_tab_imports_no_torch(tmp_path: Path) -> None:
+    """What makes a Tab instant: the answer comes before torch, Lightning or Hydra is imported."""
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path), "COMP_LINE": "seqtrain mod", "COMP_POINT": "12"}
+    run = [sys.executable, "-m", "seqtrain", "-sc", "query=bash"]
+    assert subprocess.run(run, capture_output=True, env=env).returncode == 0  # fills the cache
+    probe = "import runpy, sys; sys.argv = ['seqtrain', '-sc', 'query=bash']\n"
+    probe += "runpy.run_module('seqtrain', run_name='__main__')\n"
+    probe += "print(sorted({'torch', 'lightning', 'hydra'} & sys.modules.keys()))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "model.hidden_size=" in done.stdout and done.stdout.splitlines()[-1] == "[]"
 
 
 def test_sgd_trains_and_is_the_checkpointed_optimizer(tmp_path: Path) -> None:
