@@ -47,6 +47,14 @@ REFUSED = {
     "plugins": "seqtrain's checkpoint plugin writes atomically; it is not replaceable",
     "use_distributed_sampler": "the streams are split by rank already",
     "default_root_dir": "the run directory is hydra.run.dir",
+    # The val figure is what best.ckpt, summary.json and a sweeper go by; the train stream is
+    # one pass of carried state whose cursor a checkpoint records: an epoch cut short restarts it.
+    "limit_val_batches": "the val figure is taken over the whole val split (best.ckpt and "
+    "summary.json go by it); validate less often with trainer.val_check_interval",
+    "limit_train_batches": "an epoch cut short restarts the train stream on the same windows; "
+    "use trainer.max_steps",
+    "overfit_batches": "it trains on the same windows over and over; use a small data.max_bytes",
+    "fast_dev_run": "it switches off checkpoints and validation; use +debug=tiny",
 }
 
 

@@ -246,6 +246,17 @@ CASES = [
         "trainer.gradient_clip_val: not settable in seqtrain: the module clips by hand",
     ),
     (
+        "validation switched off",
+        lambda t, c: ["+trainer.limit_val_batches=0"],
+        "trainer.limit_val_batches: not settable in seqtrain: the val figure is taken over the "
+        "whole val split",
+    ),
+    (
+        "train epoch cut short",
+        lambda t, c: ["+trainer.limit_train_batches=2"],
+        "trainer.limit_train_batches: not settable in seqtrain: an epoch cut short restarts",
+    ),
+    (
         "not a Trainer argument",
         lambda t, c: ["+trainer.clip=1"],
         "trainer.clip is not a lightning.Trainer argument",
