@@ -242,7 +242,9 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
         if job.finished:
             say(f"\n{run_dir} had finished: nothing to train; its results are unchanged")
         say(f"\nrun directory: {run_dir}")
-        say(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
+        speed = summary["tokens_per_s"]
+        rate = "no update ran: no throughput" if speed is None else f"{speed:,.0f} tokens/s"
+        say(f"{summary['monitor']}: {objective:.4f}  ({rate})")
         say(f"tensorboard --logdir {run_dir}")
         say(f"  then open {tensorboard_url(summary['monitor'])}")
     return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression

@@ -205,6 +205,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
                 f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
                 f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
             )
+        check_max_steps(ckpt, cfg, resume_from)
     streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
     saved = None if ckpt is None else spec_of(ckpt)  # resume: the run's own tokenizer, not refit
     data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
@@ -226,9 +227,21 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         check_resumable(ckpt, cfg, spec, resume_from)
         start_window = ckpt["seqtrain"]["windows"]
         finished = (
-            ckpt["global_step"] >= cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
+            ckpt["global_step"] == cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
         )
     return Job(cfg, run_dir, splits, spec, resume_from, start_window, finished, data.prompt)
+
+
+def check_max_steps(ckpt: dict, cfg: Config, resume_from: Path) -> None:
+    """A checkpoint past trainer.max_steps: Lightning would train nothing and the summary would
+    present the checkpoint as a run of trainer.max_steps updates."""
+    step = ckpt.get("global_step", 0)
+    if step > cfg.trainer.max_steps:
+        raise ConfigError(
+            f"trainer.max_steps={cfg.trainer.max_steps}: below the step of ckpt={resume_from} "
+            f"({step}); raise trainer.max_steps to train on, or measure it with "
+            f"python -m seqtrain.evaluate ckpt={resume_from}"
+        )
 
 
 def ranks_started_elsewhere() -> bool:
@@ -421,6 +434,27 @@ def run(
     return time.perf_counter() - start
 
 
+# What only updates measure: a process that ran none has none of these figures of its own.
+UPDATE_FIGURES = ("train_seconds", "tokens_per_s", "saved_bytes", "peak_bytes")
+
+
+def measured_earlier(job: Job, step: int) -> dict:
+    """The update figures of a resume that trained nothing: those of the summary the checkpoint's
+    own run wrote at the same step, or null with the reason (never the zeros of no updates)."""
+    earlier = None if job.resume_from is None else job.resume_from.parent.parent / "summary.json"
+    try:
+        old = json.loads(earlier.read_text()) if earlier is not None else {}
+    except (OSError, ValueError):
+        old = {}
+    if old.get("steps") == step and all(key in old for key in UPDATE_FIGURES):
+        return {**{key: old[key] for key in UPDATE_FIGURES}, "figures_from": str(earlier)}
+    return {
+        **dict.fromkeys(UPDATE_FIGURES),
+        "figures_note": f"no update ran: resumed at step {step} = trainer.max_steps, and no "
+        "summary.json of that step holds the run's throughput and memory figures",
+    }
+
+
 def write_summary(
     job: Job, module: SequenceModule, parts: Parts, val: Streams, wall: float
 ) -> dict:
@@ -445,6 +479,8 @@ def write_summary(
         "host_rss_bytes": host_rss_bytes(),  # the process's resident high-water mark
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
+    if parts.throughput.tokens == 0:  # resumed at trainer.max_steps: no update ran here
+        summary.update(measured_earlier(job, trainer.global_step))
     preemption = parts.preemption
     if preemption.received is not None:
         return {
@@ -467,9 +503,10 @@ def write_summary(
             monitor: module.last_val[monitor],  # the task's figure: val/bpc for lm
             # every tokenizer's common scale (lm), for HParams rows that compare tokenizers
             **{k: v for k, v in module.last_val.items() if k == "val/bits_per_byte"},
-            "perf/tokens_per_s": summary["tokens_per_s"],  # the run's, validation excluded
             "memory/host_rss_MiB": summary["host_rss_bytes"] / MIB,
         }
+        if summary["tokens_per_s"] is not None:  # the run's, validation excluded
+            metrics["perf/tokens_per_s"] = summary["tokens_per_s"]
         if summary.get("peak_bytes") is not None:
             metrics["memory/peak_MiB"] = summary["peak_bytes"] / MIB
         trainer_extras.log_final(trainer.loggers, hparams(cfg), metrics, trainer.global_step)

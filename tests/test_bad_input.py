@@ -322,6 +322,12 @@ CASES = [Case(*row) for row in CASES] + [
     ),
     # Resume refuses what would make it wrong (docs/reliability.md has the table of settings).
     Case(
+        "resume past trainer.max_steps",
+        _resume("trainer.max_steps=3"),
+        "trainer.max_steps=3: below the step of ckpt=",
+        _holds_run,
+    ),
+    Case(
         "resume with another batch size",
         _resume("data.batch_size=2"),
         "data.batch_size=4 (now 2)",
