@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 import urllib.parse
 from pathlib import Path
 from typing import TextIO
@@ -180,6 +181,11 @@ def job_failed(message: str, run_dir: Path) -> float:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_atomic(run_dir / "error.txt", message + "\n")
+        record = run_dir / ".hydra" / "overrides.yaml"
+        if not record.parent.exists():  # a job refused early: its own overrides for the report
+            record.parent.mkdir()
+            task = list(HydraConfig.get().overrides.task)
+            rundir.write_atomic(record, OmegaConf.to_yaml(OmegaConf.create(task)))
     except OSError:
         pass  # the stderr line is the record then
     FAILED_JOBS.append(run_dir)
@@ -198,6 +204,24 @@ def tensorboard_url(monitor: str, base: str = "http://localhost:6006") -> str:
     return f"{base}/?pinnedCards={urllib.parse.quote(pins)}#timeseries"
 
 
+class Interrupted(BaseException):
+    """SIGTERM before training (Preemption owns the signals once training runs): unwinds like
+    Ctrl-C's KeyboardInterrupt, so temp files are removed and the lock released on the way out."""
+
+
+def raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def exception_line(err: BaseException) -> str:
+    """A plain exception (a user's plug-in, a bug) in one line: its type, its message's first
+    line and the frame that raised it, which is the plug-in's own when the error is in its code."""
+    text = str(err).strip().splitlines()
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {text[0] if text else ''}{where}"
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
@@ -207,21 +231,38 @@ def hydra_main(raw: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Under DDP every rank runs this function; one of them owns the folder, speaks and writes.
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
-    lock = None
+    lock, prepared = None, False
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if rank_zero:
             lock = rundir.acquire(run_dir)
         job = train.prepare(validate(raw), run_dir)
-    except SeqtrainError as err:
-        rundir.release(lock)
-        rundir.discard_if_empty(run_dir)
-        return job_failed(str(err), run_dir)
-    try:
+        prepared = True
         return run_job(raw, job, run_dir, rank_zero)
-    except SeqtrainError as err:
-        return job_failed(str(err), run_dir)
+    except (KeyboardInterrupt, Interrupted) as err:  # before training (then Preemption saves)
+        rundir.release(lock)
+        if not prepared:
+            rundir.discard_if_empty(run_dir)
+        name = "SIGINT" if isinstance(err, KeyboardInterrupt) else str(err)
+        say(
+            f"seqtrain: error: interrupted ({name}) before training started: nothing was saved; "
+            "run the same command again to start",
+            logging.ERROR,
+            sys.stderr,
+        )
+        sys.exit(128 + int(getattr(signal, name)))  # a sweep stops too, as if killed
+    except Exception as err:  # every failure releases the folder and leaves one line
+        rundir.release(lock)
+        if not prepared:
+            rundir.discard_if_empty(run_dir)
+        if isinstance(err, SeqtrainError):
+            return job_failed(str(err), run_dir)
+        if not train.in_multirun():
+            raise  # a bug or a plug-in's own error: its traceback, the lock released
+        return job_failed(exception_line(err), run_dir)
     finally:
         rundir.release(lock)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:

@@ -4,15 +4,19 @@ hold invented figures, and a refused run writes nothing into a folder it does no
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from seqtrain import cli, train
+from seqtrain import cli, report, train
 from seqtrain.config import validate
 
+from .conftest import PLUGINS, seqtrain, with_pythonpath
 from .test_config import composed
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
@@ -72,3 +76,82 @@ def test_resume_that_trains_nothing_keeps_the_earlier_runs_figures(finished, tmp
     for key in train.UPDATE_FIGURES:
         assert summary[key] == earlier[key], key
     assert earlier["tokens_per_s"] > 0 and summary["figures_from"] == str(source / "summary.json")
+
+
+# Every failure is one line and releases what it holds.
+
+
+def test_sweep_job_failing_with_a_plain_exception_is_reported_with_its_overrides(
+    tmp_path,
+) -> None:
+    """A plug-in's ValueError inside training: the job's error.txt names it in one line (with
+    the plug-in's frame), the other job trains, and the report lists the job as failed under its
+    own overrides (not as shared ones)."""
+    root = tmp_path / "sweep"
+    done = seqtrain(
+        "-m",
+        *TINY,
+        "data.max_bytes=20000",
+        "trainer.max_steps=4",
+        f"hydra.sweep.dir={root}",
+        "+callbacks.boom._target_=boom.Boom",
+        "+callbacks.boom.at_step=0,2",
+        env={**with_pythonpath(PLUGINS), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = (root / "1" / "error.txt").read_text()
+    assert error.startswith("ValueError: boom at step 2 (raised at ") and "boom.py" in error
+    assert error.count("\n") == 1 and "Traceback" not in done.stderr
+    assert (root / "0" / "summary.json").is_file() and not (root / "1" / ".seqtrain.lock").exists()
+    built = report.build([root])
+    failed = next(job for job in built.jobs if job.path.name == "1")
+    assert failed.status.startswith("failed: ValueError: boom")
+    assert built.swept == ["callbacks.boom.at_step"] and failed.overrides[built.swept[0]] == "2"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_failure_before_training_releases_the_lock(tmp_path, monkeypatch, capsys, stop) -> None:
+    """Ctrl-C during tokenization (here: inside prepare) is one line and exit 130, not a
+    traceback; a plain exception keeps its traceback. Either way the lock is gone and the folder
+    the run created is removed."""
+
+    def interrupted(cfg, run_dir):
+        assert (run_dir / ".seqtrain.lock").is_file()  # held while preparing
+        raise stop("during tokenization")
+
+    monkeypatch.setattr(train, "prepare", interrupted)
+    run_dir = tmp_path / "run"
+    if stop is KeyboardInterrupt:
+        assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 130
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("seqtrain: error: interrupted (SIGINT) before training") and (
+            "\n" not in err
+        )
+    else:
+        assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 1  # Hydra printed the traceback
+        assert "RuntimeError: during tokenization" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_sigterm_before_training_is_one_line_and_releases_the_lock(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """SIGTERM while the corpus is read (before Preemption owns the signal): one line, exit 143,
+    no lock left, and the signal's old handler back."""
+
+    def terminated(cfg, run_dir):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(train, "prepare", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    run_dir = tmp_path / "run"
+    (run_dir / "keep").mkdir(parents=True)  # not the run's to remove
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqtrain: error: interrupted (SIGTERM) before training") and (
+        "\n" not in err
+    )
+    assert not (run_dir / ".seqtrain.lock").exists() and (run_dir / "keep").is_dir()
+    assert signal.getsignal(signal.SIGTERM) == before
