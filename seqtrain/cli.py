@@ -204,6 +204,39 @@ def tensorboard_url(monitor: str, base: str = "http://localhost:6006") -> str:
     return f"{base}/?pinnedCards={urllib.parse.quote(pins)}#timeseries"
 
 
+# A disk that is full or refuses the write: the user's to fix, so one line, not a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def disk_line(err: OSError, run_dir: Path) -> str:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+    then = (
+        f"resume with: {resume_command(run_dir)}"
+        if any((run_dir / "checkpoints").glob("*.ckpt"))
+        else "run the command again"
+    )
+    return f"cannot write {err.filename or run_dir} ({reason}); free space or fix it, then {then}"
+
+
+def guard_log_files() -> None:
+    """Hydra's job log (cli.log) on a full disk or gone read-only: one WARNING line, then the log
+    goes on on the console only (logging would print a traceback for every record)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+
+        def failed(record: logging.LogRecord, handler: logging.Handler = handler) -> None:
+            root.removeHandler(handler)
+            err = sys.exc_info()[1]
+            reason = getattr(err, "strerror", None) or str(err)
+            print(
+                f"seqtrain: warning: cannot write {handler.baseFilename} ({reason}); the log "
+                "goes on on the console only",
+                file=sys.stderr,
+            )
+
+        handler.handleError = failed
+
+
 class Interrupted(BaseException):
     """SIGTERM before training (Preemption owns the signals once training runs): unwinds like
     Ctrl-C's KeyboardInterrupt, so temp files are removed and the lock released on the way out."""
@@ -232,6 +265,7 @@ def hydra_main(raw: DictConfig) -> float:
     # Under DDP every rank runs this function; one of them owns the folder, speaks and writes.
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     lock, prepared = None, False
+    guard_log_files()
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if rank_zero:
@@ -257,6 +291,8 @@ def hydra_main(raw: DictConfig) -> float:
             rundir.discard_if_empty(run_dir)
         if isinstance(err, SeqtrainError):
             return job_failed(str(err), run_dir)
+        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+            return job_failed(disk_line(err, run_dir), run_dir)
         if not train.in_multirun():
             raise  # a bug or a plug-in's own error: its traceback, the lock released
         return job_failed(exception_line(err), run_dir)

@@ -3,7 +3,10 @@ hold invented figures, and a refused run writes nothing into a folder it does no
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from seqtrain import cli, report, train
+from seqtrain import cli, report, rundir, train
 from seqtrain.config import validate
 
 from .conftest import PLUGINS, seqtrain, with_pythonpath
@@ -155,3 +158,62 @@ def test_sigterm_before_training_is_one_line_and_releases_the_lock(
     )
     assert not (run_dir / ".seqtrain.lock").exists() and (run_dir / "keep").is_dir()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "tensorboard/events.out.tfevents")
+
+
+def test_tensorboard_on_a_full_disk_is_one_line_and_the_run_goes_on(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """The TensorBoard writer hits a full disk (or a read-only tensorboard/) first: one WARNING,
+    the curves stop, and the checkpoints and summary are still written."""
+    from torch.utils.tensorboard import writer
+
+    monkeypatch.setattr(writer.FileWriter, "__init__", no_space)
+    run_dir = tmp_path / "run"
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert text.count("cannot write") == 1 and "no space left on device" in text, text
+    assert "Traceback" not in text
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "summary.json").is_file()
+
+
+class FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_run_log_on_a_full_disk_is_one_line_and_the_run_goes_on(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """cli.log (Hydra's file handler) cannot be written: one warning instead of a traceback per
+    record, and the run completes."""
+    monkeypatch.setattr(logging.FileHandler, "_open", lambda self: FullDisk())
+    run_dir = tmp_path / "run"
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 0
+    err = capsys.readouterr().err
+    assert err.count("seqtrain: warning: cannot write") == 1 and "cli.log" in err, err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_summary_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys) -> None:
+    real = rundir.write_atomic
+
+    def full(path, text):
+        if path.name == "summary.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(rundir, "write_atomic", full)
+    run_dir = tmp_path / "run"
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqtrain: error: cannot write ") and "\n" not in err, err
+    assert "summary.json (no space left on device)" in err and "resume with: " in err
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / ".seqtrain.lock").exists()
