@@ -180,11 +180,33 @@ def check_machine(cfg: Config) -> None:
             raise ConfigError("trainer.precision=bf16-mixed: this GPU has no bfloat16; use 32-true")
     if tr.accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: this machine has no MPS device; use cpu")
+    check_rank_environment()
     if tr.num_nodes > 1 and not ranks_started_elsewhere():
         raise ConfigError(
             f"trainer.num_nodes={tr.num_nodes}: no cluster launcher started the other nodes "
             "(SLURM or torchrun); start the run through one (docs/scaleout.md) or use "
             "trainer.num_nodes=1"
+        )
+
+
+# What a launcher that starts the ranks itself sets beside LOCAL_RANK (Lightning's ddp children
+# and any hand-made launch need all of them; SLURM and torchrun are detected on their own).
+RANK_VARIABLES = ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_rank_environment() -> None:
+    """LOCAL_RANK alone (a leftover of another launcher in the shell) makes Lightning take this
+    process for one rank of a started job and wait trainer.ddp_timeout for the others, silently."""
+    if "LOCAL_RANK" not in os.environ or SLURMEnvironment.detect():
+        return
+    if TorchElasticEnvironment.detect():
+        return
+    missing = [name for name in RANK_VARIABLES if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set in the environment but "
+            f"{', '.join(missing)} not: a leftover of another launcher? unset LOCAL_RANK "
+            "(seqtrain starts the ranks of trainer.devices itself)"
         )
 
 
@@ -424,12 +446,18 @@ def run(
             ckpt_path=job.resume_from,
             weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
         )
-    except torch.distributed.DistError as err:  # a peer that never came, or died
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except RuntimeError as err:  # a peer that died mid-collective, or never came
+        if peer_lost(err):
+            raise SeqtrainError(
+                f"DDP: another rank stopped during training ({one_line(err)}); its own output "
+                "says why; resume with resume=auto once it is fixed"
+            ) from None
+        if not isinstance(err, torch.distributed.DistError):
+            raise
         raise SeqtrainError(
             f"DDP: the ranks did not all answer within trainer.ddp_timeout="
-            f"{job.cfg.trainer.ddp_timeout:g} s ({first}); start every rank (SLURM: one task "
-            "per device), or check MASTER_ADDR and MASTER_PORT"
+            f"{job.cfg.trainer.ddp_timeout:g} s ({one_line(err)}); start every rank (SLURM: one "
+            "task per device), or check MASTER_ADDR and MASTER_PORT"
         ) from None
     return time.perf_counter() - start
 
@@ -453,6 +481,17 @@ def measured_earlier(job: Job, step: int) -> dict:
         "figures_note": f"no update ran: resumed at step {step} = trainer.max_steps, and no "
         "summary.json of that step holds the run's throughput and memory figures",
     }
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def peer_lost(err: RuntimeError) -> bool:
+    """gloo's and NCCL's words for a rank that died mid-collective (killed, out of memory)."""
+    words = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was")
+    return any(word in str(err) for word in words)
 
 
 def write_summary(

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import lightning
 import pytest
+import torch.distributed
 
 from seqtrain import cli, report, rundir, train
 from seqtrain.config import validate
@@ -217,3 +219,39 @@ def test_summary_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatc
     assert "summary.json (no space left on device)" in err and "resume with: " in err
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not (run_dir / ".seqtrain.lock").exists()
+
+
+def test_a_leftover_local_rank_is_one_line_at_once(tmp_path, monkeypatch, capsys) -> None:
+    """LOCAL_RANK without WORLD_SIZE/MASTER_ADDR/MASTER_PORT: Lightning would take this process
+    for a started rank and wait trainer.ddp_timeout for peers that never come."""
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    code = main(
+        monkeypatch, "trainer.devices=2", "trainer.ddp_timeout=600", f"hydra.run.dir={run_dir}"
+    )
+    assert code == 2 and time.monotonic() - start < 60
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqtrain: error: LOCAL_RANK=0 is set") and "\n" not in err, err
+    assert "WORLD_SIZE, MASTER_ADDR, MASTER_PORT" in err and not run_dir.exists()
+
+
+def test_a_peer_killed_under_ddp_is_one_line_on_the_survivor(tmp_path, monkeypatch, capsys) -> None:
+    """gloo's error on the rank that survives a killed peer, as Lightning raises it from fit."""
+
+    def peer_died(*args, **kwargs):
+        raise torch.distributed.DistBackendError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[127.0.0.1]:29500\nException raised from recvBytes at ..."
+        )
+
+    monkeypatch.setattr(lightning.Trainer, "fit", peer_died)
+    run_dir = tmp_path / "run"
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqtrain: error: DDP: another rank stopped during training") and (
+        "\n" not in err
+    ), err
+    assert "Connection closed by peer" in err and not (run_dir / ".seqtrain.lock").exists()
