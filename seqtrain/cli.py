@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -139,13 +140,26 @@ def record_config(raw: DictConfig, run_dir: Path) -> None:
         raise ConfigError(f"hydra.run.dir={run_dir}: cannot write .hydra/ ({reason})") from None
 
 
+def hydra_value(text: str) -> str:
+    """A string as a Hydra override value: as it is when Hydra reads it back unchanged, else in
+    double quotes (a comma would make a sweep, a quote or a bracket a parse error)."""
+    if re.fullmatch(r"[\w/.\-+@: ]+", text) and text == text.strip():
+        return text
+    # Hydra reads a backslash as an escape only before a quote (or the closing one)
+    escaped = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, text).replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def resume_command(run_dir: Path) -> str:
+    """The command that continues this run, to paste into a shell: each argument shell-quoted,
+    the folder quoted for Hydra too."""
     overrides = [
         o
         for o in HydraConfig.get().overrides.task
         if not o.startswith(("resume=", "ckpt_path=", "hydra.run.dir="))
     ]
-    return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
+    args = [*overrides, "resume=auto", f"hydra.run.dir={hydra_value(str(run_dir))}"]
+    return " ".join(["python -m seqtrain", *map(shlex.quote, args)])
 
 
 # The folders of the sweep jobs that failed (a failed job does not stop a sweep): those run in
@@ -381,7 +395,12 @@ def check_run_dir(overrides: list[str]) -> None:
         key, _, value = override.partition("=")
         if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or "$" in value:
             continue
-        path = Path(value.strip("'\"")).expanduser()
+        path = Path(value.strip("'\""))
+        if path.parts and path.parts[0].startswith("~"):  # Hydra would make a folder named ~
+            raise ConfigError(
+                f"{key}={value}: Hydra does not expand ~; write the folder out: "
+                f"{key}={path.expanduser()}"
+            )
         near = next((p for p in (path, *path.parents) if p.exists()), None)
         if near is not None and not near.is_dir():
             raise ConfigError(f"{key}={value}: {near} is a file; choose a folder")

@@ -316,6 +316,11 @@ CASES = [Case(*row) for row in CASES] + [
         "is a file; choose a folder",
     ),
     Case(
+        "run folder with ~",
+        lambda t, c: ["hydra.run.dir='~/seqtrain-run'"],
+        "hydra.run.dir='~/seqtrain-run': Hydra does not expand ~; write the folder out",
+    ),
+    Case(
         "run folder under a file",
         lambda t, c: [f"hydra.run.dir={_file(t, 'afile', b'x')}/run"],
         "is a file; choose a folder",

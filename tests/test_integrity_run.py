@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -255,3 +256,24 @@ def test_a_peer_killed_under_ddp_is_one_line_on_the_survivor(tmp_path, monkeypat
         "\n" not in err
     ), err
     assert "Connection closed by peer" in err and not (run_dir / ".seqtrain.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "folder", ["/tmp/my runs/a", "/tmp/it's, (b)=c", '/tmp/q"uote\\x', "/tmp/a"]
+)
+def test_resume_command_pastes_into_a_shell_and_hydra(folder, monkeypatch) -> None:
+    """Every argument shell-quoted, the folder quoted for Hydra as well: what the shell splits
+    and Hydra parses is the folder and the overrides as they were."""
+    from types import SimpleNamespace
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = ["+debug=tiny", "data.path=/tmp/my corpus.txt", "resume=auto"]
+    hydra = SimpleNamespace(overrides=SimpleNamespace(task=overrides))
+    monkeypatch.setattr(cli.HydraConfig, "get", lambda: hydra)
+    args = shlex.split(cli.resume_command(Path(folder)))
+    assert args[:3] == ["python", "-m", "seqtrain"]
+    parsed = OverridesParser.create().parse_overrides(args[3:])
+    values = {o.key_or_group: o.value() for o in parsed}
+    assert values["hydra.run.dir"] == folder and values["data.path"] == "/tmp/my corpus.txt"
+    assert values["resume"] == "auto" and len(parsed) == 4
