@@ -48,7 +48,7 @@ from seqtrain.data import Corpus, DataSpec, Streams, eval_loader, load_splits, t
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory, plan_run
 from seqtrain.module import MIB, SequenceModule, host_rss_bytes
-from seqtrain.tasks import build_task
+from seqtrain.tasks import Task, build_model, build_task
 
 log = logging.getLogger("seqtrain")
 FILE_KEYS = ("path", "doc_starts_path", "tokenizer_file")  # data.* files kept as absolute paths
@@ -239,6 +239,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         )
     task = build_task(cfg.task, spec)
     task.check_model(cfg.model)  # what needs the data: lm's cutoffs against the vocabulary
+    check_model_fits(cfg, task)
     if cfg.trainer.sample_length and not task.generates_text:
         raise ConfigError(
             f"trainer.sample_length={cfg.trainer.sample_length}: task.name={cfg.task.name} "
@@ -264,6 +265,52 @@ def check_max_steps(ckpt: dict, cfg: Config, resume_from: Path) -> None:
             f"({step}); raise trainer.max_steps to train on, or measure it with "
             f"python -m seqtrain.evaluate ckpt={resume_from}"
         )
+
+
+def available_memory(cfg: Config) -> tuple[int, str] | None:
+    """Bytes the run's weights can live in and where that figure comes from: the GPU's memory
+    when training on CUDA, else the host's MemAvailable; None when it cannot be known."""
+    import torch
+
+    tr = cfg.trainer
+    if tr.accelerator in ("gpu", "cuda") or (
+        tr.accelerator == "auto" and torch.cuda.is_available()
+    ):
+        return torch.cuda.mem_get_info()[1], "GPU memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free memory"
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_fits(cfg: Config, task: Task) -> None:
+    """A model whose weights and gradients alone exceed the memory there is would fail in the
+    allocator after the corpus loaded (or swap the machine to a halt): one line before that. The
+    model is built on the meta device, which allocates nothing."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, task)
+    except Exception:  # noqa: BLE001 - a plug-in cell that cannot be built on meta: not checked
+        return
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = available_memory(cfg)
+    if available is None or 2 * weights <= available[0]:
+        return
+    m = cfg.model
+    raise ConfigError(
+        f"model.hidden_size={m.hidden_size}, model.num_layers={m.num_layers}: "
+        f"{weights / 1e9:,.1f} GB of weights, and training needs at least twice that (weights "
+        f"and gradients); this machine has {available[0] / 1e9:,.1f} GB ({available[1]}); "
+        "lower model.hidden_size or model.num_layers"
+    )
 
 
 def ranks_started_elsewhere() -> bool:

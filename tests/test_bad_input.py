@@ -211,6 +211,16 @@ CASES = [
         "ckpt=/no/such.ckpt: no such file",
     ),
     (
+        "checkpoint path is a folder",
+        lambda t, c: [f"ckpt_path={c.parent.parent}"],
+        "is a folder; name a checkpoint file: e.g. ckpt=",
+    ),
+    (
+        "model too large for the memory",
+        lambda t, c: ["model.hidden_size=100000"],
+        "model.hidden_size=100000, model.num_layers=1: 160.1 GB of weights",
+    ),
+    (
         "truncated checkpoint",
         lambda t, c: [f"ckpt_path={_file(t, 'cut.ckpt', c.read_bytes()[:5000])}"],
         "not a readable checkpoint",
