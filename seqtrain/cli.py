@@ -355,8 +355,14 @@ def composition_error(err: Exception) -> ConfigError:
         if "not in struct" in str(cause) or "not in" in str(cause).splitlines()[0]:
             return unknown_key(cause.full_key)
         return ConfigError(f"{cause.full_key}: {str(cause).splitlines()[0]}")
-    # An error inside a config file: Hydra folds the OmegaConf error into its text.
     text = str(err).strip()
+    append = re.search(r"To append to your default list use (\S+)", text)
+    if append:  # a group outside the defaults list (experiment, debug) is added with +
+        group = append.group(1).lstrip("+").partition("=")[0]
+        return ConfigError(
+            f"{group}: not in the base config's defaults list; add it with a +: {append.group(1)}"
+        )
+    # An error inside a config file: Hydra folds the OmegaConf error into its text.
     where = re.match(r"In '([^']+)'", text)
     key = re.search(r"full_key: (\S+)", text)
     lines = text.splitlines()

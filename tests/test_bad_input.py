@@ -157,6 +157,11 @@ CASES = [
         lambda t, c: ["model.hiden_size=3"],
         "model.hiden_size is not a key; 'model' takes:",
     ),
+    (
+        "experiment without +",
+        lambda t, c: ["experiment=char_lm"],
+        "experiment: not in the base config's defaults list; add it with a +: +experiment=char_lm",
+    ),
     ("unknown group option", lambda t, c: ["data=wiki"], "data=wiki: no such option; choose from"),
     (
         "unknown backend",
