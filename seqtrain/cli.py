@@ -251,6 +251,37 @@ def guard_log_files() -> None:
         handler.handleError = failed
 
 
+class HeldLog(logging.Handler):
+    """Hydra's job log (cli.log) held back until the run is known to start: a run refused because
+    its folder is another run's (or its input is bad) writes nothing into that folder's log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.root = logging.getLogger()
+        self.files = [h for h in self.root.handlers if isinstance(h, logging.FileHandler)]
+        for handler in self.files:
+            self.root.removeHandler(handler)
+        self.root.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def let_go(self, keep: bool) -> None:
+        """The run starts (keep: the held lines go to the log, which stays attached) or was
+        refused (the lines are dropped and the log stays detached). Only the first call acts."""
+        if self not in self.root.handlers:
+            return
+        self.root.removeHandler(self)
+        if keep:
+            for handler in self.files:
+                for record in self.records:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+                self.root.addHandler(handler)
+        self.records.clear()
+
+
 class Interrupted(BaseException):
     """SIGTERM before training (Preemption owns the signals once training runs): unwinds like
     Ctrl-C's KeyboardInterrupt, so temp files are removed and the lock released on the way out."""
@@ -280,12 +311,14 @@ def hydra_main(raw: DictConfig) -> float:
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     lock, prepared = None, False
     guard_log_files()
+    held = HeldLog()
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if rank_zero:
             lock = rundir.acquire(run_dir)
         job = train.prepare(validate(raw), run_dir)
         prepared = True
+        held.let_go(keep=True)
         return run_job(raw, job, run_dir, rank_zero)
     except (KeyboardInterrupt, Interrupted) as err:  # before training (then Preemption saves)
         rundir.release(lock)
@@ -311,6 +344,7 @@ def hydra_main(raw: DictConfig) -> float:
             raise  # a bug or a plug-in's own error: its traceback, the lock released
         return job_failed(exception_line(err), run_dir)
     finally:
+        held.let_go(keep=prepared)
         rundir.release(lock)
         signal.signal(signal.SIGTERM, previous)
 

@@ -277,3 +277,24 @@ def test_resume_command_pastes_into_a_shell_and_hydra(folder, monkeypatch) -> No
     values = {o.key_or_group: o.value() for o in parsed}
     assert values["hydra.run.dir"] == folder and values["data.path"] == "/tmp/my corpus.txt"
     assert values["resume"] == "auto" and len(parsed) == 4
+
+
+# A refused run writes nothing into a folder it does not own.
+
+
+@pytest.mark.parametrize("args", [[], ["resume=auto", "data.batch_size=2"]])
+def test_a_refused_run_leaves_the_folders_log_as_it_was(finished, tmp_path, monkeypatch, args):
+    """The folder holds another run (its cli.log included): the refusal (a fresh start over it,
+    or a resume with a setting that would make it wrong) appends nothing to that log."""
+    run_dir = copy_run(finished, tmp_path)
+    log = run_dir / "cli.log"
+    log.write_text("the earlier run's log\n")
+    assert main(monkeypatch, *args, f"hydra.run.dir={run_dir}") == 2
+    assert log.read_text() == "the earlier run's log\n"
+
+
+def test_a_run_that_starts_keeps_what_it_logged_while_preparing(tmp_path, monkeypatch) -> None:
+    run_dir = tmp_path / "run"
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 0
+    text = (run_dir / "cli.log").read_text()
+    assert "corpus python-stdlib" in text and "model:" in text and "val/bpc:" in text
