@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -124,6 +125,15 @@ def _locked(run_dir: Path, trained: Path) -> None:  # pid 1 is alive: another ru
 
 def _locked_elsewhere(run_dir: Path, trained: Path) -> None:
     (run_dir / ".seqtrain.lock").write_text("4242 node-17.cluster\n")
+
+
+def _stale_elsewhere(run_dir: Path, trained: Path) -> None:
+    _locked_elsewhere(run_dir, trained)
+    days_ago = time.time() - 3 * 24 * 3600
+    os.utime(run_dir / ".seqtrain.lock", (days_ago, days_ago))
+
+
+LOCKED = (_locked, _locked_elsewhere, _stale_elsewhere)  # setups whose lock is another run's
 
 
 def _resume(*args: str) -> Callable[[Path, Path], list[str]]:
@@ -300,6 +310,12 @@ CASES = [Case(*row) for row in CASES] + [
         lambda t, c: [],
         "in use by the run of pid 4242 on node-17.cluster",
         _locked_elsewhere,
+    ),
+    Case(
+        "stale lock of another host",
+        lambda t, c: [],
+        "is 72 h old (stale after SEQTRAIN_LOCK_STALE_HOURS=24): if that run is gone, remove it: rm",
+        _stale_elsewhere,
     ),
     Case(
         "fresh run over a finished run",
@@ -890,7 +906,7 @@ def test_bad_input_is_one_line_and_touches_nothing(
     assert err.startswith("seqtrain: error: ") and "\n" not in err, err
     assert case.message in err, err
     assert files(run_dir) == before  # nothing written, nothing overwritten
-    assert not (run_dir / ".seqtrain.lock").exists() or case.setup in (_locked, _locked_elsewhere)
+    assert not (run_dir / ".seqtrain.lock").exists() or case.setup in LOCKED
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
