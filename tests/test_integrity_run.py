@@ -298,3 +298,24 @@ def test_a_run_that_starts_keeps_what_it_logged_while_preparing(tmp_path, monkey
     assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 0
     text = (run_dir / "cli.log").read_text()
     assert "corpus python-stdlib" in text and "model:" in text and "val/bpc:" in text
+
+
+def test_a_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog) -> None:
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now
+    (tmp_path / rundir.LOCK).write_text(f"{gone.pid} {socket.gethostname()}\n")
+    lock = rundir.acquire(tmp_path)
+    assert lock is not None and rundir.owner(lock) == (os.getpid(), socket.gethostname())
+    assert f"stale lock of pid {gone.pid}" in caplog.text
+    rundir.release(lock)
+    assert not lock.exists()
+
+
+def test_a_bad_stale_age_is_one_line(tmp_path, monkeypatch) -> None:
+    (tmp_path / rundir.LOCK).write_text("4242 node-17.cluster\n")
+    monkeypatch.setenv(rundir.STALE_HOURS, "soon")
+    with pytest.raises(rundir.ConfigError, match="SEQTRAIN_LOCK_STALE_HOURS=soon: must be a posi"):
+        rundir.acquire(tmp_path)
