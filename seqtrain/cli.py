@@ -320,17 +320,18 @@ def hydra_main(raw: DictConfig) -> float:
         prepared = True
         held.let_go(keep=True)
         return run_job(raw, job, run_dir, rank_zero)
-    except (KeyboardInterrupt, Interrupted) as err:  # before training (then Preemption saves)
+    except (KeyboardInterrupt, Interrupted) as err:  # outside training (Preemption's there)
         rundir.release(lock)
         if not prepared:
             rundir.discard_if_empty(run_dir)
         name = "SIGINT" if isinstance(err, KeyboardInterrupt) else str(err)
-        say(
-            f"seqtrain: error: interrupted ({name}) before training started: nothing was saved; "
-            "run the same command again to start",
-            logging.ERROR,
-            sys.stderr,
+        when = "after training" if prepared else "before training started"
+        then = (
+            f"resume with: {resume_command(run_dir)}"
+            if any((run_dir / "checkpoints").glob("last*.ckpt"))
+            else "nothing was saved; run the same command again to start"
         )
+        say(f"seqtrain: error: interrupted ({name}) {when}; {then}", logging.ERROR, sys.stderr)
         sys.exit(128 + int(getattr(signal, name)))  # a sweep stops too, as if killed
     except Exception as err:  # every failure releases the folder and leaves one line
         rundir.release(lock)

@@ -319,3 +319,22 @@ def test_a_bad_stale_age_is_one_line(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(rundir.STALE_HOURS, "soon")
     with pytest.raises(rundir.ConfigError, match="SEQTRAIN_LOCK_STALE_HOURS=soon: must be a posi"):
         rundir.acquire(tmp_path)
+
+
+def test_sigterm_after_training_names_the_resume_command(tmp_path, monkeypatch, capsys) -> None:
+    """SIGTERM once Preemption has handed the signal back (final validation, summary.json):
+    one line with the command that resumes from the saved checkpoint, the lock released."""
+    real = train.write_summary
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "write_summary", terminated)
+    run_dir = tmp_path / "run"
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqtrain: error: interrupted (SIGTERM) after training; resume with: ")
+    assert "\n" not in err and "resume=auto" in err
+    assert not (run_dir / ".seqtrain.lock").exists()
