@@ -447,6 +447,13 @@ def check_run_dir(overrides: list[str]) -> None:
             raise ConfigError(f"{key}={value}: {near} is a file; choose a folder")
         if near is not None and not os.access(near, os.W_OK | os.X_OK):
             raise ConfigError(f"{key}={value}: {near} is not writable; choose another folder")
+        log_file = path / "cli.log"  # Hydra's job log (hydra.job.name is cli), opened first
+        run = key.lstrip("+") == "hydra.run.dir"
+        if run and log_file.exists() and not os.access(log_file, os.W_OK):
+            raise ConfigError(
+                f"{key}={value}: its {log_file.name} is not writable; fix its permissions or "
+                "choose another folder"
+            )
 
 
 def check_command_line(args: argparse.Namespace) -> None:

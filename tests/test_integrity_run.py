@@ -338,3 +338,18 @@ def test_sigterm_after_training_names_the_resume_command(tmp_path, monkeypatch, 
     assert err.startswith("seqtrain: error: interrupted (SIGTERM) after training; resume with: ")
     assert "\n" not in err and "resume=auto" in err
     assert not (run_dir / ".seqtrain.lock").exists()
+
+
+def test_a_read_only_run_log_is_one_line_before_hydra_opens_it(
+    finished, tmp_path, monkeypatch, capsys
+) -> None:
+    """Hydra opens cli.log before seqtrain runs: a read-only one would be Hydra's traceback.
+    (Root writes any file, so the permission is faked through os.access.)"""
+    run_dir = copy_run(finished, tmp_path)
+    (run_dir / "cli.log").write_text("the run's log\n")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p).name != "cli.log" and real(p, mode))
+    assert main(monkeypatch, "resume=auto", f"hydra.run.dir={run_dir}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("its cli.log is not writable; fix its permissions or choose another folder")
+    assert "\n" not in err
