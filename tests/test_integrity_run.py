@@ -22,7 +22,7 @@ import torch.distributed
 from seqtrain import cli, report, rundir, train
 from seqtrain.config import validate
 
-from .conftest import PLUGINS, seqtrain, with_pythonpath
+from .conftest import ENV, PLUGINS, finish, seqtrain, start_run, with_pythonpath
 from .test_config import composed
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
@@ -353,3 +353,46 @@ def test_a_read_only_run_log_is_one_line_before_hydra_opens_it(
     err = capsys.readouterr().err.strip()
     assert err.endswith("its cli.log is not writable; fix its permissions or choose another folder")
     assert "\n" not in err
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (/proc: Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_peer_killed_under_real_ddp_is_one_line_on_the_survivor(tmp_path) -> None:
+    """Two CPU ranks (gloo); rank 1 is SIGKILLed mid-training: rank 0 says so in one line."""
+    args = [
+        *TINY,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000",
+        "trainer.ddp_timeout=60",
+        "trainer.progress_every=1",
+    ]
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    proc = start_run(tmp_path / "run", args, env)
+    for line in proc.stdout:
+        if "step " in line:  # both ranks train
+            break
+    peers = children(proc.pid)
+    assert peers, "no rank 1 process"
+    for pid in peers:
+        os.kill(pid, signal.SIGKILL)
+    code, _, err = finish(proc)
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "seqtrain: error: DDP: another rank stopped during training" in err, err[-3000:]
+    assert not (tmp_path / "run" / ".seqtrain.lock").exists()
