@@ -232,37 +232,34 @@ def disk_line(err: OSError, run_dir: Path) -> str:
     return f"cannot write {err.filename or run_dir} ({reason}); free space or fix it, then {then}"
 
 
-def guard_log_files() -> None:
-    """Hydra's job log (cli.log) on a full disk or gone read-only: one WARNING line, then the log
-    goes on on the console only (logging would print a traceback for every record)."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-
-        def failed(record: logging.LogRecord, handler: logging.Handler = handler) -> None:
-            root.removeHandler(handler)
-            err = sys.exc_info()[1]
-            reason = getattr(err, "strerror", None) or str(err)
-            print(
-                f"seqtrain: warning: cannot write {handler.baseFilename} ({reason}); the log "
-                "goes on on the console only",
-                file=sys.stderr,
-            )
-
-        handler.handleError = failed
-
-
 class HeldLog(logging.Handler):
     """Hydra's job log (cli.log) held back until the run is known to start: a run refused because
-    its folder is another run's (or its input is bad) writes nothing into that folder's log."""
+    its folder is another run's (or its input is bad) writes nothing into that folder's log.
+
+    A log file that cannot be written (a full disk, gone read-only) is one warning line, then the
+    console only: logging itself would print a traceback for every record."""
 
     def __init__(self) -> None:
         super().__init__()
         self.records: list[logging.LogRecord] = []
         self.root = logging.getLogger()
         self.files = [h for h in self.root.handlers if isinstance(h, logging.FileHandler)]
+        self.broken: list[logging.Handler] = []
         for handler in self.files:
             self.root.removeHandler(handler)
+            handler.handleError = lambda record, handler=handler: self.fail(handler)
         self.root.addHandler(self)
+
+    def fail(self, handler: logging.FileHandler) -> None:
+        self.root.removeHandler(handler)
+        if handler not in self.broken:
+            self.broken.append(handler)
+            err = sys.exc_info()[1]
+            print(
+                f"seqtrain: warning: cannot write {handler.baseFilename} "
+                f"({getattr(err, 'strerror', None) or err}); the log goes on on the console only",
+                file=sys.stderr,
+            )
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
@@ -273,11 +270,13 @@ class HeldLog(logging.Handler):
         if self not in self.root.handlers:
             return
         self.root.removeHandler(self)
-        if keep:
-            for handler in self.files:
-                for record in self.records:
-                    if record.levelno >= handler.level:
-                        handler.handle(record)
+        for handler in self.files if keep else []:
+            for record in self.records:
+                if handler in self.broken:
+                    break
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            if handler not in self.broken:
                 self.root.addHandler(handler)
         self.records.clear()
 
@@ -310,7 +309,6 @@ def hydra_main(raw: DictConfig) -> float:
     # Under DDP every rank runs this function; one of them owns the folder, speaks and writes.
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     lock, prepared = None, False
-    guard_log_files()
     held = HeldLog()
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
