@@ -276,7 +276,7 @@ def available_memory(cfg: Config) -> tuple[int, str] | None:
     if tr.accelerator in ("gpu", "cuda") or (
         tr.accelerator == "auto" and torch.cuda.is_available()
     ):
-        return torch.cuda.mem_get_info()[1], "GPU memory"
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"  # no context
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -525,8 +525,8 @@ def measured_earlier(job: Job, step: int) -> dict:
         return {**{key: old[key] for key in UPDATE_FIGURES}, "figures_from": str(earlier)}
     return {
         **dict.fromkeys(UPDATE_FIGURES),
-        "figures_note": f"no update ran: resumed at step {step} = trainer.max_steps, and no "
-        "summary.json of that step holds the run's throughput and memory figures",
+        "figures_note": f"no update ran in this process (it ended at step {step}, where it "
+        "began), and no summary.json of that step holds the run's throughput and memory",
     }
 
 
@@ -565,7 +565,7 @@ def write_summary(
         "host_rss_bytes": host_rss_bytes(),  # the process's resident high-water mark
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
-    if parts.throughput.tokens == 0:  # resumed at trainer.max_steps: no update ran here
+    if parts.throughput.tokens == 0:  # resumed at trainer.max_steps (or stopped before an update)
         summary.update(measured_earlier(job, trainer.global_step))
     preemption = parts.preemption
     if preemption.received is not None:
