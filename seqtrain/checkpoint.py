@@ -34,6 +34,10 @@ RESUME_KEYS = ("state_dict", "global_step", "optimizer_states", "seqtrain")
 def read(path: str | Path) -> dict:
     """Load a checkpoint file as plain data (weights_only: no code runs from the file)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        newest = p / "checkpoints" / "last.ckpt"
+        hint = f"e.g. ckpt={newest}" if newest.is_file() else "a .ckpt file in it"
+        raise CheckpointError(f"ckpt={path}: is a folder; name a checkpoint file: {hint}")
     if not p.is_file():
         raise CheckpointError(f"ckpt={path}: no such file")
     try:

@@ -11,9 +11,11 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
+import traceback
 import urllib.parse
 from pathlib import Path
 from typing import TextIO
@@ -129,13 +131,26 @@ def record_config(raw: DictConfig, run_dir: Path) -> None:
         raise ConfigError(f"hydra.run.dir={run_dir}: cannot write .hydra/ ({reason})") from None
 
 
+def hydra_value(text: str) -> str:
+    """A string as a Hydra override value: as it is when Hydra reads it back unchanged, else in
+    double quotes (a comma would make a sweep, a quote or a bracket a parse error)."""
+    if re.fullmatch(r"[\w/.\-+@: ]+", text) and text == text.strip():
+        return text
+    # Hydra reads a backslash as an escape only before a quote (or the closing one)
+    escaped = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, text).replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def resume_command(run_dir: Path) -> str:
+    """The command that continues this run, to paste into a shell: each argument shell-quoted,
+    the folder quoted for Hydra too."""
     overrides = [
         o
         for o in HydraConfig.get().overrides.task
         if not o.startswith(("resume=", "ckpt_path=", "hydra.run.dir="))
     ]
-    return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
+    args = [*overrides, "resume=auto", f"hydra.run.dir={hydra_value(str(run_dir))}"]
+    return " ".join(["python -m seqtrain", *map(shlex.quote, args)])
 
 
 # The folders of the sweep jobs that failed (a failed job does not stop a sweep): those run in
@@ -171,6 +186,11 @@ def job_failed(message: str, run_dir: Path) -> float:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_atomic(run_dir / "error.txt", message + "\n")
+        record = run_dir / ".hydra" / "overrides.yaml"
+        if not record.parent.exists():  # a job refused early: its own overrides for the report
+            record.parent.mkdir()
+            task = list(HydraConfig.get().overrides.task)
+            rundir.write_atomic(record, OmegaConf.to_yaml(OmegaConf.create(task)))
     except OSError:
         pass  # the stderr line is the record then
     FAILED_JOBS.append(run_dir)
@@ -189,6 +209,87 @@ def tensorboard_url(monitor: str, base: str = "http://localhost:6006") -> str:
     return f"{base}/?pinnedCards={urllib.parse.quote(pins)}#timeseries"
 
 
+# A disk that is full or refuses the write: the user's to fix, so one line, not a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def disk_line(err: OSError, run_dir: Path) -> str:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+    then = (
+        f"resume with: {resume_command(run_dir)}"
+        if any((run_dir / "checkpoints").glob("*.ckpt"))
+        else "run the command again"
+    )
+    return f"cannot write {err.filename or run_dir} ({reason}); free space or fix it, then {then}"
+
+
+class HeldLog(logging.Handler):
+    """Hydra's job log (cli.log) held back until the run is known to start: a run refused because
+    its folder is another run's (or its input is bad) writes nothing into that folder's log.
+
+    A log file that cannot be written (a full disk, gone read-only) is one warning line, then the
+    console only: logging itself would print a traceback for every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.root = logging.getLogger()
+        self.files = [h for h in self.root.handlers if isinstance(h, logging.FileHandler)]
+        self.broken: list[logging.Handler] = []
+        for handler in self.files:
+            self.root.removeHandler(handler)
+            handler.handleError = lambda record, handler=handler: self.fail(handler)
+        self.root.addHandler(self)
+
+    def fail(self, handler: logging.FileHandler) -> None:
+        self.root.removeHandler(handler)
+        if handler not in self.broken:
+            self.broken.append(handler)
+            err = sys.exc_info()[1]
+            print(
+                f"seqtrain: warning: cannot write {handler.baseFilename} "
+                f"({getattr(err, 'strerror', None) or err}); the log goes on on the console only",
+                file=sys.stderr,
+            )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def let_go(self, keep: bool) -> None:
+        """The run starts (keep: the held lines go to the log, which stays attached) or was
+        refused (the lines are dropped and the log stays detached). Only the first call acts."""
+        if self not in self.root.handlers:
+            return
+        self.root.removeHandler(self)
+        for handler in self.files if keep else []:
+            for record in self.records:
+                if handler in self.broken:
+                    break
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            if handler not in self.broken:
+                self.root.addHandler(handler)
+        self.records.clear()
+
+
+class Interrupted(BaseException):
+    """SIGTERM before training (Preemption owns the signals once training runs): unwinds like
+    Ctrl-C's KeyboardInterrupt, so temp files are removed and the lock released on the way out."""
+
+
+def raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def exception_line(err: BaseException) -> str:
+    """A plain exception (a user's plug-in, a bug) in one line: its type, its message's first
+    line and the frame that raised it, which is the plug-in's own when the error is in its code."""
+    text = str(err).strip().splitlines()
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {text[0] if text else ''}{where}"
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
@@ -198,21 +299,44 @@ def hydra_main(raw: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Under DDP every rank runs this function; one of them owns the folder, speaks and writes.
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
-    lock = None
+    lock, prepared = None, False
+    held = HeldLog()
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if rank_zero:
             lock = rundir.acquire(run_dir)
         job = train.prepare(validate(raw), run_dir)
-    except SeqtrainError as err:
-        rundir.release(lock)
-        rundir.discard_if_empty(run_dir)
-        return job_failed(str(err), run_dir)
-    try:
+        prepared = True
+        held.let_go(keep=True)
         return run_job(raw, job, run_dir, rank_zero)
-    except SeqtrainError as err:
-        return job_failed(str(err), run_dir)
-    finally:
+    except (KeyboardInterrupt, Interrupted) as err:  # outside training (Preemption's there)
         rundir.release(lock)
+        if not prepared:
+            rundir.discard_if_empty(run_dir)
+        name = "SIGINT" if isinstance(err, KeyboardInterrupt) else str(err)
+        when = "after training" if prepared else "before training started"
+        then = (
+            f"resume with: {resume_command(run_dir)}"
+            if any((run_dir / "checkpoints").glob("last*.ckpt"))
+            else "nothing was saved; run the same command again to start"
+        )
+        say(f"seqtrain: error: interrupted ({name}) {when}; {then}", logging.ERROR, sys.stderr)
+        sys.exit(128 + int(getattr(signal, name)))  # a sweep stops too, as if killed
+    except Exception as err:  # every failure releases the folder and leaves one line
+        rundir.release(lock)
+        if not prepared:
+            rundir.discard_if_empty(run_dir)
+        if isinstance(err, SeqtrainError):
+            return job_failed(str(err), run_dir)
+        if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+            return job_failed(disk_line(err, run_dir), run_dir)
+        if not train.in_multirun():
+            raise  # a bug or a plug-in's own error: its traceback, the lock released
+        return job_failed(exception_line(err), run_dir)
+    finally:
+        held.let_go(keep=prepared)
+        rundir.release(lock)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
@@ -233,7 +357,9 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
         if job.finished:
             say(f"\n{run_dir} had finished: nothing to train; its results are unchanged")
         say(f"\nrun directory: {run_dir}")
-        say(f"{summary['monitor']}: {objective:.4f}  ({summary['tokens_per_s']:,.0f} tokens/s)")
+        speed = summary["tokens_per_s"]
+        rate = "no update ran: no throughput" if speed is None else f"{speed:,.0f} tokens/s"
+        say(f"{summary['monitor']}: {objective:.4f}  ({rate})")
         say(f"tensorboard --logdir {run_dir}")
         say(f"  then open {tensorboard_url(summary['monitor'])}")
     return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression
@@ -253,8 +379,14 @@ def composition_error(err: Exception) -> ConfigError:
         if "not in struct" in str(cause) or "not in" in str(cause).splitlines()[0]:
             return unknown_key(cause.full_key)
         return ConfigError(f"{cause.full_key}: {str(cause).splitlines()[0]}")
-    # An error inside a config file: Hydra folds the OmegaConf error into its text.
     text = str(err).strip()
+    append = re.search(r"To append to your default list use (\S+)", text)
+    if append:  # a group outside the defaults list (experiment, debug) is added with +
+        group = append.group(1).lstrip("+").partition("=")[0]
+        return ConfigError(
+            f"{group}: not in the base config's defaults list; add it with a +: {append.group(1)}"
+        )
+    # An error inside a config file: Hydra folds the OmegaConf error into its text.
     where = re.match(r"In '([^']+)'", text)
     key = re.search(r"full_key: (\S+)", text)
     lines = text.splitlines()
@@ -301,12 +433,24 @@ def check_run_dir(overrides: list[str]) -> None:
         key, _, value = override.partition("=")
         if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or "$" in value:
             continue
-        path = Path(value.strip("'\"")).expanduser()
+        path = Path(value.strip("'\""))
+        if path.parts and path.parts[0].startswith("~"):  # Hydra would make a folder named ~
+            raise ConfigError(
+                f"{key}={value}: Hydra does not expand ~; write the folder out: "
+                f"{key}={path.expanduser()}"
+            )
         near = next((p for p in (path, *path.parents) if p.exists()), None)
         if near is not None and not near.is_dir():
             raise ConfigError(f"{key}={value}: {near} is a file; choose a folder")
         if near is not None and not os.access(near, os.W_OK | os.X_OK):
             raise ConfigError(f"{key}={value}: {near} is not writable; choose another folder")
+        log_file = path / "cli.log"  # Hydra's job log (hydra.job.name is cli), opened first
+        run = key.lstrip("+") == "hydra.run.dir"
+        if run and log_file.exists() and not os.access(log_file, os.W_OK):
+            raise ConfigError(
+                f"{key}={value}: its {log_file.name} is not writable; fix its permissions or "
+                "choose another folder"
+            )
 
 
 def check_command_line(args: argparse.Namespace) -> None:

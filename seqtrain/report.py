@@ -189,8 +189,9 @@ def _fmt(value, spec: str) -> str:
 
 def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
     done = [j for j in report.jobs if j.figure("val_bpc") is not None]
-    speed = [(j.figure("tokens_per_s") or 0.0, j.figure("val_bpc")) for j in done]
-    starred = {done[i].path for i in pareto(speed, more_is_better=True)}
+    timed = [j for j in done if j.figure("tokens_per_s") is not None]  # null: no update ran
+    speed = [(j.figure("tokens_per_s"), j.figure("val_bpc")) for j in timed]
+    starred = {timed[i].path for i in pareto(speed, more_is_better=True)}
     lines = [f"# Sweep report: {root}", ""]
     lines.append(f"{len(report.jobs)} jobs, {len(done)} with a final val bpc.")
     if report.common:

@@ -4,7 +4,8 @@ Two runs writing one folder overwrite each other's checkpoints, summary.json and
 mix two models under the same TensorBoard tags, so the second is refused in one line. The lock
 holds the owner's pid and host: a lock of a dead process on this host is stale (the run was
 killed) and is taken over, with a warning; one from another host cannot be checked, so it is
-refused with the path to delete once that run is known to be gone.
+refused with the command that removes it once that run is known to be gone, and called stale when
+it is older than SEQTRAIN_LOCK_STALE_HOURS (24 by default).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -44,6 +47,40 @@ def owner(lock: Path) -> tuple[int, str] | None:
         return None
 
 
+STALE_HOURS = "SEQTRAIN_LOCK_STALE_HOURS"  # another host's lock older than this is called stale
+
+
+def stale_hours() -> float:
+    value = os.environ.get(STALE_HOURS, "24")
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1.0
+    if not hours > 0:
+        raise ConfigError(f"{STALE_HOURS}={value}: must be a positive number of hours")
+    return hours
+
+
+def other_host(run_dir: Path, lock: Path, pid: int, host: str) -> str:
+    """Another host's process cannot be checked from here: its lock's age tells a live run (it
+    was taken when the run started; a run lasts hours) from a lock left by a killed one."""
+    try:
+        hours = (time.time() - lock.stat().st_mtime) / 3600
+    except OSError:
+        hours = 0.0
+    limit = stale_hours()
+    if hours > limit:
+        return (
+            f"hydra.run.dir={run_dir}: its lock {lock} of pid {pid} on {host} is {hours:.0f} h "
+            f"old (stale after {STALE_HOURS}={limit:g}): if that run is gone, remove it: "
+            f"rm {shlex.quote(str(lock))}"
+        )
+    return (
+        f"hydra.run.dir={run_dir}: in use by the run of pid {pid} on {host} (lock {lock}, taken "
+        f"{hours:.1f} h ago); wait for it, or if that run is gone: rm {shlex.quote(str(lock))}"
+    )
+
+
 def acquire(run_dir: Path) -> Path | None:
     """Take run_dir's lock; the lock path, or None when this process's parent holds it (a
     multirun job run in its own process, train.fit_in_own_process). Raises ConfigError when
@@ -68,7 +105,9 @@ def acquire(run_dir: Path) -> Path | None:
             pid, host = held
             if host == socket.gethostname() and pid == os.getppid():
                 return None  # our parent process runs this job and holds the folder
-            if host != socket.gethostname() or alive(pid):
+            if host != socket.gethostname():
+                raise ConfigError(other_host(run_dir, lock, pid, host)) from None
+            if alive(pid):
                 raise ConfigError(
                     f"hydra.run.dir={run_dir}: in use by the run of pid {pid} on {host} "
                     f"(lock {lock}); wait for it, or choose another hydra.run.dir"

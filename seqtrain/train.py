@@ -48,7 +48,7 @@ from seqtrain.data import Corpus, DataSpec, Streams, eval_loader, load_splits, t
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.memory import cache_host_memory, plan_memory
 from seqtrain.module import MIB, SequenceModule, host_rss_bytes
-from seqtrain.tasks import build_task
+from seqtrain.tasks import Task, build_model, build_task
 
 log = logging.getLogger("seqtrain")
 FILE_KEYS = ("path", "doc_starts_path", "tokenizer_file")  # data.* files kept as absolute paths
@@ -180,11 +180,33 @@ def check_machine(cfg: Config) -> None:
             raise ConfigError("trainer.precision=bf16-mixed: this GPU has no bfloat16; use 32-true")
     if tr.accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: this machine has no MPS device; use cpu")
+    check_rank_environment()
     if tr.num_nodes > 1 and not ranks_started_elsewhere():
         raise ConfigError(
             f"trainer.num_nodes={tr.num_nodes}: no cluster launcher started the other nodes "
             "(SLURM or torchrun); start the run through one (docs/scaleout.md) or use "
             "trainer.num_nodes=1"
+        )
+
+
+# What a launcher that starts the ranks itself sets beside LOCAL_RANK (Lightning's ddp children
+# and any hand-made launch need all of them; SLURM and torchrun are detected on their own).
+RANK_VARIABLES = ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_rank_environment() -> None:
+    """LOCAL_RANK alone (a leftover of another launcher in the shell) makes Lightning take this
+    process for one rank of a started job and wait trainer.ddp_timeout for the others, silently."""
+    if "LOCAL_RANK" not in os.environ or SLURMEnvironment.detect():
+        return
+    if TorchElasticEnvironment.detect():
+        return
+    missing = [name for name in RANK_VARIABLES if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"LOCAL_RANK={os.environ['LOCAL_RANK']} is set in the environment but "
+            f"{', '.join(missing)} not: a leftover of another launcher? unset LOCAL_RANK "
+            "(seqtrain starts the ranks of trainer.devices itself)"
         )
 
 
@@ -205,6 +227,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
                 f"ckpt={resume_from} holds the streams and state of {ranks} rank(s); resume "
                 f"with trainer.devices x trainer.num_nodes = {ranks} (this run has {world})"
             )
+        check_max_steps(ckpt, cfg, resume_from)
     streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
     saved = None if ckpt is None else spec_of(ckpt)  # resume: the run's own tokenizer, not refit
     data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
@@ -216,6 +239,7 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         )
     task = build_task(cfg.task, spec)
     task.check_model(cfg.model)  # what needs the data: lm's cutoffs against the vocabulary
+    check_model_fits(cfg, task)
     if cfg.trainer.sample_length and not task.generates_text:
         raise ConfigError(
             f"trainer.sample_length={cfg.trainer.sample_length}: task.name={cfg.task.name} "
@@ -226,9 +250,67 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         check_resumable(ckpt, cfg, spec, resume_from)
         start_window = ckpt["seqtrain"]["windows"]
         finished = (
-            ckpt["global_step"] >= cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
+            ckpt["global_step"] == cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
         )
     return Job(cfg, run_dir, splits, spec, resume_from, start_window, finished, data.prompt)
+
+
+def check_max_steps(ckpt: dict, cfg: Config, resume_from: Path) -> None:
+    """A checkpoint past trainer.max_steps: Lightning would train nothing and the summary would
+    present the checkpoint as a run of trainer.max_steps updates."""
+    step = ckpt.get("global_step", 0)
+    if step > cfg.trainer.max_steps:
+        raise ConfigError(
+            f"trainer.max_steps={cfg.trainer.max_steps}: below the step of ckpt={resume_from} "
+            f"({step}); raise trainer.max_steps to train on, or measure it with "
+            f"python -m seqtrain.evaluate ckpt={resume_from}"
+        )
+
+
+def available_memory(cfg: Config) -> tuple[int, str] | None:
+    """Bytes the run's weights can live in and where that figure comes from: the GPU's memory
+    when training on CUDA, else the host's MemAvailable; None when it cannot be known."""
+    import torch
+
+    tr = cfg.trainer
+    if tr.accelerator in ("gpu", "cuda") or (
+        tr.accelerator == "auto" and torch.cuda.is_available()
+    ):
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"  # no context
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free memory"
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_fits(cfg: Config, task: Task) -> None:
+    """A model whose weights and gradients alone exceed the memory there is would fail in the
+    allocator after the corpus loaded (or swap the machine to a halt): one line before that. The
+    model is built on the meta device, which allocates nothing."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, task)
+    except Exception:  # noqa: BLE001 - a plug-in cell that cannot be built on meta: not checked
+        return
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = available_memory(cfg)
+    if available is None or 2 * weights <= available[0]:
+        return
+    m = cfg.model
+    raise ConfigError(
+        f"model.hidden_size={m.hidden_size}, model.num_layers={m.num_layers}: "
+        f"{weights / 1e9:,.1f} GB of weights, and training needs at least twice that (weights "
+        f"and gradients); this machine has {available[0] / 1e9:,.1f} GB ({available[1]}); "
+        "lower model.hidden_size or model.num_layers"
+    )
 
 
 def ranks_started_elsewhere() -> bool:
@@ -423,14 +505,52 @@ def run(
             ckpt_path=job.resume_from,
             weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
         )
-    except torch.distributed.DistError as err:  # a peer that never came, or died
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except RuntimeError as err:  # a peer that died mid-collective, or never came
+        if peer_lost(err):
+            raise SeqtrainError(
+                f"DDP: another rank stopped during training ({one_line(err)}); its own output "
+                "says why; resume with resume=auto once it is fixed"
+            ) from None
+        if not isinstance(err, torch.distributed.DistError):
+            raise
         raise SeqtrainError(
             f"DDP: the ranks did not all answer within trainer.ddp_timeout="
-            f"{job.cfg.trainer.ddp_timeout:g} s ({first}); start every rank (SLURM: one task "
-            "per device), or check MASTER_ADDR and MASTER_PORT"
+            f"{job.cfg.trainer.ddp_timeout:g} s ({one_line(err)}); start every rank (SLURM: one "
+            "task per device), or check MASTER_ADDR and MASTER_PORT"
         ) from None
     return time.perf_counter() - start
+
+
+# What only updates measure: a process that ran none has none of these figures of its own.
+UPDATE_FIGURES = ("train_seconds", "tokens_per_s", "saved_bytes", "peak_bytes")
+
+
+def measured_earlier(job: Job, step: int) -> dict:
+    """The update figures of a resume that trained nothing: those of the summary the checkpoint's
+    own run wrote at the same step, or null with the reason (never the zeros of no updates)."""
+    earlier = None if job.resume_from is None else job.resume_from.parent.parent / "summary.json"
+    try:
+        old = json.loads(earlier.read_text()) if earlier is not None else {}
+    except (OSError, ValueError):
+        old = {}
+    if old.get("steps") == step and all(key in old for key in UPDATE_FIGURES):
+        return {**{key: old[key] for key in UPDATE_FIGURES}, "figures_from": str(earlier)}
+    return {
+        **dict.fromkeys(UPDATE_FIGURES),
+        "figures_note": f"no update ran in this process (it ended at step {step}, where it "
+        "began), and no summary.json of that step holds the run's throughput and memory",
+    }
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def peer_lost(err: RuntimeError) -> bool:
+    """gloo's and NCCL's words for a rank that died mid-collective (killed, out of memory)."""
+    words = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was")
+    return any(word in str(err) for word in words)
 
 
 def write_summary(
@@ -457,6 +577,8 @@ def write_summary(
         "host_rss_bytes": host_rss_bytes(),  # the process's resident high-water mark
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
     }
+    if parts.throughput.tokens == 0:  # resumed at trainer.max_steps (or stopped before an update)
+        summary.update(measured_earlier(job, trainer.global_step))
     preemption = parts.preemption
     if preemption.received is not None:
         return {
@@ -479,9 +601,10 @@ def write_summary(
             monitor: module.last_val[monitor],  # the task's figure: val/bpc for lm
             # every tokenizer's common scale (lm), for HParams rows that compare tokenizers
             **{k: v for k, v in module.last_val.items() if k == "val/bits_per_byte"},
-            "perf/tokens_per_s": summary["tokens_per_s"],  # the run's, validation excluded
             "memory/host_rss_MiB": summary["host_rss_bytes"] / MIB,
         }
+        if summary["tokens_per_s"] is not None:  # the run's, validation excluded
+            metrics["perf/tokens_per_s"] = summary["tokens_per_s"]
         if summary.get("peak_bytes") is not None:
             metrics["memory/peak_MiB"] = summary["peak_bytes"] / MIB
         trainer_extras.log_final(trainer.loggers, hparams(cfg), metrics, trainer.global_step)

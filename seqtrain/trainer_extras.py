@@ -7,12 +7,16 @@ optimisation are refused with the seqtrain key to use instead.
 
 from __future__ import annotations
 
+import errno
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
 from seqtrain import targets
 from seqtrain.errors import ConfigError
+
+log = logging.getLogger("seqtrain")
 
 
 def tensorboard() -> dict[str, Any]:
@@ -47,6 +51,14 @@ REFUSED = {
     "plugins": "seqtrain's checkpoint plugin writes atomically; it is not replaceable",
     "use_distributed_sampler": "the streams are split by rank already",
     "default_root_dir": "the run directory is hydra.run.dir",
+    # The val figure is what best.ckpt, summary.json and a sweeper go by; the train stream is
+    # one pass of carried state whose cursor a checkpoint records: an epoch cut short restarts it.
+    "limit_val_batches": "the val figure is taken over the whole val split (best.ckpt and "
+    "summary.json go by it); validate less often with trainer.val_check_interval",
+    "limit_train_batches": "an epoch cut short restarts the train stream on the same windows; "
+    "use trainer.max_steps",
+    "overfit_batches": "it trains on the same windows over and over; use a small data.max_bytes",
+    "fast_dev_run": "it switches off checkpoints and validation; use +debug=tiny",
 }
 
 
@@ -76,6 +88,78 @@ def check(logger: dict[str, Any], callbacks: dict[str, Any]) -> None:
         targets.check(f"callbacks.{name}", node)
 
 
+class Switched:
+    """A failed logger's `experiment`: every call is a no-op (its curves stop, the run goes on)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+# The Logger methods that write; one OSError in any of them switches the logger off.
+WRITES = (
+    "log_metrics",
+    "log_hyperparams",
+    "log_graph",
+    "save",
+    "finalize",
+    "after_save_checkpoint",
+)
+
+
+def disk_reason(err: OSError) -> str:
+    return "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+
+
+def guarded(logger: Any, key: str) -> Any:
+    """The logger, made to fail in one line: a full disk or a read-only folder hit by its writer
+    (TensorBoard's events, a CSV file) is one WARNING, then the logger is off for the rest of the
+    run; training and its checkpoints go on where the disk allows. Its class stays a subclass of
+    the logger's, so isinstance checks still hold."""
+    base = type(logger)
+    failed: list[OSError] = []
+
+    def switch_off(err: OSError) -> None:
+        if not failed:
+            failed.append(err)
+            log.warning(
+                "logger.%s: cannot write %s (%s); its curves stop here, training and checkpoints "
+                "go on",
+                key,
+                err.filename or "its files",
+                disk_reason(err),
+            )
+
+    def wrap(name: str):
+        method = getattr(base, name)
+
+        def call(self, *args, **kwargs):
+            if failed:
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as err:
+                switch_off(err)
+                return None
+
+        return call
+
+    def experiment(self):
+        if failed:
+            return Switched()
+        try:
+            return super(cls, self).experiment
+        except OSError as err:
+            switch_off(err)
+            return Switched()
+
+    methods = {name: wrap(name) for name in WRITES if hasattr(base, name)}
+    methods["experiment"] = property(experiment)
+    methods["switched_off"] = property(lambda self: bool(failed))
+    cls = type(base.__name__, (base,), methods)
+    logger.__class__ = cls
+    return logger
+
+
 def build_loggers(logger: dict[str, Any], run_dir: Path, first_step: int = 0) -> list:
     """The configured loggers, each writing under the run directory.
 
@@ -90,7 +174,7 @@ def build_loggers(logger: dict[str, Any], run_dir: Path, first_step: int = 0) ->
         given: dict[str, Any] = {"save_dir": run_dir}
         if issubclass(targets.locate(f"logger.{key}", node["_target_"]), TensorBoardLogger):
             given["purge_step"] = first_step
-        built.append(targets.build(node, **given))
+        built.append(guarded(targets.build(node, **given), key))
     return built
 
 
@@ -110,8 +194,13 @@ def log_final(loggers: list, params: dict[str, Any], metrics: dict[str, float], 
     from lightning.pytorch.loggers import TensorBoardLogger  # Lightning only once training ran
 
     for logger in loggers:
+        if getattr(logger, "switched_off", False):  # its disk failed: said once already
+            continue
         if isinstance(logger, TensorBoardLogger):
-            write_hparams(Path(logger.log_dir) / "final", params, metrics, step)
+            try:
+                write_hparams(Path(logger.log_dir) / "final", params, metrics, step)
+            except OSError as err:
+                log.warning("TensorBoard: cannot write the HParams row (%s)", disk_reason(err))
         elif "metrics" in inspect.signature(logger.log_hyperparams).parameters:
             logger.log_hyperparams(params, metrics)
         else:

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -125,6 +126,15 @@ def _locked_elsewhere(run_dir: Path, trained: Path) -> None:
     (run_dir / ".seqtrain.lock").write_text("4242 node-17.cluster\n")
 
 
+def _stale_elsewhere(run_dir: Path, trained: Path) -> None:
+    _locked_elsewhere(run_dir, trained)
+    days_ago = time.time() - 3 * 24 * 3600
+    os.utime(run_dir / ".seqtrain.lock", (days_ago, days_ago))
+
+
+LOCKED = (_locked, _locked_elsewhere, _stale_elsewhere)  # setups whose lock is another run's
+
+
 def _resume(*args: str) -> Callable[[Path, Path], list[str]]:
     return lambda t, c: ["resume=auto", *args]
 
@@ -155,6 +165,11 @@ CASES = [
         "config typo",
         lambda t, c: ["model.hiden_size=3"],
         "model.hiden_size is not a key; 'model' takes:",
+    ),
+    (
+        "experiment without +",
+        lambda t, c: ["experiment=char_lm"],
+        "experiment: not in the base config's defaults list; add it with a +: +experiment=char_lm",
     ),
     ("unknown group option", lambda t, c: ["data=wiki"], "data=wiki: no such option; choose from"),
     (
@@ -210,6 +225,16 @@ CASES = [
         "ckpt=/no/such.ckpt: no such file",
     ),
     (
+        "checkpoint path is a folder",
+        lambda t, c: [f"ckpt_path={c.parent.parent}"],
+        "is a folder; name a checkpoint file: e.g. ckpt=",
+    ),
+    (
+        "model too large for the memory",
+        lambda t, c: ["model.hidden_size=100000"],
+        "model.hidden_size=100000, model.num_layers=1: 160.1 GB of weights",
+    ),
+    (
         "truncated checkpoint",
         lambda t, c: [f"ckpt_path={_file(t, 'cut.ckpt', c.read_bytes()[:5000])}"],
         "not a readable checkpoint",
@@ -245,6 +270,17 @@ CASES = [
         "trainer.gradient_clip_val: not settable in seqtrain: the module clips by hand",
     ),
     (
+        "validation switched off",
+        lambda t, c: ["+trainer.limit_val_batches=0"],
+        "trainer.limit_val_batches: not settable in seqtrain: the val figure is taken over the "
+        "whole val split",
+    ),
+    (
+        "train epoch cut short",
+        lambda t, c: ["+trainer.limit_train_batches=2"],
+        "trainer.limit_train_batches: not settable in seqtrain: an epoch cut short restarts",
+    ),
+    (
         "not a Trainer argument",
         lambda t, c: ["+trainer.clip=1"],
         "trainer.clip is not a lightning.Trainer argument",
@@ -273,6 +309,12 @@ CASES = [Case(*row) for row in CASES] + [
         lambda t, c: [],
         "in use by the run of pid 4242 on node-17.cluster",
         _locked_elsewhere,
+    ),
+    Case(
+        "stale lock of another host",
+        lambda t, c: [],
+        "is 72 h old (stale after SEQTRAIN_LOCK_STALE_HOURS=24): if that run is gone, remove it: rm",
+        _stale_elsewhere,
     ),
     Case(
         "fresh run over a finished run",
@@ -304,11 +346,22 @@ CASES = [Case(*row) for row in CASES] + [
         "is a file; choose a folder",
     ),
     Case(
+        "run folder with ~",
+        lambda t, c: ["hydra.run.dir='~/seqtrain-run'"],
+        "hydra.run.dir='~/seqtrain-run': Hydra does not expand ~; write the folder out",
+    ),
+    Case(
         "run folder under a file",
         lambda t, c: [f"hydra.run.dir={_file(t, 'afile', b'x')}/run"],
         "is a file; choose a folder",
     ),
     # Resume refuses what would make it wrong (docs/reliability.md has the table of settings).
+    Case(
+        "resume past trainer.max_steps",
+        _resume("trainer.max_steps=3"),
+        "trainer.max_steps=3: below the step of ckpt=",
+        _holds_run,
+    ),
     Case(
         "resume with another batch size",
         _resume("data.batch_size=2"),
@@ -852,7 +905,7 @@ def test_bad_input_is_one_line_and_touches_nothing(
     assert err.startswith("seqtrain: error: ") and "\n" not in err, err
     assert case.message in err, err
     assert files(run_dir) == before  # nothing written, nothing overwritten
-    assert not (run_dir / ".seqtrain.lock").exists() or case.setup in (_locked, _locked_elsewhere)
+    assert not (run_dir / ".seqtrain.lock").exists() or case.setup in LOCKED
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
