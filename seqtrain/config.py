@@ -24,6 +24,7 @@ from seqtrain.data import (
     VARY_MIN,
     VARY_SD,
     DataConfig,
+    check_data_keys,
     names_token_array,
 )
 from seqtrain.errors import ConfigError
@@ -171,6 +172,7 @@ def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
     _require(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, positive)
     if not saved:
         check_tokenizer(d)
+    check_data_keys(d)  # symlink loops; keys the source does not read
     _require(
         d.reader is None or d.reader in READERS,
         "data.reader",
