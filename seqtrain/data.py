@@ -777,7 +777,7 @@ def tokenize(
             texts = (text for _, text in progress.track(text_blocks(raw["train"])))
             with stop_on_sigterm():
                 tokenizer = kind.fit(texts, cfg)
-            state = tokenizer.state()
+            state = plain_state(tokenizer, name)
             log.info(
                 "%s tokenizer fitted on the train split in %.1fs: %s tokens",
                 name,
@@ -802,6 +802,19 @@ def tokenize(
 
 
 STARTED = time.time()  # this process's start: a temporary file older than it is no write of ours
+
+
+def plain_state(tokenizer: Tokenizer, name: str) -> dict:
+    """The fitted tokenizer's state(), which the cache and every checkpoint keep as JSON."""
+    state = tokenizer.state()
+    try:
+        canonical(state)
+    except (TypeError, ValueError) as err:
+        raise DataError(
+            f"data.tokenizer={name}: its state() is not JSON data ({err}); return dicts, "
+            "lists, strings and numbers"
+        ) from None
+    return state
 
 
 def canonical(state: dict) -> bytes:

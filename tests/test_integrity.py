@@ -140,12 +140,14 @@ def test_a_plugin_version_attribute_is_its_code_version() -> None:
     [
         ("Wraps", "encode gave id 273, outside its vocab_size=256 (ids 0..255)"),
         ("Floats", "encode gave a float32 array of shape"),
+        ("Unsaveable", "its state() is not JSON data (Object of type set"),
     ],
 )
 def test_plugin_ids_are_checked_before_the_cast(
     tmp_path: Path, monkeypatch, plugin: str, message: str
 ) -> None:
-    """A uint8 cache would wrap id 300 to 44, and floats would be cast: one line instead."""
+    """A uint8 cache would wrap id 300 to 44, floats would be cast, a state that is not JSON
+    was a traceback: one line instead."""
     monkeypatch.syspath_prepend(str(PLUGINS))
     name = f"bad_tokenizers:{plugin}"
     cfg = DataConfig(path=str(corpus(tmp_path)), tokenizer=name, cache_dir=str(tmp_path / "c"))

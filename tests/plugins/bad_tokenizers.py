@@ -51,6 +51,13 @@ class Floats(Bytes):
         return super().encode(text).astype(np.float32)
 
 
+class Unsaveable(Bytes):
+    """Keeps a set in its state: no JSON for the cache or the checkpoint."""
+
+    def state(self) -> dict:
+        return {"seen": {"a", "b"}}
+
+
 class Slow(Bytes):
     """Announces each block in $SLOW_MARK and takes a second over it: time to be interrupted."""
 
