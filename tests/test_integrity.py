@@ -319,6 +319,21 @@ def test_a_reader_plugins_corpus_is_checked_not_cast(
         assert "outside its vocab_size=256 (ids 0..255)" in err
 
 
+def test_keys_a_source_does_not_read_are_refused_after_it_reads(tmp_path: Path) -> None:
+    """Sources whose kind only their output tells: a generated text corpus (copy) ignores both
+    series keys, a token array ignores data.target_path."""
+    starts = tmp_path / "d.npy"
+    np.save(starts, np.array([0, 10]))
+    cfg = DataConfig(source="copy", max_bytes=20_000, doc_starts_path=str(starts))
+    with pytest.raises(DataError, match="data.doc_starts_path=.*: not read for a corpus of text"):
+        load_splits(cfg, STREAMS, 8)
+    ids = tmp_path / "t.npy"
+    np.save(ids, np.arange(5000) % 50)
+    cfg = DataConfig(path=str(ids), vocab_size=50, target_path=str(starts))
+    with pytest.raises(DataError, match="data.target_path=.*: not read for a corpus of token ids"):
+        load_splits(cfg, STREAMS, 8)
+
+
 def test_a_checked_reader_plugin_still_reads(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(PLUGINS))
     path = tmp_path / "c.csv"
