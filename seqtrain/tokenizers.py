@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import json
 import marshal
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -103,8 +104,7 @@ TOKENIZERS: Registry[type[Tokenizer]] = Registry("data.tokenizer")
 
 def code_version(kind: type) -> str:
     """The version of a tokenizer class's code: each class it is built from (the protocol aside)
-    by its own `version`, else by a hash of its source (of its compiled methods where the source
-    is not kept, as for a class typed into a session)."""
+    by its own `version`, else by a hash of its module's source (`source_hash`)."""
     parts = []
     for cls in kind.__mro__:
         if cls in (Tokenizer, object):
@@ -115,9 +115,12 @@ def code_version(kind: type) -> str:
 
 
 def source_hash(cls: type) -> str:
+    """blake2b of the source of the module that defines cls: its class and the helpers it calls
+    (a fix anywhere in the file tokenizes anew); of its compiled methods where no source is kept
+    (a class typed into a session)."""
     try:
-        raw = inspect.getsource(cls).encode()
-    except (OSError, TypeError):
+        raw = inspect.getsource(sys.modules[cls.__module__]).encode()
+    except (OSError, TypeError, KeyError):
         codes = [getattr(getattr(v, "__func__", v), "__code__", None) for v in vars(cls).values()]
         raw = b"".join(marshal.dumps(code) for code in codes if code is not None)
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
