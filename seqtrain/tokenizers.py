@@ -61,7 +61,7 @@ class Tokenizer:
     vocab_size: int  # token ids are 0 .. vocab_size - 1
     # The version of its code, part of every cache key: a fixed `encode` must tokenize anew. A
     # built-in's is a constant raised with any change of its output; a plug-in may set its own,
-    # else the hash of its class's source stands for it (`code_version`).
+    # else the hash of its module's source stands for it (`code_version`).
     version: ClassVar[str | None] = None
     # The id of the unknown token, if it has one: a split mostly of it is a degenerate corpus.
     unk_id: ClassVar[int | None] = None
