@@ -10,9 +10,10 @@ never read whole) or the float rows of a series; what `data.path` may name (a fi
 glob) and how each file is read (`READERS`) is below, the readers of JSON Lines and token arrays
 are in corpora.py. `load_splits` cuts the corpus into train/val/test, turns text into tokens with
 data.tokenizer (tokenizers.py; fitted on the training split only, the tokens cached in
-data.cache_dir), pairs every input position with its target (`with_targets`) and sums up what the
-model and task must know about the data (`describe`: a DataSpec, kept in every checkpoint, the
-tokenizer and the corpus's identity included).
+data.cache_dir and checked against their hash whenever they are read), pairs every input
+position with its target (`with_targets`) and sums up what the model and task must know about
+the data (`describe`: a DataSpec, kept in every checkpoint, the tokenizer, the corpus's identity
+and the warnings of degenerate data included).
 """
 
 from __future__ import annotations
