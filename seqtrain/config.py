@@ -33,7 +33,7 @@ from seqtrain.model import BLOCKS, ModelConfig, check_head
 from seqtrain.optim import OptimConfig
 from seqtrain.tasks import TASKS, TaskConfig
 from seqtrain.tbptt import TbpttConfig
-from seqtrain.tokenizers import TOKENIZERS
+from seqtrain.tokenizers import TOKENIZERS, check_protocol
 from seqtrain.trainer_extras import tensorboard
 
 assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
@@ -338,6 +338,7 @@ def check_tokenizer(d: DataConfig) -> None:
         f"choose from {', '.join(TOKENIZERS)}, or name your own as module:Class",
     )
     kind = TOKENIZERS.get(d.tokenizer)
+    check_protocol(kind, d.tokenizer)  # a plug-in: a class with the protocol's members
     _require(d.min_count >= 1, "data.min_count", d.min_count, "must be a positive integer")
     for key in TOKENIZER_KEYS:
         if key == "vocab_size" and names_token_array(d):

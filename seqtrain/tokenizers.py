@@ -102,6 +102,31 @@ class Tokenizer:
 TOKENIZERS: Registry[type[Tokenizer]] = Registry("data.tokenizer")
 
 
+PROTOCOL = ("fit", "from_state", "state", "encode", "decode")  # a tokenizer's own members
+
+
+def check_protocol(kind: object, name: str) -> None:
+    """A tokenizer plug-in is a class with every member of the protocol (`Tokenizer`'s
+    defaults of those raise NotImplementedError); else one line naming data.tokenizer."""
+    key = f"data.tokenizer={name}"
+    if not isinstance(kind, type):
+        raise ConfigError(f"{key}: is a {type(kind).__name__}, not a class like Tokenizer")
+
+    def own(member: str) -> bool:
+        impl = getattr(kind, member, None)
+        base = getattr(Tokenizer, member)
+        return callable(impl) and getattr(impl, "__func__", impl) is not getattr(
+            base, "__func__", base
+        )
+
+    missing = [member for member in PROTOCOL if not own(member)]
+    if missing:
+        raise ConfigError(
+            f"{key}: {kind.__qualname__} lacks {', '.join(missing)} of the tokenizer protocol "
+            "(seqtrain.tokenizers.Tokenizer; docs/corpora.md)"
+        )
+
+
 def code_version(kind: type) -> str:
     """The version of a tokenizer class's code: each class it is built from (the protocol aside)
     by its own `version`, else by a hash of its module's source (`source_hash`)."""

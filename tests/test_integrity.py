@@ -161,6 +161,22 @@ def test_plugin_ids_are_checked_before_the_cast(
     assert not list((tmp_path / "c" / "tokens").glob(".*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ("NoEncode", "NoEncode lacks encode, decode of the tokenizer protocol"),
+        ("a_function", "is a function, not a class like Tokenizer"),
+    ],
+)
+def test_a_tokenizer_plugin_is_checked_when_it_is_named(
+    tmp_path: Path, monkeypatch, capsys, plugin: str, message: str
+) -> None:
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    name = f"bad_tokenizers:{plugin}"
+    err = cli_error(monkeypatch, capsys, tmp_path, f"data.tokenizer={name}")
+    assert f"data.tokenizer={name}: {message}" in err
+
+
 def test_cached_ids_outside_the_vocabulary_are_rebuilt(tmp_path: Path, caplog) -> None:
     """A cache whose hash matches but whose ids do not fit the tokenizer (a cache written by
     another version, or by hand) is not used."""

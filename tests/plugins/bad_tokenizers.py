@@ -58,6 +58,28 @@ class Unsaveable(Bytes):
         return {"seen": {"a", "b"}}
 
 
+class NoEncode(Tokenizer):
+    """Fits and saves itself, but cannot encode or decode."""
+
+    vocab_size = 4
+
+    @classmethod
+    def fit(cls, texts, cfg) -> NoEncode:
+        return cls()
+
+    @classmethod
+    def from_state(cls, state: dict) -> NoEncode:
+        return cls()
+
+    def state(self) -> dict:
+        return {}
+
+
+def a_function(text: bytes) -> list[int]:
+    """A function where a class is wanted."""
+    return list(text)
+
+
 class Slow(Bytes):
     """Announces each block in $SLOW_MARK and takes a second over it: time to be interrupted."""
 
