@@ -102,7 +102,8 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
+            with contextlib.suppress(OSError):  # a filesystem without locks: no sweep of it
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the group
@@ -132,7 +133,7 @@ def remove_stale_temporaries(folder: Path, before: float) -> list[Path]:
             with path.open("rb") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer holds it
                 path.unlink()
-        except OSError:  # locked (BlockingIOError), already gone, or not ours to remove
+        except OSError:  # locked (BlockingIOError), no locks here, gone, or not ours to remove
             continue
         log.info("removed %s, a temporary file left by a killed run", path)
         removed.append(path)
