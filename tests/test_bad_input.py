@@ -819,6 +819,19 @@ CASES = [Case(*row) for row in CASES] + [
         "have zero variance: nMSE (MSE over the variance) is undefined",
     ),
     Case(
+        "tokenizer plug-in without the protocol",
+        lambda t, c: ["data.tokenizer=tests.plugins.bad_tokenizers:NoEncode"],
+        "NoEncode lacks encode, decode of the tokenizer protocol",
+    ),
+    Case(
+        "reader plug-in returning floats",
+        lambda t, c: [
+            f"data.path={_file(t, 'c.txt', b'x' * 9999)}",
+            "data.reader=tests.plugins.bad_readers:floats",
+        ],
+        "data.reader=tests.plugins.bad_readers:floats: returned float32 values of shape (9999,)",
+    ),
+    Case(
         "unwritable token cache",
         lambda t, c: ["data.tokenizer=word", f"data.cache_dir={_file(t, 'afile', b'x')}"],
         "cannot write the tokenized corpus",
