@@ -404,7 +404,9 @@ def refuse_unread_keys(cfg: DataConfig, what: str, keys: tuple[str, ...] = SERIE
 
 def checked_read(part: object, reader: str, file: Path, cfg: DataConfig) -> Corpus:
     """A reader plug-in's corpus, checked, never cast: a Corpus of 1-D integer ids inside its
-    vocabulary (bytes of text, or token ids within data.vocab_size)."""
+    vocabulary (bytes of text, or token ids within data.vocab_size). Bytes of text held in a
+    wider integer type are narrowed to uint8 once checked (exact): a tokenizer reads the text
+    as the array's bytes."""
     key = f"data.reader={reader}"
     if not isinstance(part, Corpus):
         raise DataError(
@@ -425,6 +427,8 @@ def checked_read(part: object, reader: str, file: Path, cfg: DataConfig) -> Corp
         raise DataError(
             f"{key}: returned id {bad} for {file}, outside {name}={vocab} (ids 0..{vocab - 1})"
         )
+    if not part.tokenized and values.dtype != np.uint8:  # bytes of text, held wider: exact
+        return dataclasses.replace(part, values=values.astype(np.uint8))
     return part
 
 

@@ -354,6 +354,16 @@ def test_keys_a_source_does_not_read_are_refused_after_it_reads(tmp_path: Path) 
         load_splits(cfg, STREAMS, 8)
 
 
+def test_a_reader_plugins_wide_bytes_are_the_same_text(tmp_path: Path, monkeypatch) -> None:
+    """Text as int64 values: a tokenizer would read eight bytes per character of it."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    path = corpus(tmp_path)
+    cfg = DataConfig(path=str(path), tokenizer="word", cache_dir=str(tmp_path / "c"))
+    plain = tokens(load_splits(cfg, STREAMS, 8))
+    cfg.reader = "bad_readers:wide_bytes"
+    assert tokens(load_splits(cfg, STREAMS, 8)) == plain
+
+
 def test_a_checked_reader_plugin_still_reads(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(PLUGINS))
     path = tmp_path / "c.csv"
