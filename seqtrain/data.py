@@ -340,10 +340,29 @@ def path_files(path: str) -> list[Path] | None:
         return files
     if p.exists() or not any(c in path for c in "*?["):
         return None
+    check_glob_folders(p, path)
     files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if not files:
         raise DataError(f"data.path={path}: the glob matches no file; check the pattern")
     return files
+
+
+def check_glob_folders(pattern: Path, path: str) -> None:
+    """glob skips a folder it cannot read, and the files in it would be missing: every folder
+    the pattern's folder part matches must be readable, else one line."""
+    parent = str(pattern.parent)
+    folders = glob.glob(parent, recursive=True) if glob.has_magic(parent) else [parent]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        try:
+            with os.scandir(folder):
+                pass
+        except OSError as err:
+            raise DataError(
+                f"data.path={path}: cannot read {folder} ({err.strerror}); check its "
+                "permissions, or narrow the pattern"
+            ) from None
 
 
 def walk_files(root: Path, path: str) -> Iterator[Path]:

@@ -304,6 +304,23 @@ def test_an_unreadable_subfolder_is_an_error_not_skipped(tmp_path, monkeypatch, 
     assert f"data.path={docs}: cannot read {docs / 'b'} (Permission denied)" in err
 
 
+@pytest.mark.parametrize("pattern", ["*/t.txt", "**/*.txt"])
+def test_a_glob_over_an_unreadable_folder_is_an_error(tmp_path, monkeypatch, pattern) -> None:
+    """glob skipped the folder it could not list, and trained on the rest."""
+    docs = folder(tmp_path)
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == docs / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"cannot read {docs / 'b'} \\(Permission denied\\)"):
+        data.path_files(str(docs / pattern))
+    assert data.path_files(str(docs / "a" / "*.txt")) == [docs / "a" / "t.txt"]
+
+
 def test_a_folder_without_search_permission_is_an_error(tmp_path, monkeypatch) -> None:
     """Its names are listed, but a file in it cannot be opened: faked as root."""
     docs = folder(tmp_path)
