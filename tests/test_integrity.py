@@ -31,6 +31,7 @@ from .conftest import PLUGINS, with_pythonpath
 from .test_tokenizers import lines_of_words
 
 STREAMS = {"train": 2, "val": 2}
+TINY = ["+debug=tiny", "trainer.sample_length=0"]
 
 
 def corpus(tmp_path: Path, lines: int = 400) -> Path:
@@ -49,6 +50,21 @@ def run(cfg: DataConfig, caplog) -> tuple[data.Splits, str]:
 def tokens(splits: data.Splits) -> dict[str, list[int]]:
     """Every split's ids, copied out of the cache file (which a test then damages)."""
     return {name: part.values.tolist() for name, part in splits.parts.items()}
+
+
+def cli_error(monkeypatch, capsys, tmp_path: Path, *args: str) -> str:
+    """The one line `python -m seqtrain ARGS` prints, run in-process; it must exit 2."""
+    from seqtrain import cli
+
+    argv = ["seqtrain", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqtrain: error: ") and "\n" not in err, err
+    return err
 
 
 # --- 1. The token cache is verified: content hash, tokenizer version, ids against the vocabulary
@@ -195,90 +211,7 @@ def test_cached_ids_outside_the_vocabulary_are_rebuilt(tmp_path: Path, caplog) -
     assert tokens(again) == first
 
 
-# --- 4. A stopped tokenization leaves no temporary file; a SIGKILL's are swept at the next start
-
-
-def test_ctrl_c_while_tokenizing_leaves_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
-    from seqtrain.tokenizers import WordTokenizer
-
-    calls = []
-
-    def interrupted(self, text: bytes) -> np.ndarray:
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return real(self, text)
-
-    real = WordTokenizer.encode
-    monkeypatch.setattr(WordTokenizer, "encode", interrupted)
-    monkeypatch.setattr(data, "BLOCK", 4096)  # many blocks: the interrupt lands mid-file
-    cfg = DataConfig(path=str(corpus(tmp_path)), tokenizer="word", cache_dir=str(tmp_path / "c"))
-    with pytest.raises(KeyboardInterrupt):
-        load_splits(cfg, STREAMS, 8)
-    assert len(calls) == 2
-    left = sorted(p.name for p in (tmp_path / "c" / "tokens").iterdir())
-    assert all(name.startswith("tokenizer-") for name in left), left  # the fit only, complete
-
-
-def test_sigterm_while_tokenizing_leaves_no_temporary_file(tmp_path: Path) -> None:
-    """A subprocess: the signal and the exit status are the subject."""
-    path = tmp_path / "big.txt"
-    path.write_text(lines_of_words(3000))
-    mark, cache = tmp_path / "mark", tmp_path / "c"
-    script = (
-        "from seqtrain.data import DataConfig, load_splits\n"
-        f"cfg = DataConfig(path={str(path)!r}, tokenizer='bad_tokenizers:Slow', "
-        f"cache_dir={str(cache)!r})\n"
-        "load_splits(cfg, {'train': 2}, 8)\n"
-    )
-    env = {**with_pythonpath(PLUGINS), "SLOW_MARK": str(mark)}
-    env["PYTHONPATH"] += os.pathsep + os.environ.get("PYTHONPATH", "")
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not mark.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list((cache / "tokens").glob(".tokens-*.bin.*.tmp"))  # mid-write
-    child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=60)
-    assert child.returncode == 128 + signal.SIGTERM, err
-    assert not list((cache / "tokens").glob(".*.tmp"))
-    assert not list((cache / "tokens").glob("tokens-*"))
-
-
-def test_a_sigkills_temporary_files_are_swept_unless_locked(tmp_path: Path, caplog) -> None:
-    cache = tmp_path / "c" / "tokens"
-    cache.mkdir(parents=True)
-    left, held = cache / ".tokens-a.bin.x1.tmp", cache / ".tokens-b.bin.x2.tmp"
-    for temp in (left, held):
-        temp.write_bytes(b"\0" * 1000)
-        os.utime(temp, (data.STARTED - 60, data.STARTED - 60))  # written before this start
-    cfg = DataConfig(path=str(corpus(tmp_path)), tokenizer="word", cache_dir=str(tmp_path / "c"))
-    with held.open("rb") as writer:  # another live run's write in progress
-        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
-        _, log = run(cfg, caplog)
-    assert not left.exists() and f"removed {left}" in log
-    assert held.exists()
-
-
 # --- 2. Nothing in a corpus is dropped or reinterpreted without a word
-
-
-def cli_error(monkeypatch, capsys, tmp_path: Path, *args: str) -> str:
-    """The one line `python -m seqtrain ARGS` prints, run in-process; it must exit 2."""
-    from seqtrain import cli
-
-    argv = ["seqtrain", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("seqtrain: error: ") and "\n" not in err, err
-    return err
-
-
-TINY = ["+debug=tiny", "trainer.sample_length=0"]
 
 
 def folder(tmp_path: Path) -> Path:
@@ -449,3 +382,68 @@ def test_a_bin_read_with_too_narrow_a_dtype_warns(
     assert warning in log
     cfg.dtype = written  # read as written: nothing to say
     assert run(cfg, caplog)[0].spec.warnings == ()
+
+
+# --- 4. A stopped tokenization leaves no temporary file; a SIGKILL's are swept at the next start
+
+
+def test_ctrl_c_while_tokenizing_leaves_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    from seqtrain.tokenizers import WordTokenizer
+
+    calls = []
+
+    def interrupted(self, text: bytes) -> np.ndarray:
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(self, text)
+
+    real = WordTokenizer.encode
+    monkeypatch.setattr(WordTokenizer, "encode", interrupted)
+    monkeypatch.setattr(data, "BLOCK", 4096)  # many blocks: the interrupt lands mid-file
+    cfg = DataConfig(path=str(corpus(tmp_path)), tokenizer="word", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(KeyboardInterrupt):
+        load_splits(cfg, STREAMS, 8)
+    assert len(calls) == 2
+    left = sorted(p.name for p in (tmp_path / "c" / "tokens").iterdir())
+    assert all(name.startswith("tokenizer-") for name in left), left  # the fit only, complete
+
+
+def test_sigterm_while_tokenizing_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A subprocess: the signal and the exit status are the subject."""
+    path = tmp_path / "big.txt"
+    path.write_text(lines_of_words(3000))
+    mark, cache = tmp_path / "mark", tmp_path / "c"
+    script = (
+        "from seqtrain.data import DataConfig, load_splits\n"
+        f"cfg = DataConfig(path={str(path)!r}, tokenizer='bad_tokenizers:Slow', "
+        f"cache_dir={str(cache)!r})\n"
+        "load_splits(cfg, {'train': 2}, 8)\n"
+    )
+    env = {**with_pythonpath(PLUGINS), "SLOW_MARK": str(mark)}
+    env["PYTHONPATH"] += os.pathsep + os.environ.get("PYTHONPATH", "")
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((cache / "tokens").glob(".tokens-*.bin.*.tmp"))  # mid-write
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert not list((cache / "tokens").glob(".*.tmp"))
+    assert not list((cache / "tokens").glob("tokens-*"))
+
+
+def test_a_sigkills_temporary_files_are_swept_unless_locked(tmp_path: Path, caplog) -> None:
+    cache = tmp_path / "c" / "tokens"
+    cache.mkdir(parents=True)
+    left, held = cache / ".tokens-a.bin.x1.tmp", cache / ".tokens-b.bin.x2.tmp"
+    for temp in (left, held):
+        temp.write_bytes(b"\0" * 1000)
+        os.utime(temp, (data.STARTED - 60, data.STARTED - 60))  # written before this start
+    cfg = DataConfig(path=str(corpus(tmp_path)), tokenizer="word", cache_dir=str(tmp_path / "c"))
+    with held.open("rb") as writer:  # another live run's write in progress
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        _, log = run(cfg, caplog)
+    assert not left.exists() and f"removed {left}" in log
+    assert held.exists()
