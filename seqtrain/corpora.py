@@ -16,6 +16,7 @@ than memory trains with the process's resident size flat (docs/corpora.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -111,7 +112,25 @@ def read_bin(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
             f"data.path={path}: {size:,} bytes is not a whole number of data.dtype={cfg.dtype} "
             f"ids ({dtype.itemsize} bytes each); is data.dtype the one it was written with?"
         )
-    return token_corpus(np.memmap(path, dtype=dtype, mode="r"), path, cfg, budget)
+    corpus = token_corpus(np.memmap(path, dtype=dtype, mode="r"), path, cfg, budget)
+    return dataclasses.replace(corpus, warnings=wrong_dtype(corpus.values, path, cfg.dtype))
+
+
+WIDER = {"uint8": "uint16", "uint16": "uint32"}  # data.dtype -> the dtype twice as wide
+DTYPE_SAMPLE = 1 << 16  # ids of a .bin's start whose histogram is checked against data.dtype
+
+
+def wrong_dtype(values: np.ndarray, path: Path, dtype: str) -> tuple[str, ...]:
+    """A warning when the ids say the file has another dtype: a uint16 file read as uint8 has
+    a zero at every second id (the high bytes of ids under 256), a uint32 file read as uint16
+    likewise. A file of ids twice as wide read as data.dtype would otherwise train silently."""
+    sample = Rows(values).run(0, min(len(values), DTYPE_SAMPLE))
+    if dtype not in WIDER or len(sample) < 64 or sample[1::2].any() or not sample[0::2].any():
+        return ()
+    return (
+        f"data.path={path}: every second id is 0, as in a {WIDER[dtype]} file read as "
+        f"data.dtype={dtype}; set data.dtype={WIDER[dtype]} if it was written so",
+    )
 
 
 @register_reader("npy", ".npy", tokens=True)

@@ -10,23 +10,29 @@ never read whole) or the float rows of a series; what `data.path` may name (a fi
 glob) and how each file is read (`READERS`) is below, the readers of JSON Lines and token arrays
 are in corpora.py. `load_splits` cuts the corpus into train/val/test, turns text into tokens with
 data.tokenizer (tokenizers.py; fitted on the training split only, the tokens cached in
-data.cache_dir), pairs every input position with its target (`with_targets`) and sums up what the
-model and task must know about the data (`describe`: a DataSpec, kept in every checkpoint, the
-tokenizer and the corpus's identity included).
+data.cache_dir and checked against their hash whenever they are read), pairs every input
+position with its target (`with_targets`) and sums up what the model and task must know about
+the data (`describe`: a DataSpec, kept in every checkpoint, the tokenizer, the corpus's identity
+and the warnings of degenerate data included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import signal
+import stat
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,8 +49,16 @@ from tqdm import tqdm
 
 from seqtrain.errors import POSITIVE, DataError, require
 from seqtrain.registry import Registry
-from seqtrain.rundir import atomic_file, write_atomic
-from seqtrain.tokenizers import BYTES, TOKENIZERS, Tokenizer, token_dtype
+from seqtrain.rundir import atomic_file, remove_stale_temporaries, write_atomic
+from seqtrain.tokenizers import (
+    BYTES,
+    MIN_VOCAB,
+    TOKENIZERS,
+    Tokenizer,
+    check_protocol,
+    code_version,
+    token_dtype,
+)
 
 log = logging.getLogger("seqtrain")
 SPLITS = ("train", "val", "test")
@@ -96,6 +110,7 @@ class DataConfig:
         )
         if not saved:
             self.check_tokenizer()
+        check_data_keys(self)  # symlink loops; keys the source does not read
         require(
             self.reader is None or self.reader in READERS,
             "data.reader",
@@ -131,6 +146,7 @@ class DataConfig:
             f"choose from {', '.join(TOKENIZERS)}, or name your own as module:Class",
         )
         kind = TOKENIZERS.get(self.tokenizer)
+        check_protocol(kind, self.tokenizer)  # a plug-in: a class with the protocol's members
         require(self.min_count >= 1, "data.min_count", self.min_count, POSITIVE)
         for key in TOKENIZER_KEYS:
             if key == "vocab_size" and names_token_array(self):
@@ -166,6 +182,9 @@ class DataSpec:
     # The corpus's identity (`fingerprint`): a resume or an evaluation on a corpus that has
     # changed since is refused. None in checkpoints of earlier versions.
     corpus: str | None = None
+    # What makes the run's figures say little (a tiny vocabulary, a val split mostly <unk>, a
+    # .bin read with the wrong data.dtype): logged as WARNINGs and kept in summary.json.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -184,6 +203,7 @@ class Corpus:
     # Token ids already (a .bin or .npy array): no tokenizer runs on them, and the bytes of text
     # behind them are unknown (no bits per byte).
     tokenized: bool = False
+    warnings: tuple[str, ...] = ()  # what its reader found suspicious (DataSpec.warnings)
 
     @property
     def unit(self) -> str:
@@ -380,11 +400,7 @@ def path_files(path: str) -> list[Path] | None:
     (`**` for any depth); None when it names one file."""
     p = Path(path).expanduser()
     if p.is_dir():
-        found = []
-        for folder, dirs, names in os.walk(p):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [Path(folder, n) for n in names if not n.startswith(".")]
-        files = sorted(f for f in found if f.is_file())
+        files = sorted(walk_files(p, path))
         if not files:
             raise DataError(
                 f"data.path={path}: the directory holds no files (hidden ones are skipped); "
@@ -393,10 +409,122 @@ def path_files(path: str) -> list[Path] | None:
         return files
     if p.exists() or not any(c in path for c in "*?["):
         return None
+    check_glob_folders(p, path)
     files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if not files:
         raise DataError(f"data.path={path}: the glob matches no file; check the pattern")
     return files
+
+
+def check_glob_folders(pattern: Path, path: str) -> None:
+    """glob skips a folder it cannot read, and the files in it would be missing: every folder
+    the pattern's folder part matches must be readable, else one line."""
+    parent = str(pattern.parent)
+    folders = glob.glob(parent, recursive=True) if glob.has_magic(parent) else [parent]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        try:
+            with os.scandir(folder):
+                pass
+        except OSError as err:
+            raise DataError(
+                f"data.path={path}: cannot read {folder} ({err.strerror}); check its "
+                "permissions, or narrow the pattern"
+            ) from None
+
+
+def walk_files(root: Path, path: str) -> Iterator[Path]:
+    """The regular files below root; a folder or file that cannot be read (no permission, no
+    search permission, a dangling link) is one line, never skipped: its text would be missing."""
+
+    def refuse(err: OSError) -> None:
+        raise DataError(
+            f"data.path={path}: cannot read {err.filename} ({err.strerror}); check its "
+            "permissions, or name the folders to read with a glob"
+        ) from None
+
+    for folder, dirs, names in os.walk(root, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith("."):
+                continue
+            file = Path(folder, name)
+            try:
+                if stat.S_ISREG(file.stat().st_mode):
+                    yield file
+            except OSError as err:
+                refuse(err)
+
+
+def check_data_keys(cfg: DataConfig) -> None:
+    """Refuse, before any work, a file key that is a symlink loop and a key the chosen source
+    does not read: data.target_path (series) and data.doc_starts_path (series, token arrays)
+    with a text corpus would be ignored."""
+    for key in ("path", "target_path", "doc_starts_path", "tokenizer_file"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        try:
+            os.stat(Path(value).expanduser())
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise DataError(
+                    f"data.{key}={value}: is a symlink loop; point it at a file or folder"
+                ) from None
+    if cfg.source == "text" and not names_token_array(cfg):
+        refuse_unread_keys(cfg, "text")
+
+
+SERIES_KEYS = ("target_path", "doc_starts_path")  # read by series; the second by token arrays too
+
+
+def refuse_unread_keys(cfg: DataConfig, what: str, keys: tuple[str, ...] = SERIES_KEYS) -> None:
+    """One line for a key of `keys` that is set, though a corpus of `what` does not read it."""
+    for key in keys:
+        if getattr(cfg, key) is not None:
+            reads = "data.source=series" + (" and token arrays" if key == "doc_starts_path" else "")
+            raise DataError(
+                f"data.{key}={getattr(cfg, key)}: not read for a corpus of {what} (only "
+                f"{reads} read it); drop it"
+            )
+
+
+def checked_read(part: object, reader: str, file: Path, cfg: DataConfig) -> Corpus:
+    """A reader plug-in's corpus, checked, never cast: a Corpus of 1-D integer ids inside its
+    vocabulary (bytes of text, or token ids within data.vocab_size). Bytes of text held in a
+    wider integer type are narrowed to uint8 once checked (exact): a tokenizer reads the text
+    as the array's bytes."""
+    key = f"data.reader={reader}"
+    if not isinstance(part, Corpus):
+        raise DataError(
+            f"{key}: returned a {type(part).__name__} for {file}, not a seqtrain.data.Corpus"
+        )
+    values = np.asarray(part.values)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise DataError(
+            f"{key}: returned {values.dtype} values of shape {values.shape} for {file}; a "
+            "corpus holds a 1-D array of integer ids (bytes of text or token ids)"
+        )
+    vocab = cfg.vocab_size if part.tokenized and cfg.vocab_size is not None else part.vocab_size
+    if vocab is None:
+        raise DataError(f"{key}: returned a corpus without a vocab_size for {file}")
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= vocab):
+        bad = int(values.max()) if int(values.max()) >= vocab else int(values.min())
+        name = "data.vocab_size" if vocab == cfg.vocab_size else "its vocab_size"
+        raise DataError(
+            f"{key}: returned id {bad} for {file}, outside {name}={vocab} (ids 0..{vocab - 1})"
+        )
+    if not part.tokenized and values.dtype != np.uint8:  # bytes of text, held wider: exact
+        return dataclasses.replace(part, values=values.astype(np.uint8))
+    return part
+
+
+def read_file(file: Path, cfg: DataConfig, budget: int | None) -> Corpus:
+    """One file by its reader; a plug-in's return value is checked (`checked_read`)."""
+    name = reader_name(file, cfg)
+    part = READERS.get(name)(file, cfg, budget)
+    return part if name in READERS.names() else checked_read(part, name, file, cfg)
 
 
 def read_path(cfg: DataConfig) -> Corpus:
@@ -404,13 +532,12 @@ def read_path(cfg: DataConfig) -> Corpus:
     files = path_files(cfg.path)
     if files is None:
         path = Path(cfg.path).expanduser()
-        return require_text(READERS.get(reader_name(path, cfg))(path, cfg, cfg.max_bytes), cfg.path)
+        return require_text(read_file(path, cfg, cfg.max_bytes), cfg.path)
     parts, budget = [], cfg.max_bytes
     for file in files:
         if budget == 0:
             break
-        name = reader_name(file, cfg)
-        part = None if name in TOKEN_READERS else READERS.get(name)(file, cfg, budget)
+        part = None if reader_name(file, cfg) in TOKEN_READERS else read_file(file, cfg, budget)
         if part is None or part.tokenized:
             raise DataError(
                 f"data.path={cfg.path}: {file} is a token array; name it alone as data.path "
@@ -584,6 +711,12 @@ def describe(train: Corpus) -> DataSpec:
         return DataSpec("tokens", train.vocab_size, train.vocab_size)
     targets = train.targets.astype(np.float64)  # (N, K)
     variance = float(targets.var(axis=0).mean())  # per column around its own mean, then averaged
+    if not variance > 0:
+        raise DataError(
+            f"the training targets of '{train.name}' have zero variance: nMSE (MSE over the "
+            "variance) is undefined; pass a series that varies (data.path, data.target_path, "
+            "data.target_columns)"
+        )
     return DataSpec("series", train.values.shape[1], targets.shape[1], variance)
 
 
@@ -618,7 +751,11 @@ def load_splits(
             "weights read that tokenizer's tokens: use it, or train anew"
         )
     kind = TOKENIZERS.get(name)
+    check_data_keys(cfg)
     corpus = load_corpus(cfg)
+    if corpus.vocab_size is not None:  # tokens: data.target_path is for series alone
+        text = not corpus.tokenized
+        refuse_unread_keys(cfg, "text" if text else "token ids", SERIES_KEYS[: 2 if text else 1])
     identity = fingerprint(corpus)  # of the source: what a resume or an evaluation compares
     if check_identity is not None:  # before any work on a corpus that may be refused
         check_identity(identity)
@@ -657,8 +794,44 @@ def load_splits(
             text=is_text,
             bytes_per_token=ratios if is_text else None,
         )
-    spec = dataclasses.replace(spec, corpus=identity)
+    warnings = (*corpus.warnings, *degenerate(spec, tokenizer, parts["val"], name))
+    for warning in warnings:
+        log.warning(warning)
+    spec = dataclasses.replace(spec, corpus=identity, warnings=warnings)
     return Splits(paired, spec, raw["val"].values[:PROMPT_BYTES].tobytes())
+
+
+MAX_UNK_SHARE = 0.5  # a val split more <unk> than this measures the tokenizer, not the model
+COUNT_CHUNK = 1 << 22  # ids counted at once (through a bounded buffer: data.Rows)
+
+
+def degenerate(spec: DataSpec, tokenizer: Tokenizer, val: Corpus, name: str) -> list[str]:
+    """Why the run's figures would say little: a tiny vocabulary (`data.tokenizer=word
+    data.min_count=1000000` keeps <unk> and <eos>: 0.21 bits per byte of nothing learnt), or a
+    val split mostly of the unknown token."""
+    if spec.kind != "tokens":
+        return []
+    found = []
+    if spec.input_size < MIN_VOCAB:
+        found.append(
+            f"a vocabulary of {spec.input_size} tokens (under {MIN_VOCAB}, data.tokenizer={name}"
+            "): its loss and bits per byte measure almost nothing; check data.min_count, "
+            "data.vocab_size or the corpus"
+        )
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is not None and len(val.values):
+        rows = Rows(val.values)
+        count = sum(
+            int(np.count_nonzero(rows.run(a, min(COUNT_CHUNK, len(val.values) - a)) == unk))
+            for a in range(0, len(val.values), COUNT_CHUNK)
+        )
+        if count / len(val.values) > MAX_UNK_SHARE:
+            found.append(
+                f"{count / len(val.values):.0%} of the val split's tokens are <unk> (over "
+                f"{MAX_UNK_SHARE:.0%}, data.tokenizer={name}): its figures measure the "
+                "vocabulary, not the model; lower data.min_count or raise data.vocab_size"
+            )
+    return found
 
 
 def sizes(parts: dict[str, Corpus]) -> str:
@@ -666,7 +839,7 @@ def sizes(parts: dict[str, Corpus]) -> str:
 
 
 PROMPT_BYTES = 48  # of val text, for the samples logged at validation
-CACHE_FORMAT = 1  # part of every cache key: a new layout or way of cutting text rebuilds caches
+CACHE_FORMAT = 2  # part of every cache key: a new layout or way of cutting text rebuilds caches
 PROGRESS_SECONDS = 30.0  # without a terminal: a log line this often while tokenizing
 
 
@@ -675,41 +848,107 @@ def tokenize(
 ) -> tuple[Tokenizer, dict[str, Corpus]]:
     """The tokenizer (fitted on raw["train"] unless `state` is given) and every split's tokens.
 
-    Both go through data.cache_dir/tokens: the fit is keyed by the corpus's content, the split and
-    the tokenizer's settings (a tokenizer_file by its content), the tokens by the corpus, the split
-    and the fitted tokenizer itself. A cache of other settings has another key and is never read.
+    Both go through data.cache_dir/tokens: the fit is keyed by the corpus's content, the split,
+    the tokenizer's settings (a tokenizer_file by its content) and its code version, the tokens by
+    the corpus, the split, the code version and the fitted tokenizer itself. A cache of other
+    settings or code has another key and is never read; one whose content is not what was
+    written (its hash) is written again. Temporary files a killed run left there are removed
+    first; SIGTERM while tokenizing leaves none (`stop_on_sigterm`).
     """
     kind = TOKENIZERS.get(name)
+    version = code_version(kind)
     cache = Path(cfg.cache_dir).expanduser() / "tokens"
+    remove_stale_temporaries(cache, STARTED)
     content = cache_key(identity, CACHE_FORMAT, list(cfg.split))  # the corpus, how it is split
     tokenizer = None
     if state is None:
-        fitted = cache / f"tokenizer-{cache_key(content, name, kind.fingerprint(cfg))}.json"
-        state = read_json(fitted)
+        key = cache_key(content, name, version, kind.fingerprint(cfg))
+        fitted = cache / f"tokenizer-{key}.json"
+        state = read_fitted(fitted)
         if state is None:
             progress = Progress(len(raw["train"].values), f"fitting the {name} tokenizer")
             texts = (text for _, text in progress.track(text_blocks(raw["train"])))
-            tokenizer = kind.fit(texts, cfg)
-            state = tokenizer.state()
+            with stop_on_sigterm():
+                tokenizer = kind.fit(texts, cfg)
+            state = plain_state(tokenizer, name)
             log.info(
                 "%s tokenizer fitted on the train split in %.1fs: %s tokens",
                 name,
                 progress.close(),
                 f"{tokenizer.vocab_size:,}",
             )
-            write_cache(cfg, fitted, lambda path: write_atomic(path, json.dumps(state)))
+            record = {"state": state, "blake2b": blake2b(canonical(state))}
+            write_cache(cfg, fitted, lambda path: write_atomic(path, json.dumps(record)))
         else:
             log.info("tokenizer from the cache: %s", fitted)
     if tokenizer is None:
         tokenizer = kind.from_state(state)
-    stem = cache / f"tokens-{cache_key(content, name, state)}"
+    stem = cache / f"tokens-{cache_key(content, name, version, state)}"
     parts = read_tokens(stem, raw, tokenizer.vocab_size)
     if parts is None:
-        write_cache(cfg, stem, lambda _: write_tokens(stem, raw, tokenizer, name))
+        with stop_on_sigterm():
+            write_cache(cfg, stem, lambda _: write_tokens(stem, raw, tokenizer, name))
         parts = read_tokens(stem, raw, tokenizer.vocab_size)
     else:
         log.info("tokens from the cache: %s.bin", stem)
     return tokenizer, parts
+
+
+STARTED = time.time()  # this process's start: a temporary file older than it is no write of ours
+
+
+def plain_state(tokenizer: Tokenizer, name: str) -> dict:
+    """The fitted tokenizer's state(), which the cache and every checkpoint keep as JSON."""
+    state = tokenizer.state()
+    try:
+        canonical(state)
+    except (TypeError, ValueError) as err:
+        raise DataError(
+            f"data.tokenizer={name}: its state() is not JSON data ({err}); return dicts, "
+            "lists, strings and numbers"
+        ) from None
+    return state
+
+
+def canonical(state: dict) -> bytes:
+    return json.dumps(state, sort_keys=True).encode()
+
+
+def read_fitted(path: Path) -> dict | None:
+    """A fitted tokenizer's cached state, or None when there is none or it does not match the
+    hash written beside it (then it is fitted again)."""
+    record = read_json(path)
+    if record is None:
+        return None
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("state"), dict)
+        or record.get("blake2b") != blake2b(canonical(record["state"]))
+    ):
+        log.info("the fitted tokenizer %s does not match its hash; fitting again", path)
+        return None
+    return record["state"]
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM as SystemExit(143) while the block runs, so the writers' cleanup removes their
+    temporary files (its default action ends the process at once, leaving them behind). Only
+    where SIGTERM has its default action, in the main thread: a handler of the run stays."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        log.warning("stopped by SIGTERM while tokenizing; nothing half-written is left")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 SAMPLED_BLOCKS = 64  # a memory-mapped corpus's identity hashes this many blocks spread over it
@@ -790,32 +1029,82 @@ def text_blocks(corpus: Corpus) -> Iterator[tuple[bool, bytes]]:
 
 def write_tokens(stem: Path, raw: dict[str, Corpus], tokenizer: Tokenizer, name: str) -> None:
     """Encode every split into stem.bin (the tokens, split after split), stem.starts.npy (each
-    split's document starts) and stem.json (the sizes), each atomically, the .json last: a cache
-    without its .json is incomplete and is written again."""
+    split's document starts) and stem.json (the sizes and the blake2b of both files, hashed while
+    writing), each atomically, the .json last: a cache without its .json is incomplete and is
+    written again, one whose files do not match their hashes too (`read_tokens`)."""
     dtype = token_dtype(tokenizer.vocab_size)
     progress = Progress(sum(len(c.values) for c in raw.values()), f"tokenizing ({name})")
-    counts, starts = {}, []
+    counts, starts, digest = {}, [], hashlib.blake2b()
     with atomic_file(stem.with_suffix(".bin")) as out:
         for split, part in raw.items():
             count, first_tokens = 0, []
             for starts_document, text in progress.track(text_blocks(part)):
                 if starts_document:
                     first_tokens.append(count)
-                ids = np.asarray(tokenizer.encode(text)).astype(dtype, copy=False)
-                out.write(ids.tobytes())
+                ids = checked_ids(tokenizer.encode(text), tokenizer.vocab_size, name)
+                block = ids.astype(dtype, copy=False).tobytes()
+                digest.update(block)
+                out.write(block)
                 count += len(ids)
             split_starts = np.unique(np.array([0, *first_tokens], dtype=np.int64))
             starts.append(split_starts)
             counts[split] = {"tokens": count, "documents": len(split_starts)}
+    buffer = io.BytesIO()
+    np.save(buffer, np.concatenate(starts))
     with atomic_file(stem.with_suffix(".starts.npy")) as out:
-        np.save(out, np.concatenate(starts))
-    meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "splits": counts}
+        out.write(buffer.getvalue())
+    meta = {
+        "format": CACHE_FORMAT,
+        "dtype": dtype.name,
+        "splits": counts,
+        "blake2b": {"bin": digest.hexdigest(), "starts": blake2b(buffer.getvalue())},
+    }
     write_atomic(stem.with_suffix(".json"), json.dumps(meta))
     log.info("tokenized in %.1fs; cached as %s.bin", progress.close(), stem)
 
 
+def checked_ids(ids: object, vocab_size: int, name: str) -> np.ndarray:
+    """A tokenizer's encode output as ids, checked before any cast: integers in 0..vocab_size - 1
+    (a cast would wrap an id of 300 to 44 in a uint8 cache)."""
+    ids = np.asarray(ids)
+    if not ids.size:
+        return ids.astype(np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(
+            f"data.tokenizer={name}: encode gave a {ids.dtype} array of shape {ids.shape}; it "
+            "must return a 1-D array of integer token ids"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise DataError(
+            f"data.tokenizer={name}: encode gave id {high if high >= vocab_size else low}, "
+            f"outside its vocab_size={vocab_size} (ids 0..{vocab_size - 1}); fix its encode or "
+            "vocab_size"
+        )
+    return ids
+
+
+def blake2b(raw: bytes) -> str:
+    return hashlib.blake2b(raw).hexdigest()
+
+
+HASH_CHUNK = 1 << 22  # bytes of a cached file read at once to check its hash
+
+
+def file_digest(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """(blake2b of the file, its largest id as `dtype`), read in chunks of HASH_CHUNK bytes."""
+    digest, high = hashlib.blake2b(), -1
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            high = max(high, int(np.frombuffer(chunk, dtype).max()))
+    return digest.hexdigest(), high
+
+
 def read_tokens(stem: Path, raw: dict[str, Corpus], vocab_size: int) -> dict[str, Corpus] | None:
-    """The cached splits of stem (memory-mapped), or None if there is no complete cache."""
+    """The cached splits of stem (memory-mapped), or None if there is no complete cache or its
+    content is not what was written: each file must match the hash written beside it, and every
+    id be inside the vocabulary. A mismatch is written again, never used."""
     meta = read_json(stem.with_suffix(".json"))
     if meta is None or meta.get("format") != CACHE_FORMAT:
         return None
@@ -826,13 +1115,28 @@ def read_tokens(stem: Path, raw: dict[str, Corpus], vocab_size: int) -> dict[str
         total = sum(c["tokens"] for c in counts.values())
         if bin_path.stat().st_size != total * dtype.itemsize:
             raise ValueError("size")
-        tokens = np.memmap(bin_path, dtype, mode="r") if total else np.zeros(0, dtype)
-        starts = np.load(stem.with_suffix(".starts.npy"))
+        starts_raw = stem.with_suffix(".starts.npy").read_bytes()
+        starts = np.load(io.BytesIO(starts_raw))
         if len(starts) != sum(c["documents"] for c in counts.values()):
             raise ValueError("starts")
+        digest, high = file_digest(bin_path, dtype)
+        hashes = meta["blake2b"]
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("the token cache %s is incomplete; tokenizing again", bin_path)
         return None
+    if digest != hashes["bin"] or blake2b(starts_raw) != hashes["starts"]:
+        log.info("the token cache %s does not match its hash; tokenizing again", bin_path)
+        return None
+    if dtype != token_dtype(vocab_size) or high >= vocab_size:
+        log.info(
+            "the token cache %s holds ids up to %d as %s, not a vocabulary of %d; tokenizing again",
+            bin_path,
+            high,
+            dtype,
+            vocab_size,
+        )
+        return None
+    tokens = np.memmap(bin_path, dtype, mode="r") if total else np.zeros(0, dtype)
     parts, at, doc = {}, 0, 0
     for split, part in raw.items():
         n, d = counts[split]["tokens"], counts[split]["documents"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shlex
@@ -26,6 +27,7 @@ from seqtrain.errors import ConfigError
 
 log = logging.getLogger("seqtrain")
 LOCK = ".seqtrain.lock"
+TEMP_SUFFIX = ".tmp"  # atomic_file's temporary files: .NAME.RANDOM.tmp beside NAME
 
 
 def alive(pid: int) -> bool:
@@ -132,18 +134,23 @@ def release(lock: Path | None) -> None:
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file written whole or not at all: a temporary file in the same folder, fsynced,
-    renamed over `path`; a kill or an error mid-write leaves the previous file as it was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the group
+    renamed over `path`; a kill or an error mid-write leaves the previous file as it was. The
+    temporary file is removed on every way out (an error, Ctrl-C, SystemExit) and is locked
+    while it is written, so `remove_stale_temporaries` tells a SIGKILL's leftover from a live
+    writer's."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
+            with contextlib.suppress(OSError):  # a filesystem without locks: no sweep of it
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the group
             yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # an error, Ctrl-C, SystemExit (SIGTERM while tokenizing)
         Path(tmp).unlink(missing_ok=True)
         raise
 
@@ -152,6 +159,24 @@ def write_atomic(path: Path, text: str) -> None:
     """Write a whole text file or nothing (`atomic_file`)."""
     with atomic_file(path) as out:
         out.write(text.encode())
+
+
+def remove_stale_temporaries(folder: Path, before: float) -> list[Path]:
+    """Temporary files of `atomic_file` in folder that a SIGKILL left: older than `before` (this
+    process's start) and locked by no writer. Each is removed with an INFO line."""
+    removed = []
+    for path in sorted(folder.glob(f".*{TEMP_SUFFIX}")):
+        try:
+            if path.stat().st_mtime >= before:
+                continue
+            with path.open("rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer holds it
+                path.unlink()
+        except OSError:  # locked (BlockingIOError), no locks here, gone, or not ours to remove
+            continue
+        log.info("removed %s, a temporary file left by a killed run", path)
+        removed.append(path)
+    return removed
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:

@@ -13,7 +13,11 @@ alone and never fit again. A user's own is data.tokenizer=my_module:MyTok, a `To
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import marshal
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +35,9 @@ class Settings(Protocol):
     vocab_size: int | None
     min_count: int
     tokenizer_file: str | None
+
+
+MIN_VOCAB = 16  # a vocabulary smaller than this makes a model whose figures say little
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -52,6 +59,12 @@ class Tokenizer:
     # and the splits are cut where the fractions fall; False: splits are cut at a line start.
     passthrough: ClassVar[bool] = False
     vocab_size: int  # token ids are 0 .. vocab_size - 1
+    # The version of its code, part of every cache key: a fixed `encode` must tokenize anew. A
+    # built-in's is a constant raised with any change of its output; a plug-in may set its own,
+    # else the hash of its module's source stands for it (`code_version`).
+    version: ClassVar[str | None] = None
+    # The id of the unknown token, if it has one: a split mostly of it is a degenerate corpus.
+    unk_id: ClassVar[int | None] = None
 
     @classmethod
     def check(cls, cfg: Settings) -> None:
@@ -89,6 +102,55 @@ class Tokenizer:
 TOKENIZERS: Registry[type[Tokenizer]] = Registry("data.tokenizer")
 
 
+PROTOCOL = ("fit", "from_state", "state", "encode", "decode")  # a tokenizer's own members
+
+
+def check_protocol(kind: object, name: str) -> None:
+    """A tokenizer plug-in is a class with every member of the protocol (`Tokenizer`'s
+    defaults of those raise NotImplementedError); else one line naming data.tokenizer."""
+    key = f"data.tokenizer={name}"
+    if not isinstance(kind, type):
+        raise ConfigError(f"{key}: is a {type(kind).__name__}, not a class like Tokenizer")
+
+    def own(member: str) -> bool:
+        impl = getattr(kind, member, None)
+        base = getattr(Tokenizer, member)
+        return callable(impl) and getattr(impl, "__func__", impl) is not getattr(
+            base, "__func__", base
+        )
+
+    missing = [member for member in PROTOCOL if not own(member)]
+    if missing:
+        raise ConfigError(
+            f"{key}: {kind.__qualname__} lacks {', '.join(missing)} of the tokenizer protocol "
+            "(seqtrain.tokenizers.Tokenizer; docs/corpora.md)"
+        )
+
+
+def code_version(kind: type) -> str:
+    """The version of a tokenizer class's code: each class it is built from (the protocol aside)
+    by its own `version`, else by a hash of its module's source (`source_hash`)."""
+    parts = []
+    for cls in kind.__mro__:
+        if cls in (Tokenizer, object):
+            continue
+        own = cls.__dict__.get("version")
+        parts.append(f"{cls.__module__}.{cls.__qualname__}={own or source_hash(cls)}")
+    return ";".join(parts)
+
+
+def source_hash(cls: type) -> str:
+    """blake2b of the source of the module that defines cls: its class and the helpers it calls
+    (a fix anywhere in the file tokenizes anew); of its compiled methods where no source is kept
+    (a class typed into a session)."""
+    try:
+        raw = inspect.getsource(sys.modules[cls.__module__]).encode()
+    except (OSError, TypeError, KeyError):
+        codes = [getattr(getattr(v, "__func__", v), "__code__", None) for v in vars(cls).values()]
+        raw = b"".join(marshal.dumps(code) for code in codes if code is not None)
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
 def rebuild(name: str, state: dict | None) -> Tokenizer:
     """The tokenizer a checkpoint's DataSpec names (None state: the byte tokenizer's)."""
     return TOKENIZERS.get(name).from_state(state or {})
@@ -100,6 +162,7 @@ class ByteTokenizer(Tokenizer):
 
     passthrough = True
     vocab_size = 256
+    version = "1"
 
     @classmethod
     def fit(cls, texts: Iterable[bytes], cfg: Settings) -> ByteTokenizer:
@@ -134,8 +197,10 @@ class WordTokenizer(Tokenizer):
     """
 
     settings = ("vocab_size", "min_count")
+    version = "1"
     SPECIALS = ("<unk>", "<eos>")
     UNK, EOS = 0, 1
+    unk_id = UNK
 
     def __init__(self, words: list[str]) -> None:
         self.words = words  # the vocabulary, by id; bytes that are not UTF-8 as surrogates
@@ -205,6 +270,7 @@ class BytePairTokenizer(Tokenizer):
     """
 
     settings = ("vocab_size", "tokenizer_file")
+    version = "1"
     ALPHABET = 256  # the byte-level alphabet: the smallest vocabulary
 
     def __init__(self, tokenizer) -> None:  # a tokenizers.Tokenizer
@@ -291,9 +357,15 @@ def read_tokenizer_file(path: str) -> BytePairTokenizer:
         raise ConfigError(f"{key}: not a tokenizer.json (not UTF-8 text)") from None
     try:
         json.loads(text)
-        return BytePairTokenizer(Tokenizers.from_str(text))
+        tokenizer = BytePairTokenizer(Tokenizers.from_str(text))
     except Exception as err:  # noqa: BLE001 - the Rust parser raises a bare Exception
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(
             f"{key}: not a tokenizer.json ({first}); save one with tokenizers' Tokenizer.save"
         ) from None
+    if tokenizer.vocab_size < MIN_VOCAB:
+        raise ConfigError(
+            f"{key}: holds {tokenizer.vocab_size} tokens, under {MIN_VOCAB}: no vocabulary to "
+            "train a model on; is it the right file?"
+        )
+    return tokenizer

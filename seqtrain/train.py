@@ -576,6 +576,7 @@ def write_summary(
         "peak_bytes": module.peak_bytes,  # one update's high-water mark above the weights
         "host_rss_bytes": host_rss_bytes(),  # the process's resident high-water mark
         "memory": module.memory_plan,  # the checkpointing plan, predicted vs measured
+        "data_warnings": list(job.spec.warnings),  # degenerate data: the figures say little
     }
     if parts.throughput.tokens == 0:  # resumed at trainer.max_steps (or stopped before an update)
         summary.update(measured_earlier(job, trainer.global_step))

@@ -93,6 +93,21 @@ def _fifo(tmp: Path) -> str:
     return str(path)
 
 
+def _loop(tmp: Path) -> str:
+    """A symlink that points, through another, back at itself."""
+    (tmp / "loop-b").symlink_to(tmp / "loop-a")
+    (tmp / "loop-a").symlink_to(tmp / "loop-b")
+    return str(tmp / "loop-a")
+
+
+def _three_tokens() -> bytes:
+    """A valid tokenizer.json (the tokenizers library's) of a 3-token vocabulary."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2}
+    return Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).to_str().encode()
+
+
 class Case(NamedTuple):
     name: str
     args: Callable[[Path, Path], list[str]]  # given the tmp dir and a trained checkpoint
@@ -815,6 +830,58 @@ CASES = [Case(*row) for row in CASES] + [
         "tokenizer on a series",
         lambda t, c: ["data.source=mackey_glass", "data.length=200", "data.tokenizer=word"],
         "data.tokenizer=word reads text, but data.source=mackey_glass gives float rows",
+    ),
+    # What is read is verified (issue #24): every key the user named is used or refused.
+    Case(
+        "corpus path that is a symlink loop",
+        lambda t, c: [f"data.path={_loop(t)}"],
+        "loop-a: is a symlink loop; point it at a file or folder",
+    ),
+    Case(
+        "series targets with a text corpus",
+        lambda t, c: [
+            f"data.path={_file(t, 'c.txt', b'x' * 9999)}",
+            f"data.target_path={_npy(t, 'y.npy', np.zeros((9, 1), np.float32))}",
+        ],
+        "y.npy: not read for a corpus of text (only data.source=series read it); drop it",
+    ),
+    Case(
+        "document starts with a text corpus",
+        lambda t, c: [
+            f"data.path={_file(t, 'c.txt', b'x' * 9999)}",
+            f"data.doc_starts_path={_npy(t, 'd.npy', np.array([0, 5]))}",
+        ],
+        "d.npy: not read for a corpus of text (only data.source=series and token arrays read it)",
+    ),
+    Case(
+        "tokenizer file of three tokens",
+        lambda t, c: [
+            "data.tokenizer=bpe",
+            f"data.tokenizer_file={_file(t, 'tok3.json', _three_tokens())}",
+        ],
+        "tok3.json: holds 3 tokens, under 16: no vocabulary to train a model on",
+    ),
+    Case(
+        "series of zero variance",
+        lambda t, c: [
+            "task=regression",
+            "data.source=series",
+            f"data.path={_npy(t, 'flat.npy', np.ones((4000, 2), np.float32))}",
+        ],
+        "have zero variance: nMSE (MSE over the variance) is undefined",
+    ),
+    Case(
+        "tokenizer plug-in without the protocol",
+        lambda t, c: ["data.tokenizer=tests.plugins.bad_tokenizers:NoEncode"],
+        "NoEncode lacks encode, decode of the tokenizer protocol",
+    ),
+    Case(
+        "reader plug-in returning floats",
+        lambda t, c: [
+            f"data.path={_file(t, 'c.txt', b'x' * 9999)}",
+            "data.reader=tests.plugins.bad_readers:floats",
+        ],
+        "data.reader=tests.plugins.bad_readers:floats: returned float32 values of shape (9999,)",
     ),
     Case(
         "unwritable token cache",
