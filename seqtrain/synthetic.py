@@ -25,16 +25,20 @@ predictors, with tau = 17:
     python -m seqtrain +experiment=series                         # task=regression on it
 
 Multi-query associative recall (data.source=mqar; Arora et al. 2023, "Zoology"): each example is
-one document of (gap + 1) windows. The first window writes `pairs` key-value pairs; window `gap`
-queries every key once, in a random order, and the byte after each queried key is its value:
+one document of (gap + 1) windows. The first window writes `pairs` key-value pairs and queries
+every key once; window `gap` queries every key again, each in a random order. The byte after a
+queried key is its value:
 
-    window 0:    k1 v1 k2 v2 .. kP vP . . . . . . . . . . . .
-    window gap:  . . . . . . . . . . qk1 qv1 qk2 qv2 .. . . .
-                 ^ 2P steps          ^ the queries, at 2P .. 4P - 1
+    window 0:    k1 v1 k2 v2 .. kP vP qk1 qv1 qk2 qv2 .. . . . . . .
+    window gap:  . . . . . . . . . .  qk1 qv1 qk2 qv2 .. . . . . . .   (gap >= 1)
+                 ^ 2P steps           ^ the queries, at 2P .. 4P - 1
 
 Keys are drawn without repetition from KEYS and values from VALUES, disjoint byte alphabets, so a
 value is fixed by its key and nothing else. Examples start on window boundaries, so with gap >= 1
-only a state carried across windows (tbptt.carry=true) holds the pairs when they are queried.
+only a state carried across windows (tbptt.carry=true) holds the pairs when window `gap` queries
+them; those are the queries recall.py scores. The queries in the first window are what teaches
+the writing: TBPTT passes no gradient from a later window's query back to the window that wrote
+the pair, so without them writing is never learned (measured: chance at gap 1, docs/cells.md).
 
     python -m seqtrain +experiment=mqar                           # train (data.source=mqar)
     python -m seqtrain.recall ckpt=outputs/.../last.ckpt          # accuracy on the queried values
@@ -80,20 +84,27 @@ def copy_corpus(
     return documents(examples, total, f"copy-lag{lag}")
 
 
-def documents_length(num_bytes: int, length: int, streams: int, split: tuple) -> int:
+def documents_length(
+    num_bytes: int, length: int, streams: int, split: tuple, at_most: bool = False
+) -> int:
     """The corpus size near num_bytes whose training split is `streams` streams of whole examples.
 
     Every stream then starts on an example. Otherwise each stream would reset on a different step,
     and the engine, which cuts a window wherever any stream resets, would run every window as
-    many short segments.
+    many short segments. at_most: never more than num_bytes, where data.max_bytes cuts the
+    corpus (load_corpus) and a cut would move the streams off the examples.
     """
     train = split[0] / sum(split)
-    per_stream = max(1, round(num_bytes * train / streams / length)) * length  # L, whole examples
-    train_bytes = streams * per_stream + 1  # a stream reads L inputs and one more target
-    total = round(train_bytes / train)
-    while round(total * train) != train_bytes:  # the split rounds: find the total that fits
-        total += 1 if round(total * train) < train_bytes else -1
-    return total
+    whole = math.floor if at_most else round
+    per_stream = max(1, whole(num_bytes * train / streams / length)) * length  # L, whole examples
+    while True:
+        train_bytes = streams * per_stream + 1  # a stream reads L inputs and one more target
+        total = round(train_bytes / train)
+        while round(total * train) != train_bytes:  # the split rounds: find the total that fits
+            total += 1 if round(total * train) < train_bytes else -1
+        if not at_most or total <= num_bytes or per_stream == length:
+            return total
+        per_stream -= length
 
 
 def documents(examples: np.ndarray, total: int, name: str) -> Corpus:
@@ -132,7 +143,8 @@ class Mqar:
 
     @property
     def queries(self) -> np.ndarray:
-        """(P,) positions of the queried keys; the value to recall is the byte after each."""
+        """(P,) positions of window gap's queried keys; the value to recall is the byte after
+        each."""
         start = self.gap * self.window + 2 * self.pairs
         return np.arange(start, start + 2 * self.pairs, 2)
 
@@ -144,15 +156,16 @@ class Mqar:
         values = np.frombuffer(VALUES, dtype=np.uint8)[
             rng.integers(0, len(VALUES), (count, self.pairs))
         ]  # (N, P)
-        order = np.argsort(rng.random((count, self.pairs)), axis=1)  # (N, P): the query order
-        asked = np.take_along_axis(keys, order, 1)  # (N, P)
-        answers = np.take_along_axis(values, order, 1)  # (N, P)
         out = np.full((count, self.length), FILLER, dtype=np.uint8)
         out[:, 0 : 2 * self.pairs : 2] = keys
         out[:, 1 : 2 * self.pairs : 2] = values
-        out[:, self.queries] = asked
-        out[:, self.queries + 1] = answers
-        return out, answers
+        for window in sorted({0, self.gap}):  # the first window's queries, then window gap's
+            order = np.argsort(rng.random((count, self.pairs)), axis=1)  # (N, P): query order
+            answers = np.take_along_axis(values, order, 1)  # (N, P)
+            at = self.queries - (self.gap - window) * self.window  # (P,)
+            out[:, at] = np.take_along_axis(keys, order, 1)
+            out[:, at + 1] = answers
+        return out, answers  # the answers of window gap's queries
 
 
 @SOURCES.register("mqar")
@@ -179,7 +192,9 @@ def mqar_source(cfg: DataConfig) -> Corpus:
         f"must hold the pairs and their queries: at least 4 * data.pairs = {4 * cfg.pairs}",
     )
     task = Mqar(cfg.pairs, cfg.gap, cfg.window)
-    total = documents_length(cfg.max_bytes, task.length, cfg.batch_size, tuple(cfg.split))
+    total = documents_length(
+        cfg.max_bytes, task.length, cfg.batch_size, tuple(cfg.split), at_most=True
+    )
     examples, _ = task.examples(math.ceil(total / task.length), seed=0)
     return documents(examples, total, f"mqar-pairs{cfg.pairs}-gap{cfg.gap}-window{cfg.window}")
 
