@@ -151,3 +151,19 @@ def test_a_shrunk_run_trains_and_recall_reports_its_accuracy(tmp_path, capsys) -
     assert (result["pairs"], result["gap"], result["window"]) == (4, 1, 16)
     assert 0 <= result["recall_accuracy"] <= 1 and result["chance_bits"] == 4.0
     assert result["recall_bits"] > 0 and result["examples"] == 16
+
+
+def test_recall_scores_the_copy_task_as_before_and_refuses_a_run_without_recall(
+    tmp_path, capsys
+) -> None:
+    model = Lookup()
+    assert recall.score(model, DataConfig(source="copy", lag=3), 8) == recall.recall(model, 3, 8)
+    run_dir, text = tmp_path / "run", tmp_path / "a.txt"
+    text.write_text("the cat sat on the mat. " * 400)
+    run_in_process(run_dir, "+debug=tiny", f"data.path={text}", "trainer.max_steps=3")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    capsys.readouterr()  # the run's own log lines
+    message = refusal(recall.main, [f"ckpt={ckpt}"], capsys=capsys)
+    assert "data.source=text has no recall figure; it is for runs of data.source=copy or mqar" in (
+        message
+    )
