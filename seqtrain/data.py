@@ -91,6 +91,11 @@ class DataConfig:
     min_count: int = 1  # word: rarer words of the training split become <unk>
     tokenizer_file: str | None = None  # bpe: a tokenizers tokenizer.json instead of training one
     lag: int = 300  # copy task: steps between a symbol and its recall
+    pairs: int = 8  # mqar: key-value pairs written, then queried, per example
+    gap: int = 1  # mqar: whole windows between the window that writes the pairs and the queries
+    # mqar: steps per window of an example, so that examples and queries fall on window
+    # boundaries; conf/experiment/mqar.yaml sets it to ${tbptt.window}
+    window: int | None = None
     length: int | None = None  # generated series (mackey_glass): rows to generate
     target_path: str | None = None  # series: (N, K) .npy of targets, row t = after input row t
     target_columns: list[int] | None = None  # series: the columns predicted; None = all

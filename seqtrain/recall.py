@@ -1,6 +1,8 @@
-"""python -m seqtrain.recall ckpt=PATH: the copy task's recall accuracy and bits on fresh examples.
+"""python -m seqtrain.recall ckpt=PATH: recall accuracy and bits on fresh examples of the task the
+checkpoint was trained on: the copy task (data.source=copy) or MQAR (data.source=mqar).
 
-The task and its corpus are in synthetic.py; this tool needs only the checkpoint.
+The tasks and their corpora are in synthetic.py; this tool needs only the checkpoint. Each source
+with a recall figure registers its scorer in SCORERS.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +21,9 @@ from omegaconf import MISSING
 from seqtrain import heads
 from seqtrain.checkpoint import config_of, load_model, read
 from seqtrain.cli import fail, parse_key_values
+from seqtrain.data import DataConfig
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.synthetic import ALPHABET, copy_examples
+from seqtrain.synthetic import ALPHABET, VALUES, Mqar, copy_examples
 
 
 @torch.no_grad()
@@ -48,9 +52,53 @@ def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noq
     }
 
 
+@torch.no_grad()
+def mqar_recall(model, task: Mqar, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
+    """Accuracy and bits of every queried value on fresh examples, each from a zero state.
+
+    The whole example runs as one sequence, the state carried from window to window as training
+    with tbptt.carry=true carries it; the model predicts each value from its queried key.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    examples, answers = task.examples(count, seed)
+    end = task.queries[-1] + 1  # the prompt ends at the last queried key
+    x = torch.from_numpy(examples[:, :end].astype(np.int64)).to(device)  # (N, end)
+    target = torch.from_numpy(answers.astype(np.int64)).to(device)  # (N, P)
+    outputs, _ = model(x)  # (N, end, V) logits, or a head's outputs
+    asked = heads.scores(outputs)[:, torch.from_numpy(task.queries)].float()  # (N, P, V)
+    model.train(was_training)
+    nats = F.cross_entropy(asked.flatten(0, 1), target.flatten()).item()
+    return {
+        "pairs": task.pairs,
+        "gap": task.gap,
+        "window": task.window,
+        "examples": count,
+        "recall_accuracy": (asked.argmax(-1) == target).float().mean().item(),
+        "recall_bits": nats / math.log(2),
+        "chance_accuracy": 1 / len(VALUES),
+        "chance_bits": math.log2(len(VALUES)),
+    }
+
+
+# data.source -> its recall figure on a checkpoint's model: (model, data config, examples) -> dict
+SCORERS: dict[str, Callable[..., dict]] = {
+    "copy": lambda model, data, count: recall(model, data.lag, count),
+    "mqar": lambda model, data, count: mqar_recall(
+        model, Mqar(data.pairs, data.gap, data.window), count
+    ),
+}
+
+
+def score(model, data: DataConfig, count: int) -> dict:  # noqa: ANN001
+    """The recall figure of the task `data` generates."""
+    return SCORERS[data.source](model, data, count)
+
+
 @dataclass
 class RecallArgs:
-    ckpt: str = MISSING  # a checkpoint of a copy-task run
+    ckpt: str = MISSING  # a checkpoint of a copy-task or MQAR run
     examples: int = 512  # fresh examples to test
     device: str = "cpu"  # cpu | cuda
 
@@ -60,10 +108,13 @@ def main(argv: list[str] | None = None) -> None:
         args, _ = parse_key_values(sys.argv[1:] if argv is None else argv, RecallArgs)
         ckpt = read(args.ckpt)
         cfg = config_of(ckpt, {})
-        if cfg.data.source != "copy":
-            raise ConfigError(f"ckpt={args.ckpt}: not a copy-task run (data.source=copy)")
+        if cfg.data.source not in SCORERS:
+            raise ConfigError(
+                f"ckpt={args.ckpt}: data.source={cfg.data.source} has no recall figure; "
+                f"it is for runs of data.source={' or '.join(SCORERS)}"
+            )
         model = load_model(ckpt, cfg).to(args.device)
-        print(json.dumps(recall(model, cfg.data.lag, args.examples)))
+        print(json.dumps(score(model, cfg.data, args.examples)))
     except SeqtrainError as err:
         fail(str(err))
 

@@ -385,7 +385,7 @@ def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
         ConfigError,
         match=(
             "data.source=adding: no such option; "
-            "choose from text, series, pydoc, copy, mackey_glass"
+            "choose from text, series, pydoc, copy, mqar, mackey_glass"
         ),
     ):
         load_corpus(DataConfig(source="adding", max_bytes=70))
