@@ -16,8 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import corpora, optim, synthetic, trainer_extras
-from seqtrain.data import READERS, SOURCES, DataConfig
+from seqtrain import optim, trainer_extras
+from seqtrain.data import DataConfig
 from seqtrain.errors import POSITIVE, ConfigError, require
 from seqtrain.memory import MemoryConfig
 from seqtrain.model import ModelConfig
@@ -26,8 +26,6 @@ from seqtrain.tasks import TaskConfig
 from seqtrain.tbptt import TbpttConfig
 from seqtrain.trainer_extras import tensorboard
 
-assert "copy" in SOURCES, synthetic  # importing synthetic registers the generated corpora
-assert "jsonl" in READERS, corpora  # and corpora the readers of JSON Lines and token arrays
 PRECISIONS = ("32-true", "bf16-mixed")
 # No ddp_spawn: the run's state (carried state, summary) would stay in the spawned workers.
 STRATEGIES = ("auto", "ddp")

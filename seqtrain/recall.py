@@ -1,8 +1,8 @@
 """python -m seqtrain.recall ckpt=PATH: recall accuracy and bits on fresh examples of the task the
 checkpoint was trained on: the copy task (data.source=copy) or MQAR (data.source=mqar).
 
-The tasks and their corpora are in synthetic.py; this tool needs only the checkpoint. Each source
-with a recall figure registers its scorer in SCORERS.
+The tasks and their corpora are in data/synthetic.py; this tool needs only the checkpoint. Each
+source with a recall figure registers its scorer in SCORERS.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from seqtrain import heads
 from seqtrain.checkpoint import config_of, load_model, read
 from seqtrain.cli import fail, parse_key_values
 from seqtrain.data import DataConfig
+from seqtrain.data.synthetic import ALPHABET, VALUES, Mqar, copy_examples
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.synthetic import ALPHABET, VALUES, Mqar, copy_examples
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
     bpe    byte-level BPE (the `tokenizers` library), trained on the training split or read
            from data.tokenizer_file
 
-A tokenizer is fitted on the training split only (data.py's `load_splits`) and is then plain data
+A tokenizer is fitted on the training split only (`data.load_splits`) and is then plain data
 (`state()`), kept in every checkpoint's DataSpec: sampling and evaluation rebuild it from the file
 alone and never fit again. A user's own is data.tokenizer=my_module:MyTok, a `Tokenizer` subclass
 (or a class with the same members).
@@ -316,7 +316,7 @@ class BytePairTokenizer(Tokenizer):
             vocab_size=cfg.vocab_size,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             special_tokens=[],
-            show_progress=False,  # data.py shows the progress of the whole step
+            show_progress=False,  # data.cache shows the progress of the whole step
         )
         tokenizer.train_from_iterator((t.decode("utf-8", errors="replace") for t in texts), trainer)
         return cls(tokenizer)

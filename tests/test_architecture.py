@@ -57,3 +57,25 @@ def test_every_module_imports_only_from_lower_layers() -> None:
             if imported in level and level[imported] >= level[unit]:
                 wrong.append(f"{unit} (layer {level[unit]}) imports {imported} ({level[imported]})")
     assert not wrong, "; ".join(sorted(set(wrong)))
+
+
+# seqtrain/data/, by stage: a stage imports only from the stages listed before it.
+DATA_STAGES = ["corpus", "files", "sources", "streams", "readers", "synthetic", "cache", "splits"]
+
+
+def test_each_data_stage_imports_only_from_earlier_stages() -> None:
+    folder = PACKAGE / "data"
+    assert sorted(DATA_STAGES) == sorted(
+        p.stem for p in folder.glob("*.py") if p.stem != "__init__"
+    )
+    wrong = []
+    for k, stage in enumerate(DATA_STAGES):
+        tree = ast.parse((folder / f"{stage}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "seqtrain.data."
+            ):
+                other = node.module.split(".")[2]
+                if other not in DATA_STAGES[:k]:
+                    wrong.append(f"data/{stage}.py imports data/{other}.py")
+    assert not wrong, "; ".join(wrong)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqtrain import corpora, evaluate, sample, train
+from seqtrain import evaluate, sample, train
 from seqtrain.config import validate
 from seqtrain.data import (
     DataConfig,
@@ -20,6 +20,7 @@ from seqtrain.data import (
     Streams,
     fingerprint,
     load_corpus,
+    readers,
     split_corpus,
     stdlib_files,
 )
@@ -134,10 +135,10 @@ def test_the_vocabulary_check_reads_a_token_array_in_bounded_chunks(tmp_path, mo
     tokens = np.zeros(10_000, dtype=np.uint16)
     tokens[7_777] = 300
     tokens.tofile(tmp_path / "t.bin")
-    monkeypatch.setattr(corpora, "CHECK_CHUNK", 1000)
+    monkeypatch.setattr(readers, "CHECK_CHUNK", 1000)
     reads = []
-    real = corpora.Rows.run
-    monkeypatch.setattr(corpora.Rows, "run", lambda s, a, n: reads.append(n) or real(s, a, n))
+    real = readers.Rows.run
+    monkeypatch.setattr(readers.Rows, "run", lambda s, a, n: reads.append(n) or real(s, a, n))
     with pytest.raises(DataError, match=r"token 7,777 has id 300, outside data.vocab_size=300"):
         load(tmp_path / "t.bin", vocab_size=300)
     assert reads == [1000] * 8  # chunk by chunk, up to the one that holds the bad id

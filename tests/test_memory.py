@@ -367,9 +367,9 @@ def test_host_cache_keeps_freed_memory_in_the_process() -> None:
 
 def test_copy_task_corpus_repeats_each_symbol_after_the_lag() -> None:
     from seqtrain.data import DataConfig, Streams, load_corpus, split_corpus
+    from seqtrain.data.synthetic import ALPHABET
     from seqtrain.errors import ConfigError
     from seqtrain.recall import recall
-    from seqtrain.synthetic import ALPHABET
 
     cfg = DataConfig(source="copy", lag=3, max_bytes=70, batch_size=2)
     corpus = load_corpus(cfg)

@@ -13,8 +13,8 @@ from torch import nn
 
 from seqtrain import cli, recall
 from seqtrain.data import DataConfig, Streams, load_corpus, split_corpus
+from seqtrain.data.synthetic import FILLER, KEYS, VALUES, Mqar
 from seqtrain.errors import SeqtrainError
-from seqtrain.synthetic import FILLER, KEYS, VALUES, Mqar
 from tests.conftest import composed, refusal, run_in_process
 
 # ---------------------------------------------------------------------------------------------

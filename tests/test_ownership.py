@@ -251,7 +251,7 @@ def test_max_bytes_reads_only_the_slice(tmp_path: Path, monkeypatch) -> None:
     big = tmp_path / "big.txt"
     big.write_bytes(b"abc" * 400_000)
     reads = []
-    real = data.Path.open
+    real = Path.open
 
     def counting_open(self, *args, **kwargs):
         f = real(self, *args, **kwargs)
@@ -260,7 +260,7 @@ def test_max_bytes_reads_only_the_slice(tmp_path: Path, monkeypatch) -> None:
             f.read = lambda n=-1: reads.append(n) or original(n)  # type: ignore[method-assign]
         return f
 
-    monkeypatch.setattr(data.Path, "open", counting_open)
+    monkeypatch.setattr(Path, "open", counting_open)
     cfg = validate(composed(*TINY, f"data.path={big}", "data.max_bytes=60000"))
     corpus = data.load_corpus(cfg.data)
     assert len(corpus.values) == 60000 and reads == [60000]

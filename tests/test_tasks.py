@@ -25,9 +25,9 @@ from seqtrain.data import (
     split_corpus,
     with_targets,
 )
+from seqtrain.data.synthetic import mackey_glass
 from seqtrain.errors import ConfigError, DataError
 from seqtrain.model import ModelConfig
-from seqtrain.synthetic import mackey_glass
 from seqtrain.tasks import Regression, build_model, build_task
 from seqtrain.tbptt import Engine
 

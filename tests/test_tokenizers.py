@@ -168,7 +168,7 @@ def test_non_byte_splits_are_cut_at_line_starts_or_whitespace() -> None:
 
 
 def test_text_blocks_cut_at_documents_and_then_at_lines(monkeypatch) -> None:
-    monkeypatch.setattr(data, "BLOCK", 200)  # longer than any line: cuts at line starts
+    monkeypatch.setattr(data.cache, "BLOCK", 200)  # longer than any line: cuts at line starts
     text = lines_of_words(30).encode()
     starts = np.array([0, 100, 101, 700], dtype=np.int64)
     corpus = Corpus(np.frombuffer(text, np.uint8), starts, "t")
@@ -303,8 +303,8 @@ def test_tokens_are_cached_once_and_rebuilt_for_other_settings(tmp_path: Path, c
 def test_long_tokenizing_shows_its_progress(tmp_path: Path, monkeypatch, caplog) -> None:
     """Without a terminal (nohup, SLURM): a log line every PROGRESS_SECONDS while fitting and
     encoding; here every block of 4 KiB."""
-    monkeypatch.setattr(data, "BLOCK", 4096)
-    monkeypatch.setattr(data, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(data.cache, "BLOCK", 4096)
+    monkeypatch.setattr(data.cache, "PROGRESS_SECONDS", 0.0)
     path = write_corpus(tmp_path, lines_of_words(1000))
     cfg = DataConfig(path=str(path), tokenizer="word", cache_dir=str(tmp_path / "cache"))
     _, log = cached_run(cfg, caplog)

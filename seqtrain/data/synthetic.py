@@ -51,8 +51,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seqtrain.data import SOURCES, Corpus, DataConfig, DataError
-from seqtrain.errors import require
+from seqtrain.data.corpus import Corpus
+from seqtrain.data.sources import SOURCES, DataConfig
+from seqtrain.errors import DataError, require
 
 ALPHABET = b"abcdefghijklmnop"  # the symbols to remember: 16, so chance is 4 bits
 FILLER, CUE, END = ord("."), ord("?"), ord("\n")

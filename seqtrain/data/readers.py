@@ -1,4 +1,5 @@
-"""Corpus files beyond plain text: JSON Lines, pre-tokenized arrays, and a corpus's identity.
+"""Corpus files beyond plain text: JSON Lines and pre-tokenized arrays (the identity of a corpus
+is cache.py's `fingerprint`).
 
 One source (data.SOURCES): `data.source=pydoc`, the English prose of Python's documentation
 topics, for word-level models without a download.
@@ -23,18 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from seqtrain.data import (
-    SOURCES,
-    Corpus,
-    DataConfig,
-    DataError,
-    Rows,
-    check_file,
-    documents,
-    opened,
-    read_doc_starts,
-    register_reader,
-)
+from seqtrain.data.corpus import Corpus, documents
+from seqtrain.data.files import check_file, opened
+from seqtrain.data.sources import SOURCES, DataConfig, read_doc_starts, register_reader
+from seqtrain.data.streams import Rows
+from seqtrain.errors import DataError
 
 CHECK_CHUNK = 1 << 22  # token ids per read of the vocabulary check: 4-16 MiB, whatever the file
 
