@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import cells, corpora, optim, synthetic, trainer_extras
+from seqtrain import cells, corpora, optim, synthetic, threads, trainer_extras
 from seqtrain.data import (
     READERS,
     SOURCES,
@@ -63,6 +63,9 @@ class TrainerConfig:
     progress_seconds: float = 60.0  # or after this many seconds, whichever comes first
     sample_length: int = 300  # tokens generated at each validation (bytes for bytes; 0 = none)
     checkpoint_every: int = 100  # write checkpoints/last.ckpt every this many updates
+    # CPU threads per process: auto = the CPUs this process may use, shared among the sweep
+    # jobs or ranks this host runs at once (an OMP_NUM_THREADS in the environment wins); or N
+    threads: str = "auto"
     # Any other lightning.Trainer argument, given as +trainer.NAME=VALUE (e.g. deterministic);
     # validate() moves them here and refuses those seqtrain owns (trainer_extras.REFUSED).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -303,6 +306,10 @@ def validate(raw: DictConfig | dict, saved: bool = False) -> Config:
     _require(tr.progress_every > 0, "trainer.progress_every", tr.progress_every, positive)
     seconds = tr.progress_seconds
     _require(seconds > 0, "trainer.progress_seconds", seconds, "must be > 0")
+    try:
+        threads.parse(tr.threads)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _require(tr.checkpoint_every > 0, "trainer.checkpoint_every", tr.checkpoint_every, positive)
     _require(
         cfg.resume in (None, *RESUME), "resume", cfg.resume, f"choose from {', '.join(RESUME)}"
