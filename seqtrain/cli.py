@@ -138,6 +138,14 @@ def record_config(raw: DictConfig, run_dir: Path) -> None:
         raise ConfigError(f"hydra.run.dir={run_dir}: cannot write .hydra/ ({reason})") from None
 
 
+def start_record(raw: DictConfig, run_dir: Path) -> None:
+    """Right before the first update, once every check passed: the .hydra/ record, and where
+    the results go (said again at the end), so TensorBoard can be opened while it trains."""
+    record_config(raw, run_dir)
+    say(f"run directory: {run_dir}")
+    say(f"tensorboard --logdir {run_dir}")
+
+
 def resume_command(run_dir: Path) -> str:
     overrides = [
         o
@@ -230,7 +238,7 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
 
     if rank_zero:
         rundir.remove_orphans(run_dir)
-    summary = train.fit(job, (lambda: record_config(raw, run_dir)) if rank_zero else None)
+    summary = train.fit(job, (lambda: start_record(raw, run_dir)) if rank_zero else None)
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:

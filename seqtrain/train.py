@@ -357,7 +357,9 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
             last,
             TextSamples(prompt, cfg.trainer.sample_length),
             preemption,
-            StepProgressBar() if show_progress else ProgressLines(*lines),
+            *([StepProgressBar()] if show_progress else []),
+            # Lines in cli.log also beside the bar; on stdout too when it is not the terminal.
+            ProgressLines(*lines, file_only=show_progress and sys.stdout.isatty()),
             *trainer_extras.build_callbacks(cfg.callbacks),  # +callbacks.NAME._target_=...
         ],
         # Under SLURM, Lightning's auto-requeue is off: submitit requeues and seqtrain's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,19 @@ def test_without_a_terminal_progress_is_plain_lines_and_cli_log_ends_like_the_co
     assert "\r" not in log and "\x1b" not in log  # no bar's control codes
     assert "step 6/6 (100%)" in log and "tokens/s  ETA" in log
     assert f"run directory: {run_dir}" in log and "val/bpc:" in log  # the result lines
+
+
+def test_the_console_says_where_first_and_every_validation_in_a_line(run_dir: Path) -> None:
+    log = (run_dir / "cli.log").read_text()
+    start = log.index(f"tensorboard --logdir {run_dir}")  # TensorBoard can open while it trains
+    assert log.index(f"run directory: {run_dir}") < start < log.index("validation at step 3:")
+    lines = [line for line in log.splitlines() if "validation at step" in line]
+    assert len(lines) == 2, lines  # +debug=tiny validates at steps 3 and 6
+    seen = []
+    for line, step in zip(lines, (3, 6), strict=True):
+        assert f"validation at step {step}: val/loss " in line
+        seen.append(float(re.search(r" val/bpc ([\d.]+)", line).group(1)))
+        assert line.endswith(f"(best val/bpc {min(seen):.4f})")  # the best so far, this one too
 
 
 def test_short_runs_validate_at_the_end(tmp_path: Path) -> None:
@@ -196,3 +210,9 @@ def test_a_resumed_bar_counts_from_the_resumed_step_to_max_steps(tmp_path: Path)
     assert frames.lstrip().startswith("train:  75%|") and "6/8" in bars[0]
     assert all("/8 [" in bar for bar in bars)  # never 7/? (no total, no ETA)
     assert "\r" not in done.stdout
+    # The task's headline figure, and tokens/s as a whole number with separators, not 4.81e+3.
+    assert "train/bpc=" in bars[-1]
+    assert re.search(r"tokens/s=\d{1,3}(,\d{3})*[,\]]", bars[-1]), bars[-1]
+    # stdout is a pipe beside the bar on the terminal: the progress lines go there and to cli.log.
+    assert "step 8/8 (100%)" in done.stdout
+    assert "step 8/8 (100%)" in (tmp_path / "cli.log").read_text()
