@@ -171,6 +171,7 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     [
         ("seqtrain.sample", ("ckpt=... (required)", "temperature=0.8", "top_k=null")),
         ("seqtrain.evaluate", ("split='test'", "batch_size=null", "data.KEY=VALUE")),
+        ("seqtrain.recall", ("ckpt=... (required)", "examples=512")),
     ],
 )
 def test_checkpoint_tools_have_help(module: str, keys: tuple[str, ...]) -> None:
@@ -179,6 +180,33 @@ def test_checkpoint_tools_have_help(module: str, keys: tuple[str, ...]) -> None:
     assert done.stdout.startswith(f"python -m {module} ckpt=PATH")
     for key in keys:
         assert key in done.stdout, key
+
+
+@pytest.mark.parametrize("tool", ["sample", "evaluate", "recall"])
+def test_checkpoint_tools_parse_and_help_before_torch_loads(tool: str) -> None:
+    """--help and bad arguments answer at once: nothing heavy loads before the arguments are
+    parsed (torch alone takes seconds to import on a busy machine)."""
+    script = (
+        "import sys\n"
+        f"from seqtrain import {tool} as tool\n"
+        "for argv in (['--help'], ['no_such_key=1']):\n"
+        "    try:\n"
+        "        tool.main(argv)\n"
+        "    except SystemExit as exit_:\n"
+        "        print('exit', exit_.code)\n"
+        "print('loaded:', [m for m in ('torch', 'hydra', 'lightning') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV)
+    assert "exit 0" in done.stdout and "exit 2" in done.stdout, done.stderr[-2000:]
+    assert "no_such_key is not a key" in done.stderr
+    assert "loaded: []" in done.stdout
+
+
+def test_the_sample_tool_samples_as_training_does() -> None:
+    from seqtrain.sample import SampleArgs
+    from seqtrain.tasks import SAMPLE_TEMPERATURE
+
+    assert SampleArgs.temperature == SAMPLE_TEMPERATURE  # written twice: sample.py loads no torch
 
 
 def test_training_help_is_seqtrains_own() -> None:
