@@ -41,6 +41,8 @@ class Throughput(L.Callback):
             self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if not outputs["tokens"]:  # an update a stop request dropped: the run is ending
+            return
         now = time.perf_counter()
         seconds, self._mark = now - self._mark, now
         self.train_seconds += seconds
@@ -129,13 +131,16 @@ def validation_line(step: int, figures: dict[str, float], best: ModelCheckpoint)
 
 
 class Preemption(L.Callback):
-    """SIGTERM, SIGINT and SIGUSR1 finish the current update, save a checkpoint and stop.
+    """SIGTERM, SIGINT and SIGUSR1 save a checkpoint and stop, within seconds.
 
     The handler only records the signal; the checkpoint is written between updates, where the
-    model, optimizer, data cursor and carried state agree with each other. All ranks stop at the
-    same update: any rank's signal stops every rank. A stop request skips validation, and one
-    that lands during a validation pass abandons it (the module's `stop_requested`), so the run
-    ends within about one update and one save: preemption leaves ~30 s, a user a few.
+    model, optimizer, data cursor and carried state agree with each other. One process does not
+    wait for a slow update to end: the engine drops it at its next segment boundary, forward or
+    backward (tbptt.UpdateAbandoned), and the checkpoint is that of the update before; under
+    DDP each rank finishes the update (the gradients' all-reduce needs every rank). All ranks
+    stop at the same update: any rank's signal stops every rank. A stop request skips
+    validation, and one that lands during a validation pass abandons it (the module's
+    `stop_requested`), so the run ends within seconds and one save: preemption leaves ~30 s.
     A second signal says the save is under way; a third exits at once: checkpoints are written
     atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO).
     """
@@ -163,7 +168,9 @@ class Preemption(L.Callback):
             doing = f"saving {self.checkpoint}" if self.saving else "finishing the update"
             log.warning("%s: still %s; send it once more to abort at once", name, doing)
             return
-        log.warning("%s: stopping after the current update (saving %s)", name, self.checkpoint)
+        log.warning(
+            "%s: stopping; saving %s as of the last completed update", name, self.checkpoint
+        )
         if self.module is not None:
             self.module.stop_requested = True
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -55,7 +56,13 @@ def say(message: str, level: int = logging.INFO, file: TextIO | None = None) -> 
     The console's last lines (the result, a stop and its resume command, an error) are what a
     user looks for later in the log; the file handlers are Hydra's, absent outside a run.
     """
-    print(message, file=file or sys.stdout)
+    stream = file or sys.stdout
+    try:
+        print(message, file=stream, flush=True)
+    except BrokenPipeError:  # the reader is gone (Ctrl-C on `seqtrain ... | tee log` ends tee)
+        # Later writes (and the interpreter's flush at exit) go nowhere instead of failing; the
+        # record below still reaches cli.log.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     record = log.makeRecord(log.name, level, __file__, 0, message.strip(), None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -99,7 +106,9 @@ def resume_command(run_dir: Path) -> str:
         for o in HydraConfig.get().overrides.task
         if not o.startswith(("resume=", "ckpt_path=", "hydra.run.dir="))
     ]
-    return " ".join(["python -m seqtrain", *overrides, "resume=auto", f"hydra.run.dir={run_dir}"])
+    # Quoted for the shell, so a path with spaces or quotes pastes as it is.
+    words = [*overrides, "resume=auto", f"hydra.run.dir={run_dir}"]
+    return " ".join(["python -m seqtrain", *map(shlex.quote, words)])
 
 
 # The folders of the sweep jobs that failed (a failed job does not stop a sweep): those run in
