@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import random
 import signal
@@ -11,11 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqtrain.callbacks import Preemption
 from seqtrain.checkpoint import read
+from seqtrain.data import Window
+from seqtrain.tbptt import Engine, UpdateAbandoned
 
-from .conftest import PLUGINS, finish, read_scalars, start_run, with_pythonpath
+from .conftest import BYTE_LM, PLUGINS, finish, read_scalars, start_run, with_pythonpath
 from .test_cli import ENV
 
 # A validation pass after every update, over 600 KB of val text with a 128-wide LSTM: each pass
@@ -169,3 +174,30 @@ def test_the_stop_lines_reach_cli_log_when_stdout_is_a_closed_pipe(tmp_path: Pat
     assert "SIGINT: stopped after step" in log
     assert f"resume with: python -m seqtrain {' '.join(VALIDATING)} resume=auto " in log
     assert f"'hydra.run.dir={run_dir}'" in log
+
+
+@pytest.mark.parametrize("asked_after", [1, 3, 6])  # forward's 2nd, 4th segment; in backward
+def test_a_dropped_update_leaves_the_engine_and_weights_as_they_were(
+    tiny_model, asked_after: int
+) -> None:
+    """A stop request met between segments raises before anything the next update or a
+    checkpoint reads has changed: carried state, history and weights; only gradients (which the
+    module zeroes) may be partly accumulated when it lands in backward."""
+    engine = Engine(tiny_model, BYTE_LM, window=16, stride=8, chunk=4)
+    tokens = torch.randint(0, 256, (2, 17))
+    batch = Window(tokens[:, :-1], tokens[:, 1:], torch.zeros(2, 16, dtype=torch.bool), 1)
+    engine.train_update(batch, lambda loss: loss.backward())  # state and history to carry
+
+    def carried() -> list[torch.Tensor]:
+        return [*engine.state, *engine.history, *tiny_model.state_dict().values()]
+
+    before = copy.deepcopy(carried())
+    calls = []
+    engine.stop = lambda: calls.append(1) or len(calls) > asked_after
+    with pytest.raises(UpdateAbandoned):
+        engine.train_update(batch, lambda loss: loss.backward())
+    after = carried()
+    assert len(after) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    engine.stop = lambda: False
+    assert math.isfinite(engine.train_update(batch, lambda loss: loss.backward()).loss)
