@@ -75,8 +75,9 @@ class UpdateResult:
 class UpdateAbandoned(Exception):
     """A stop request (Engine.stop) met between two segments of an update, forward or backward:
     the update is dropped. Raised before the carried state, the history, the weights or the
-    optimizer change, so the loop state is still the last completed update's: a checkpoint saved
-    now resumes exactly (the LightningModule catches it; callbacks.Preemption saves)."""
+    optimizer change (a new epoch's reset aside, which the replayed update repeats), so the loop
+    state is still the last completed update's: a checkpoint saved now resumes exactly (the
+    LightningModule catches it; callbacks.Preemption saves)."""
 
 
 def detach(state: State | None) -> State | None:
