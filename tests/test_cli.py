@@ -244,3 +244,30 @@ def test_a_resumed_bar_counts_from_the_resumed_step_to_max_steps(tmp_path: Path)
     # stdout is a pipe beside the bar on the terminal: the progress lines go there and to cli.log.
     assert "step 8/8 (100%)" in done.stdout
     assert "step 8/8 (100%)" in (tmp_path / "cli.log").read_text()
+
+
+def test_beside_the_bar_progress_lines_go_to_the_log_file_only(tmp_path: Path, caplog) -> None:
+    """stderr and stdout both the terminal: the bar shows progress, cli.log still gets a line
+    every trainer.progress_seconds, and the console gets none (it would break the bar)."""
+    import logging
+    import types
+
+    from seqtrain.callbacks import ProgressLines
+
+    from .conftest import BYTE_LM
+
+    handler = logging.FileHandler(tmp_path / "cli.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        lines = ProgressLines(every=100, seconds=1e-9, file_only=True)  # due at every update
+        trainer = types.SimpleNamespace(global_step=0, max_steps=10, is_global_zero=True)
+        module = types.SimpleNamespace(tokens_seen=0, train_loss=2.0, task=BYTE_LM)
+        lines.on_train_start(trainer, module)
+        trainer.global_step, module.tokens_seen = 1, 64
+        with caplog.at_level(logging.INFO, logger="seqtrain"):
+            lines.on_train_batch_end(trainer, module, {"tokens": 64}, None, 0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert "step 1/10 (10%)  loss 2.0000" in (tmp_path / "cli.log").read_text()
+    assert not caplog.records  # nothing through the console's handlers
