@@ -271,3 +271,24 @@ def test_beside_the_bar_progress_lines_go_to_the_log_file_only(tmp_path: Path, c
         handler.close()
     assert "step 1/10 (10%)  loss 2.0000" in (tmp_path / "cli.log").read_text()
     assert not caplog.records  # nothing through the console's handlers
+
+
+def test_the_bar_shows_a_smoothed_speed_and_the_curves_each_updates(monkeypatch) -> None:
+    import types
+
+    from seqtrain import callbacks
+
+    clock = iter([0.0, 1.0, 1.5])  # two updates: 1000 tokens in 1 s, then in 0.5 s
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    bar, curve = [], []
+    module = types.SimpleNamespace(
+        log=lambda name, value, **kw: bar.append(value),
+        log_step=lambda metrics: curve.append(metrics["perf/tokens_per_s"]),
+    )
+    throughput = callbacks.Throughput()
+    throughput.on_train_batch_start(None, module, None, 0)
+    for _ in range(2):
+        throughput.on_train_batch_end(None, module, {"tokens": 1000}, None, 0)
+    assert curve == [1000.0, 2000.0]  # TensorBoard: every update's own speed
+    assert bar[0] == 1000.0 and 1000.0 < bar[1] < 1100.0  # the bar: a jump moves it a little
+    assert throughput.tokens_per_s == 2000 / 1.5  # the summary: all tokens over all time
