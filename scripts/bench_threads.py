@@ -17,8 +17,8 @@ Targets (issue #25): (a) auto quiet within 3% of spin quiet; (b) auto beside the
 least 0.9x the better of 1 and passive beside it; (c) the two side-by-side runs' summed
 tokens/s at least 0.9x one quiet auto run.
 
-    python scripts/bench_threads.py              # on a quiet machine: ~15 minutes on 2 cores
-    python scripts/bench_threads.py --smoke      # checks the script runs (~1 minute); no figures
+    python scripts/bench_threads.py              # on a quiet machine: ~20 minutes on 2 cores
+    python scripts/bench_threads.py --smoke      # checks it runs (~1 min quiet, 4 busy); no figures
 """
 
 from __future__ import annotations
