@@ -1,15 +1,20 @@
-"""`python -m seqtrain` and the `seqtrain` command: a Tab's completion from its cache, else the
-command line (seqtrain.cli), whose imports (torch, Lightning, Hydra) take seconds."""
+"""`python -m seqtrain` and the `seqtrain` command (pyproject.toml points both here).
+
+A Tab's completion is answered from its cache before anything heavy is imported (completion.py).
+Otherwise the OpenMP wait policy is set before torch loads: GNU OpenMP reads it once, when torch
+loads (threads.py), and cli imports torch through the config.
+"""
 
 import sys
 
-from seqtrain import completion
+from seqtrain import completion, threads
 
 
 def main() -> None:
     if completion.answer(sys.argv[1:]):
         return
-    from seqtrain import cli  # past the completion fast path only
+    threads.yield_when_waiting()
+    from seqtrain import cli  # torch loads here, with the wait policy in the environment
 
     cli.main()
 

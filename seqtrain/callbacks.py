@@ -28,23 +28,39 @@ class Throughput(L.Callback):
     logging and Lightning's own overhead count against seqtrain, as a user would see it.
     """
 
+    SMOOTHING = 0.1  # the weight of the newest update in the bar's figure (about the last 10)
+
     def __init__(self) -> None:
         self.train_seconds = 0.0
         self.tokens = 0
         self._mark: float | None = None
+        self._recent = (0.0, 0.0)  # (tokens, seconds), exponentially weighted
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._mark is None:  # first update, or the first after a validation pass
             self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if not outputs["tokens"]:  # an update a stop request dropped: the run is ending
+            return
         now = time.perf_counter()
         seconds, self._mark = now - self._mark, now
         self.train_seconds += seconds
         self.tokens += outputs["tokens"]
         speed = outputs["tokens"] / seconds
-        module.log("perf/tokens_per_s", speed, prog_bar=True, logger=False)
+        # The bar shows a smoothed figure: one update's speed jumps with every hiccup. Tokens
+        # and seconds are averaged apart, so a slow update weighs by the time it took.
+        w, (tokens, secs) = self.SMOOTHING, self._recent
+        if not secs:
+            w = 1.0
+        self._recent = ((1 - w) * tokens + w * outputs["tokens"], (1 - w) * secs + w * seconds)
+        module.log("perf/tokens_per_s", self.recent_tokens_per_s, prog_bar=True, logger=False)
         module.log_step({"perf/tokens_per_s": speed})
+
+    @property
+    def recent_tokens_per_s(self) -> float:
+        tokens, seconds = self._recent
+        return tokens / seconds if seconds else 0.0
 
     def on_validation_start(self, trainer, module) -> None:
         self._mark = None
@@ -100,16 +116,31 @@ class BestCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, module) -> None:
         if module.last_val_step == trainer.global_step:
             super().on_validation_end(trainer, module)
+            if trainer.is_global_zero:
+                log.info(validation_line(trainer.global_step, module.last_val, self))
+
+
+def validation_line(step: int, figures: dict[str, float], best: ModelCheckpoint) -> str:
+    """One console line per validation pass: its figures and the best of the monitor so far
+    (best.ckpt's, restored on resume)."""
+    shown = "  ".join(f"{name} {value:.4f}" for name, value in figures.items())
+    score = best.best_model_score
+    if score is None:
+        return f"validation at step {step}: {shown}"
+    return f"validation at step {step}: {shown}  (best {best.monitor} {float(score):.4f})"
 
 
 class Preemption(L.Callback):
-    """SIGTERM, SIGINT and SIGUSR1 finish the current update, save a checkpoint and stop.
+    """SIGTERM, SIGINT and SIGUSR1 save a checkpoint and stop, within seconds.
 
     The handler only records the signal; the checkpoint is written between updates, where the
-    model, optimizer, data cursor and carried state agree with each other. All ranks stop at the
-    same update: any rank's signal stops every rank. A stop request skips validation, and one
-    that lands during a validation pass abandons it (the module's `stop_requested`), so the run
-    ends within about one update and one save: preemption leaves ~30 s, a user a few.
+    model, optimizer, data cursor and carried state agree with each other. One process does not
+    wait for a slow update to end: the engine drops it at its next segment boundary, forward or
+    backward (tbptt.UpdateAbandoned), and the checkpoint is that of the update before; under
+    DDP each rank finishes the update (the gradients' all-reduce needs every rank). All ranks
+    stop at the same update: any rank's signal stops every rank. A stop request skips
+    validation, and one that lands during a validation pass abandons it (the module's
+    `stop_requested`), so the run ends within seconds and one save: preemption leaves ~30 s.
     A second signal says the save is under way; a third exits at once: checkpoints are written
     atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO).
     """
@@ -137,7 +168,9 @@ class Preemption(L.Callback):
             doing = f"saving {self.checkpoint}" if self.saving else "finishing the update"
             log.warning("%s: still %s; send it once more to abort at once", name, doing)
             return
-        log.warning("%s: stopping after the current update (saving %s)", name, self.checkpoint)
+        log.warning(
+            "%s: stopping; saving %s as of the last completed update", name, self.checkpoint
+        )
         if self.module is not None:
             self.module.stop_requested = True
 
@@ -266,13 +299,33 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer, module) -> None:
         """Nothing: Lightning's would reset the bar to 0 of an epoch; there is one endless one."""
 
+    def get_metrics(self, trainer, module) -> dict[str, int | str | float | dict[str, float]]:
+        """The bar's figures as a reader wants them: the task's headline figure of the last
+        update (bpc for lm) beside its loss, and tokens/s smoothed (Throughput) with thousands
+        separators, not `4.81e+3`."""
+        items = super().get_metrics(trainer, module)
+        speed = items.pop("perf/tokens_per_s", None)
+        task = module.task
+        figure = task.figures(module.train_loss, "train").get(task.monitor)
+        shown = {}
+        for name, value in items.items():
+            shown[name] = value
+            if name == "train/loss" and figure is not None:  # the headline beside its loss
+                shown[f"train/{task.monitor}"] = f"{figure:.3f}"
+        if speed is not None:
+            shown["tokens/s"] = f"{float(speed):,.0f}"
+        return shown
+
 
 class ProgressLines(L.Callback):
     """With no terminal (nohup, SLURM, a pipe): a plain log line every `every` updates or
     `seconds`, whichever comes first, with the step, loss, speed and time left."""
 
-    def __init__(self, every: int, seconds: float) -> None:
+    def __init__(self, every: int, seconds: float, file_only: bool = False) -> None:
         self.every, self.seconds = every, seconds
+        # Beside a bar on a terminal the lines go to the log file (cli.log) alone: the console
+        # has the bar, the file a record of progress.
+        self.file_only = file_only
         self._start: tuple[float, int, int] | None = None  # (time, step, tokens) at the start
         self._last: tuple[float, int] = (0.0, 0)  # (time, step) of the last line
 
@@ -293,16 +346,18 @@ class ProgressLines(L.Callback):
         speed = (module.tokens_seen - start_tokens) / elapsed if elapsed else 0.0
         left = elapsed / (step - start_step) * (trainer.max_steps - step)
         figures = module.task.metrics(module.train_loss)
-        log.info(
-            "step %d/%d (%d%%)  loss %.4f  %s  %s tokens/s  ETA %s",
-            step,
-            trainer.max_steps,
-            100 * step // trainer.max_steps,
-            module.train_loss,
-            "  ".join(f"{name} {value:.4f}" for name, value in figures.items()),
-            f"{speed:,.0f}",
-            duration(left),
+        shown = "  ".join(f"{name} {value:.4f}" for name, value in figures.items())
+        line = (
+            f"step {step}/{trainer.max_steps} ({100 * step // trainer.max_steps}%)  "
+            f"loss {module.train_loss:.4f}  {shown}  {speed:,.0f} tokens/s  ETA {duration(left)}"
         )
+        if not self.file_only:
+            log.info(line)
+            return
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
 
 
 def duration(seconds: float) -> str:

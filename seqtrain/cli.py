@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
-import inspect
 import json
 import logging
 import math
@@ -30,8 +28,8 @@ from hydra.errors import (
     OverrideParseException,
 )
 from hydra.experimental.callback import Callback
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from seqtrain import completion, rundir
 from seqtrain.config import schema, unknown_key, validate
@@ -44,64 +42,19 @@ log = logging.getLogger("seqtrain")
 CONF_DIR = completion.conf_dir()
 
 
-def key_help(schema: type, passthrough: tuple[str, ...]) -> str:
-    """--help of a checkpoint tool: its module docstring, then each key with its default and the
-    comment it has in the dataclass (the source is the one place they are written)."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(schema), re.M))
-    lines = [inspect.getmodule(schema).__doc__.strip(), "", "Arguments are KEY=VALUE:"]
-    for f in dataclasses.fields(schema):
-        default = f.default
-        if default is MISSING:
-            default = "... (required)"
-        elif default is None:
-            default = "null"
-        elif isinstance(default, str):
-            default = repr(default)
-        lines.append(f"  {f.name}={default}".ljust(24) + f"  {comments.get(f.name, '')}")
-    for prefix in passthrough:
-        lines.append(f"  {prefix}.KEY=VALUE".ljust(24) + "  overrides the checkpoint's config")
-    return "\n".join(lines)
-
-
-def parse_key_values(argv: list[str], schema: type, passthrough: tuple[str, ...] = ()) -> tuple:
-    """key=value arguments for the checkpoint tools (sample, evaluate), checked against a
-    dataclass, as training takes Hydra's. Keys under a `passthrough` prefix (e.g. `model.`) are
-    returned as config overrides. Values stay verbatim, so prompt="def " keeps its space.
-    --help (-h) prints the keys and exits."""
-    if "--help" in argv or "-h" in argv:
-        print(key_help(schema, passthrough))
-        sys.exit(0)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    known, overrides = {}, {}
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if not eq:
-            raise ConfigError(f"{arg!r}: arguments are key=value; keys: {', '.join(fields)}")
-        if key.split(".")[0] in passthrough:
-            overrides[key] = value
-        elif key in fields:
-            known[key] = None if value in ("null", "None") else value
-        else:
-            allowed = ", ".join([*fields, *(f"{p}.*" for p in passthrough)])
-            raise ConfigError(f"{key} is not a key; this command takes: {allowed}")
-    try:
-        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), known))
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is required: {err.full_key}=...") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{err.full_key}: {str(err).splitlines()[0]}") from None
-    return args, OmegaConf.to_container(
-        OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()])
-    )
-
-
 def say(message: str, level: int = logging.INFO, file: TextIO | None = None) -> None:
     """Print a line as it is (no log prefix) and record it in the run's log, cli.log.
 
     The console's last lines (the result, a stop and its resume command, an error) are what a
     user looks for later in the log; the file handlers are Hydra's, absent outside a run.
     """
-    print(message, file=file or sys.stdout)
+    stream = file or sys.stdout
+    try:
+        print(message, file=stream, flush=True)
+    except BrokenPipeError:  # the reader is gone (Ctrl-C on `seqtrain ... | tee log` ends tee)
+        # Later writes (and the interpreter's flush at exit) go nowhere instead of failing; the
+        # record below still reaches cli.log.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     record = log.makeRecord(log.name, level, __file__, 0, message.strip(), None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -139,6 +92,14 @@ def hydra_value(text: str) -> str:
     # Hydra reads a backslash as an escape only before a quote (or the closing one)
     escaped = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, text).replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def start_record(raw: DictConfig, run_dir: Path) -> None:
+    """Right before the first update, once every check passed: the .hydra/ record, and where
+    the results go (said again at the end), so TensorBoard can be opened while it trains."""
+    record_config(raw, run_dir)
+    say(f"run directory: {run_dir}")
+    say(f"tensorboard --logdir {run_dir}")
 
 
 def resume_command(run_dir: Path) -> str:
@@ -345,7 +306,7 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
 
     if rank_zero:
         rundir.remove_orphans(run_dir)
-    summary = train.fit(job, (lambda: record_config(raw, run_dir)) if rank_zero else None)
+    summary = train.fit(job, (lambda: start_record(raw, run_dir)) if rank_zero else None)
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:

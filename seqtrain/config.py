@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import optim, trainer_extras
+from seqtrain import optim, threads, trainer_extras
 from seqtrain.data import DataConfig
 from seqtrain.errors import POSITIVE, ConfigError, require
 from seqtrain.memory import MemoryConfig
@@ -52,6 +52,9 @@ class TrainerConfig:
     progress_seconds: float = 60.0  # or after this many seconds, whichever comes first
     sample_length: int = 300  # tokens generated at each validation (bytes for bytes; 0 = none)
     checkpoint_every: int = 100  # write checkpoints/last.ckpt every this many updates
+    # CPU threads per process: auto = the CPUs this process may use, shared among the sweep
+    # jobs or ranks this host runs at once (an OMP_NUM_THREADS in the environment wins); or N
+    threads: str = "auto"
     # Any other lightning.Trainer argument, given as +trainer.NAME=VALUE (e.g. deterministic);
     # validate() moves them here and refuses those seqtrain owns (trainer_extras.REFUSED).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +80,10 @@ class TrainerConfig:
             require(getattr(self, key) > 0, f"trainer.{key}", getattr(self, key), POSITIVE)
         seconds = self.progress_seconds
         require(seconds > 0, "trainer.progress_seconds", seconds, "must be > 0")
+        try:
+            threads.parse(self.threads)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         require(
             self.sample_length >= 0, "trainer.sample_length", self.sample_length, "must be >= 0"
         )

@@ -12,20 +12,19 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import MISSING
-from tqdm import tqdm
 
-from seqtrain.checkpoint import check_corpus, check_device, config_of, load_model, read, spec_of
-from seqtrain.cli import fail, parse_key_values
-from seqtrain.config import Config
-from seqtrain.data import SPLITS, TOKENIZER_KEYS, Streams, load_splits
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
-from seqtrain.memory import cache_host_memory
-from seqtrain.model import RecurrentModel
-from seqtrain.tasks import Task, build_task
-from seqtrain.tbptt import Engine
+from seqtrain.tool_args import fail, parse_key_values
+
+# Only light imports up to here: torch loads once the arguments are parsed (--help at once).
+if TYPE_CHECKING:
+    from seqtrain.config import Config
+    from seqtrain.data import Streams
+    from seqtrain.model import RecurrentModel
+    from seqtrain.tasks import Task
 
 
 @dataclass
@@ -42,6 +41,10 @@ def evaluate_split(
     """Mean loss over every target of the split, state carried across windows, and the task's
     figures of it (bits per byte on the split's own bytes per token); `tokens` counts the target
     elements."""
+    from tqdm import tqdm
+
+    from seqtrain.tbptt import Engine
+
     engine = Engine(model, task, window)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -65,6 +68,13 @@ def check_still_there(cfg: Config, path: str) -> None:
 
 
 def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
+    import torch
+
+    from seqtrain.checkpoint import check_corpus, config_of, load_model, read, spec_of
+    from seqtrain.data import TOKENIZER_KEYS, Streams, load_splits
+    from seqtrain.memory import cache_host_memory
+    from seqtrain.tasks import build_task
+
     given = [f"data.{k}" for k in ("tokenizer", *TOKENIZER_KEYS) if k in overrides.get("data", {})]
     if given:  # the weights read the checkpoint's tokens: its tokenizer is the only one
         raise ConfigError(
@@ -104,8 +114,14 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     try:
         args, overrides = parse_key_values(
-            sys.argv[1:] if argv is None else argv, EvaluateArgs, ("model", "data", "tbptt")
+            sys.argv[1:] if argv is None else argv,
+            EvaluateArgs,
+            ("model", "data", "tbptt"),
+            __doc__,
         )
+        from seqtrain.checkpoint import check_device  # torch loads here
+        from seqtrain.data import SPLITS
+
         if args.split not in SPLITS:
             raise ConfigError(f"split={args.split}: choose from {', '.join(SPLITS)}")
         if args.batch_size is not None and args.batch_size < 1:

@@ -29,7 +29,7 @@ from seqtrain.errors import NonFiniteError
 from seqtrain.memory import PeakMeter, plan_chunk
 from seqtrain.model import activation_penalty
 from seqtrain.tasks import build_model, build_task
-from seqtrain.tbptt import Engine
+from seqtrain.tbptt import Engine, UpdateAbandoned
 
 log = logging.getLogger("seqtrain")
 MIB = 1 << 20  # TensorBoard's memory figures are in MiB: a reader can tell 143.9 from 150873702
@@ -111,8 +111,12 @@ class SequenceModule(L.LightningModule):
 
     def training_step(self, batch: Window, batch_idx: int) -> dict:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        with PeakMeter(self.device) as peak:
-            result = self.engine.train_update(batch, self.manual_backward)
+        draws = self.rng_before_update()
+        try:
+            with PeakMeter(self.device) as peak:
+                result = self.engine.train_update(batch, self.manual_backward)
+        except UpdateAbandoned:
+            return self.abandon_update(optimizer, draws)
         self.windows_seen += 1
         # DDP: each rank's loss is the mean over its own B x k1 new tokens, and DDP averages the
         # gradients over ranks. Every rank trains the same number of tokens, so the mean of the
@@ -153,6 +157,33 @@ class SequenceModule(L.LightningModule):
             }
         )
         return {"tokens": tokens}
+
+    def rng_before_update(self) -> tuple[Tensor, Tensor | None]:
+        """The generators an update draws from (dropout), to undo the draws of an abandoned one."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def abandon_update(self, optimizer, draws: tuple[Tensor, Tensor | None]) -> dict:
+        """A stop request cut the update short (tbptt.UpdateAbandoned): drop its partial
+        gradients and random draws. The weights, optimizer, carried state and data cursor are
+        still the last completed update's, which callbacks.Preemption saves next."""
+        optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(draws[0])
+        if draws[1] is not None:
+            torch.cuda.set_rng_state(draws[1], self.device)
+        log.info("stop: the update after step %d was dropped unfinished", self.global_step)
+        return {"tokens": 0}
+
+    def on_train_start(self) -> None:
+        # One process: a stop request drops a slow update at the next segment boundary. Under
+        # DDP every rank must finish it (the gradients' all-reduce waits for all of them).
+        if self.trainer.world_size == 1:
+            self.engine.stop = lambda: self.stop_requested
+        # Applied here, right before the first update, so nothing in Lightning's start-up can
+        # draw from the restored generators first.
+        if self.restored_rng is not None:
+            set_rng_state(self.restored_rng)
+            self.restored_rng = None
 
     def lr_scale(self, window: Window) -> float:
         """tbptt.vary: an update of L steps takes a step of lr * L / window (awd-lstm-lm), so a
@@ -311,13 +342,6 @@ class SequenceModule(L.LightningModule):
                 f" (trainer.devices x trainer.num_nodes); resume with {len(ranks)}"
             )
         return move_data_to_device(ranks[self.global_rank], self.device)
-
-    def on_train_start(self) -> None:
-        # Applied here, right before the first update, so nothing in Lightning's start-up can
-        # draw from the restored generators first.
-        if self.restored_rng is not None:
-            set_rng_state(self.restored_rng)
-            self.restored_rng = None
 
     def sample(self, prompt: bytes, length: int, seed: int = 0) -> str:
         """Text generated from the weights evaluation reads (tasks that generate text); train

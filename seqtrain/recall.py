@@ -12,33 +12,39 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import MISSING
 
-from seqtrain import heads
-from seqtrain.checkpoint import config_of, load_model, read
-from seqtrain.cli import fail, parse_key_values
-from seqtrain.data import DataConfig
-from seqtrain.data.synthetic import ALPHABET, VALUES, Mqar, copy_examples
 from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.tool_args import fail, parse_key_values
+
+# Only light imports up to here: torch loads once the arguments are parsed (--help at once).
+if TYPE_CHECKING:
+    from seqtrain.data import DataConfig
+    from seqtrain.data.synthetic import Mqar
 
 
-@torch.no_grad()
 def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
     """Accuracy and bits of the recalled symbol on fresh examples, prompted up to the cue.
 
     Each prompt starts from a zero state, as every example does in training (one document each).
     """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from seqtrain import heads
+    from seqtrain.data.synthetic import ALPHABET, copy_examples
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     examples, symbols = copy_examples(count, lag, seed)
     x = torch.from_numpy(examples[:, :-2].astype(np.int64)).to(device)  # (N, lag + 2): s .. ?
     target = torch.from_numpy(symbols.astype(np.int64)).to(device)  # (N,)
-    outputs, _ = model(x)  # (N, lag + 2, V) logits, or a head's outputs
+    with torch.no_grad():
+        outputs, _ = model(x)  # (N, lag + 2, V) logits, or a head's outputs
     last = heads.scores(outputs)[:, -1].float()  # (N, V): the prediction after the cue
     model.train(was_training)
     nats = F.cross_entropy(last, target).item()
@@ -52,13 +58,19 @@ def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noq
     }
 
 
-@torch.no_grad()
 def mqar_recall(model, task: Mqar, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
     """Accuracy and bits of every queried value on fresh examples, each from a zero state.
 
     The whole example runs as one sequence, the state carried from window to window as training
     with tbptt.carry=true carries it; the model predicts each value from its queried key.
     """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from seqtrain import heads
+    from seqtrain.data.synthetic import VALUES
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -66,7 +78,8 @@ def mqar_recall(model, task: Mqar, count: int = 512, seed: int = 12345) -> dict:
     end = task.queries[-1] + 1  # the prompt ends at the last queried key
     x = torch.from_numpy(examples[:, :end].astype(np.int64)).to(device)  # (N, end)
     target = torch.from_numpy(answers.astype(np.int64)).to(device)  # (N, P)
-    outputs, _ = model(x)  # (N, end, V) logits, or a head's outputs
+    with torch.no_grad():
+        outputs, _ = model(x)  # (N, end, V) logits, or a head's outputs
     asked = heads.scores(outputs)[:, torch.from_numpy(task.queries)].float()  # (N, P, V)
     model.train(was_training)
     nats = F.cross_entropy(asked.flatten(0, 1), target.flatten()).item()
@@ -85,10 +98,14 @@ def mqar_recall(model, task: Mqar, count: int = 512, seed: int = 12345) -> dict:
 # data.source -> its recall figure on a checkpoint's model: (model, data config, examples) -> dict
 SCORERS: dict[str, Callable[..., dict]] = {
     "copy": lambda model, data, count: recall(model, data.lag, count),
-    "mqar": lambda model, data, count: mqar_recall(
-        model, Mqar(data.pairs, data.gap, data.window), count
-    ),
+    "mqar": lambda model, data, count: mqar_recall(model, mqar_task(data), count),
 }
+
+
+def mqar_task(data: DataConfig) -> Mqar:
+    from seqtrain.data.synthetic import Mqar
+
+    return Mqar(data.pairs, data.gap, data.window)
 
 
 def score(model, data: DataConfig, count: int) -> dict:  # noqa: ANN001
@@ -105,7 +122,9 @@ class RecallArgs:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        args, _ = parse_key_values(sys.argv[1:] if argv is None else argv, RecallArgs)
+        args, _ = parse_key_values(sys.argv[1:] if argv is None else argv, RecallArgs, (), __doc__)
+        from seqtrain.checkpoint import config_of, load_model, read  # torch loads here
+
         ckpt = read(args.ckpt)
         cfg = config_of(ckpt, {})
         if cfg.data.source not in SCORERS:

@@ -13,13 +13,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-import torch
 from omegaconf import MISSING
 
-from seqtrain.checkpoint import check_device, config_of, load_model, read, task_of
-from seqtrain.cli import fail, parse_key_values
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.tasks import SAMPLE_TEMPERATURE
+from seqtrain.tool_args import fail, parse_key_values
+
+# Only light imports up to here: torch loads once the arguments are parsed (--help at once).
 
 
 @dataclass
@@ -27,13 +26,19 @@ class SampleArgs:
     ckpt: str = MISSING  # a checkpoint written by training (checkpoints/last.ckpt, best.ckpt)
     prompt: str = "\n"  # text the model continues, encoded with the run's tokenizer
     length: int = 400  # tokens to generate (bytes with data.tokenizer=bytes, words with word)
-    temperature: float = SAMPLE_TEMPERATURE  # < 1 sharpens, > 1 flattens the distribution
+    # tasks.SAMPLE_TEMPERATURE, as training's samples (tasks.py loads torch: written here too,
+    # and tests/test_cli.py checks that the two agree)
+    temperature: float = 0.8  # < 1 sharpens, > 1 flattens the distribution
     top_k: int | None = None  # sample only among the k most likely tokens; null = all
     seed: int = 0  # the same seed gives the same text
     device: str = "cpu"  # cpu | cuda
 
 
 def sample(args: SampleArgs, overrides: dict) -> str:
+    import torch
+
+    from seqtrain.checkpoint import config_of, load_model, read, task_of
+
     ckpt = read(args.ckpt)
     cfg = config_of(ckpt, overrides)
     task = task_of(ckpt, cfg)
@@ -62,7 +67,7 @@ def sample(args: SampleArgs, overrides: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     try:
         args, overrides = parse_key_values(
-            sys.argv[1:] if argv is None else argv, SampleArgs, ("model",)
+            sys.argv[1:] if argv is None else argv, SampleArgs, ("model",), __doc__
         )
         if args.length < 1:
             raise ConfigError(f"length={args.length}: must be a positive number of tokens")
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"temperature={args.temperature}: must be > 0 and finite")
         if args.top_k is not None and args.top_k < 1:
             raise ConfigError(f"top_k={args.top_k}: must be >= 1, or null for all")
+        from seqtrain.checkpoint import check_device  # torch loads here
+
         check_device(args.device)
         if not args.prompt:
             raise ConfigError("prompt must not be empty; the model needs one byte to start from")

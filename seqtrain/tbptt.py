@@ -97,6 +97,14 @@ class UpdateResult:
     tokens: int  # new positions trained on (B * k1)
 
 
+class UpdateAbandoned(Exception):
+    """A stop request (Engine.stop) met between two segments of an update, forward or backward:
+    the update is dropped. Raised before the carried state, the history, the weights or the
+    optimizer change (a new epoch's reset aside, which the replayed update repeats), so the loop
+    state is still the last completed update's: a checkpoint saved now resumes exactly (the
+    LightningModule catches it; callbacks.Preemption saves)."""
+
+
 def detach(state: State | None) -> State | None:
     """Cut the graph and keep carried state in float32, whatever precision ran the window."""
     return None if state is None else tuple(s.detach().float() for s in state)
@@ -154,6 +162,9 @@ class Engine:
         self.history: tuple[Tensor, Tensor, Tensor] | None = None  # inputs, targets, resets
         self.eval_state: State | None = None
         self.saved_bytes = 0  # held for backward by the last train_update (memory.SavedBytes)
+        # Asked between segments of a training update: true drops the update (UpdateAbandoned),
+        # so a stop need not wait for a slow one to end. None: updates always run to the end.
+        self.stop: Callable[[], bool] | None = None
 
     @property
     def history_length(self) -> int:
@@ -203,7 +214,10 @@ class Engine:
         penalty = x.new_zeros((), dtype=torch.float32)
         steps = x.shape[1] - loss_from if penalize and self.penalty is not None else None
         captured, previous = None, None  # previous: the raw output before the segment (TAR)
+        stoppable = self.stop is not None and torch.is_grad_enabled()  # training updates only
         for a, b in zip(bounds, [*bounds[1:], x.shape[1]], strict=True):
+            if stoppable:
+                self._stop_point(state)
             if a == capture_at:
                 captured = state
             keep = ~resets[:, a]
@@ -221,6 +235,18 @@ class Engine:
         if capture_at is not None and capture_at >= x.shape[1]:
             captured = state
         return Pass(total, state, captured, penalty)
+
+    def _stop_point(self, state: State | None) -> None:
+        """Between segments: stop now if asked, and have backward ask again when it reaches
+        this boundary (a hook on the state's gradient), where a slow update spends most time."""
+        if self.stop():
+            raise UpdateAbandoned
+        if state is not None and state[0].requires_grad:
+            state[0].register_hook(self._stop_in_backward)
+
+    def _stop_in_backward(self, grad: Tensor) -> None:
+        if self.stop():
+            raise UpdateAbandoned  # out of backward(): some gradients are partly accumulated
 
     def train_update(self, window: Window, backward: Callable[[Tensor], None]) -> UpdateResult:
         """Forward history + new steps from the carried state, backward once, carry detached."""

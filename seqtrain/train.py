@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
-from seqtrain import cells, rundir, trainer_extras
+from seqtrain import cells, rundir, threads, trainer_extras
 from seqtrain.callbacks import (
     BestCheckpoint,
     FinalValidation,
@@ -327,6 +327,22 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def local_processes(cfg: Config) -> int:
+    """The processes of this run that train on this host at once, sharing its CPUs: the ranks
+    on this node (trainer.devices), times the jobs a local parallel sweep runs side by side
+    (Hydra's joblib launcher, hydra.launcher.n_jobs; negative counts from the CPUs as joblib
+    does: -1 is all of them)."""
+    jobs = 1
+    if in_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+        if "joblib" in str(launcher.get("_target_", "")).lower():
+            n_jobs = int(launcher.get("n_jobs") or 1)
+            jobs = n_jobs if n_jobs > 0 else max(1, threads.usable_cpus() + 1 + n_jobs)
+    return cfg.trainer.devices * jobs
+
+
 def fit_in_own_process(job: Job) -> dict:
     """Run one multirun job as `python -m seqtrain <its overrides> hydra.run.dir=<its dir>`.
 
@@ -423,7 +439,9 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
             last,
             TextSamples(prompt, cfg.trainer.sample_length),
             preemption,
-            StepProgressBar() if show_progress else ProgressLines(*lines),
+            *([StepProgressBar()] if show_progress else []),
+            # Lines in cli.log also beside the bar; on stdout too when it is not the terminal.
+            ProgressLines(*lines, file_only=show_progress and sys.stdout.isatty()),
             *trainer_extras.build_callbacks(cfg.callbacks),  # +callbacks.NAME._target_=...
         ],
         # Under SLURM, Lightning's auto-requeue is off: submitit requeues and seqtrain's
@@ -630,6 +648,7 @@ def fit(job: Job, before_training: Callable[[], None] | None = None) -> dict:
     if world > 1 and in_multirun() and not ranks_started_elsewhere():
         return fit_in_own_process(job)
     quiet_lightning()
+    threads.configure(cfg.trainer.threads, local_processes(cfg))
     if cfg.memory.host_cache and cache_host_memory():
         log.info("host memory cache: freed CPU memory stays in the process (memory.host_cache)")
     preemption = Preemption(job.run_dir / "checkpoints" / "last.ckpt")  # handlers before work

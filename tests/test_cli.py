@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,19 @@ def test_without_a_terminal_progress_is_plain_lines_and_cli_log_ends_like_the_co
     assert "\r" not in log and "\x1b" not in log  # no bar's control codes
     assert "step 6/6 (100%)" in log and "tokens/s  ETA" in log
     assert f"run directory: {run_dir}" in log and "val/bpc:" in log  # the result lines
+
+
+def test_the_console_says_where_first_and_every_validation_in_a_line(run_dir: Path) -> None:
+    log = (run_dir / "cli.log").read_text()
+    start = log.index(f"tensorboard --logdir {run_dir}")  # TensorBoard can open while it trains
+    assert log.index(f"run directory: {run_dir}") < start < log.index("validation at step 3:")
+    lines = [line for line in log.splitlines() if "validation at step" in line]
+    assert len(lines) == 2, lines  # +debug=tiny validates at steps 3 and 6
+    seen = []
+    for line, step in zip(lines, (3, 6), strict=True):
+        assert f"validation at step {step}: val/loss " in line
+        seen.append(float(re.search(r" val/bpc ([\d.]+)", line).group(1)))
+        assert line.endswith(f"(best val/bpc {min(seen):.4f})")  # the best so far, this one too
 
 
 def test_short_runs_validate_at_the_end(tmp_path: Path) -> None:
@@ -157,6 +171,7 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     [
         ("seqtrain.sample", ("ckpt=... (required)", "temperature=0.8", "top_k=null")),
         ("seqtrain.evaluate", ("split='test'", "batch_size=null", "data.KEY=VALUE")),
+        ("seqtrain.recall", ("ckpt=... (required)", "examples=512")),
     ],
 )
 def test_checkpoint_tools_have_help(module: str, keys: tuple[str, ...]) -> None:
@@ -165,6 +180,33 @@ def test_checkpoint_tools_have_help(module: str, keys: tuple[str, ...]) -> None:
     assert done.stdout.startswith(f"python -m {module} ckpt=PATH")
     for key in keys:
         assert key in done.stdout, key
+
+
+@pytest.mark.parametrize("tool", ["sample", "evaluate", "recall"])
+def test_checkpoint_tools_parse_and_help_before_torch_loads(tool: str) -> None:
+    """--help and bad arguments answer at once: nothing heavy loads before the arguments are
+    parsed (torch alone takes seconds to import on a busy machine)."""
+    script = (
+        "import sys\n"
+        f"from seqtrain import {tool} as tool\n"
+        "for argv in (['--help'], ['no_such_key=1']):\n"
+        "    try:\n"
+        "        tool.main(argv)\n"
+        "    except SystemExit as exit_:\n"
+        "        print('exit', exit_.code)\n"
+        "print('loaded:', [m for m in ('torch', 'hydra', 'lightning') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV)
+    assert "exit 0" in done.stdout and "exit 2" in done.stdout, done.stderr[-2000:]
+    assert "no_such_key is not a key" in done.stderr
+    assert "loaded: []" in done.stdout
+
+
+def test_the_sample_tool_samples_as_training_does() -> None:
+    from seqtrain.sample import SampleArgs
+    from seqtrain.tasks import SAMPLE_TEMPERATURE
+
+    assert SampleArgs.temperature == SAMPLE_TEMPERATURE  # written twice: sample.py loads no torch
 
 
 def test_training_help_is_seqtrains_own() -> None:
@@ -196,3 +238,57 @@ def test_a_resumed_bar_counts_from_the_resumed_step_to_max_steps(tmp_path: Path)
     assert frames.lstrip().startswith("train:  75%|") and "6/8" in bars[0]
     assert all("/8 [" in bar for bar in bars)  # never 7/? (no total, no ETA)
     assert "\r" not in done.stdout
+    # The task's headline figure, and tokens/s as a whole number with separators, not 4.81e+3.
+    assert "train/bpc=" in bars[-1]
+    assert re.search(r"tokens/s=\d{1,3}(,\d{3})*[,\]]", bars[-1]), bars[-1]
+    # stdout is a pipe beside the bar on the terminal: the progress lines go there and to cli.log.
+    assert "step 8/8 (100%)" in done.stdout
+    assert "step 8/8 (100%)" in (tmp_path / "cli.log").read_text()
+
+
+def test_beside_the_bar_progress_lines_go_to_the_log_file_only(tmp_path: Path, caplog) -> None:
+    """stderr and stdout both the terminal: the bar shows progress, cli.log still gets a line
+    every trainer.progress_seconds, and the console gets none (it would break the bar)."""
+    import logging
+    import types
+
+    from seqtrain.callbacks import ProgressLines
+
+    from .conftest import BYTE_LM
+
+    handler = logging.FileHandler(tmp_path / "cli.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        lines = ProgressLines(every=100, seconds=1e-9, file_only=True)  # due at every update
+        trainer = types.SimpleNamespace(global_step=0, max_steps=10, is_global_zero=True)
+        module = types.SimpleNamespace(tokens_seen=0, train_loss=2.0, task=BYTE_LM)
+        lines.on_train_start(trainer, module)
+        trainer.global_step, module.tokens_seen = 1, 64
+        with caplog.at_level(logging.INFO, logger="seqtrain"):
+            lines.on_train_batch_end(trainer, module, {"tokens": 64}, None, 0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert "step 1/10 (10%)  loss 2.0000" in (tmp_path / "cli.log").read_text()
+    assert not caplog.records  # nothing through the console's handlers
+
+
+def test_the_bar_shows_a_smoothed_speed_and_the_curves_each_updates(monkeypatch) -> None:
+    import types
+
+    from seqtrain import callbacks
+
+    clock = iter([0.0, 1.0, 1.5])  # two updates: 1000 tokens in 1 s, then in 0.5 s
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    bar, curve = [], []
+    module = types.SimpleNamespace(
+        log=lambda name, value, **kw: bar.append(value),
+        log_step=lambda metrics: curve.append(metrics["perf/tokens_per_s"]),
+    )
+    throughput = callbacks.Throughput()
+    throughput.on_train_batch_start(None, module, None, 0)
+    for _ in range(2):
+        throughput.on_train_batch_end(None, module, {"tokens": 1000}, None, 0)
+    assert curve == [1000.0, 2000.0]  # TensorBoard: every update's own speed
+    assert bar[0] == 1000.0 and 1000.0 < bar[1] < 1100.0  # the bar: a jump moves it a little
+    assert throughput.tokens_per_s == 2000 / 1.5  # the summary: all tokens over all time

@@ -76,7 +76,7 @@ def test_sigterm_saves_then_resume_is_exact(reference: Path, tmp_path: Path) -> 
     command = out.split("resume with: ")[1].strip()
     assert "resume=auto" in command and f"hydra.run.dir={run_dir}" in command
     stopped_at = read(run_dir / "checkpoints" / "last.ckpt")["global_step"]
-    assert 0 < stopped_at < 150
+    assert 0 <= stopped_at < 150  # 0: the signal came before the first update ended (dropped)
     code, _, err = finish(start(run_dir, "resume=auto"))
     assert code == 0, err[-2000:]
     assert_same_run(run_dir, reference)

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import os
+import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqtrain.callbacks import Preemption
 from seqtrain.checkpoint import read
+from seqtrain.data import Window
+from seqtrain.tbptt import Engine, UpdateAbandoned
 
-from .conftest import start_run
+from .conftest import BYTE_LM, PLUGINS, finish, read_scalars, start_run, with_pythonpath
 from .test_cli import ENV
 
 # A validation pass after every update, over 600 KB of val text with a 128-wide LSTM: each pass
@@ -53,7 +61,7 @@ def test_a_signal_during_validation_stops_within_seconds(sig, tmp_path: Path) ->
     assert seconds < 5, f"{seconds:.1f} s from the signal to the exit"
     ckpt = read(tmp_path / "checkpoints" / "last.ckpt")  # complete, with the loop state
     assert ckpt["global_step"] >= 1 and "seqtrain" in ckpt
-    assert "stopping after the current update" in out
+    assert "stopping; saving" in out
     assert "resume with:" in (tmp_path / "cli.log").read_text()  # the console's last lines too
 
 
@@ -79,6 +87,117 @@ def test_a_second_signal_says_the_save_is_under_way(tmp_path: Path, caplog) -> N
     finally:
         preemption.teardown(None, None, "fit")
     messages = [r.getMessage() for r in caplog.records]
-    assert "stopping after the current update" in messages[0]
+    assert "stopping; saving" in messages[0]
     assert f"still saving {tmp_path / 'last.ckpt'}" in messages[1]
     assert preemption.signal_name == "SIGINT"
+
+
+# A window of 64 steps of a user cell that sleeps 0.15 s per step (training only), run as 8
+# chunks of 8 (recomputed in backward): one update takes about 64 + 56 steps x 0.15 s = 18 s,
+# far above the 5 s bound, while a signal can be acted on every 8 steps (about 1.2 s).
+SLOW_UPDATES = [
+    "+debug=tiny",
+    "model.cell=slow_cells:SlowCell",
+    "model.backend=modular",
+    "tbptt.window=64",
+    "memory.checkpoint=chunk",
+    "memory.chunk=8",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=100",  # validated once, at the end
+    "trainer.checkpoint_every=1",
+    "trainer.progress_every=1",
+    "trainer.sample_length=0",
+]
+
+
+@pytest.mark.slow
+def test_a_signal_inside_a_slow_update_stops_within_seconds_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    """The update under way is dropped between two segments (forward, or backward's
+    recomputation), the checkpoint is the last completed update's, and the resumed run's loss
+    at every step equals an uninterrupted run's."""
+    fast = with_pythonpath(PLUGINS)
+    slow = {**fast, "SLOW_CELL_SECONDS": "0.15"}
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    code, _, err = finish(start_run(reference, SLOW_UPDATES, fast))
+    assert code == 0, err[-2000:]
+    proc = start_run(stopped, SLOW_UPDATES, slow)
+    for line in proc.stdout:
+        if "step 1/4" in line:  # the first update is done; the second takes ~18 s
+            break
+    time.sleep(random.Random().uniform(0.5, 12.0))  # in forward (~10 s) or backward
+    proc.send_signal(signal.SIGTERM)
+    start = time.perf_counter()
+    for line in proc.stdout:
+        if line.startswith("resume with:"):  # saved: the last line of a stopped run
+            break
+    saved = time.perf_counter() - start
+    code, seconds, out = wait(proc)
+    # 5 s: about 1 s to the next segment boundary, then one checkpoint save; an update run to its
+    # end would take 6 s more at least. The exit after the last line is the interpreter's own
+    # teardown, as after any stop, and stretches on a loaded machine: bounded separately.
+    assert code == 128 + signal.SIGTERM, out[-2000:]
+    assert saved < 5, f"{saved:.1f} s from the signal to the saved checkpoint"
+    assert saved + seconds < 20, f"{saved + seconds:.1f} s from the signal to the exit"
+    assert "was dropped unfinished" in (stopped / "cli.log").read_text()
+    assert read(stopped / "checkpoints" / "last.ckpt")["global_step"] == 1
+    code, _, err = finish(start_run(stopped, [*SLOW_UPDATES, "resume=auto"], fast))
+    assert code == 0, err[-2000:]
+    expected = read_scalars(reference, "train/loss")
+    assert len(expected) == 4 and read_scalars(stopped, "train/loss") == expected
+
+
+def test_the_stop_lines_reach_cli_log_when_stdout_is_a_closed_pipe(tmp_path: Path) -> None:
+    """Ctrl-C on `seqtrain ... | tee log` ends tee first: the stop lines still reach cli.log,
+    and the resume command is quoted for the shell (a path with a space pastes)."""
+    run_dir = tmp_path / "a run"
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqtrain", *VALIDATING, f"hydra.run.dir={run_dir}"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end) as stdout:
+        for line in stdout:
+            if "measured" in line:  # training starts
+                break
+    # The reader is gone (closed above): every later write to stdout fails with EPIPE.
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert ", in say" not in err  # no traceback from the console lines
+    log = (run_dir / "cli.log").read_text()
+    assert "SIGINT: stopped after step" in log
+    assert f"resume with: python -m seqtrain {' '.join(VALIDATING)} resume=auto " in log
+    assert f"'hydra.run.dir={run_dir}'" in log
+
+
+@pytest.mark.parametrize("asked_after", [1, 3, 6])  # forward's 2nd, 4th segment; in backward
+def test_a_dropped_update_leaves_the_engine_and_weights_as_they_were(
+    tiny_model, asked_after: int
+) -> None:
+    """A stop request met between segments raises before anything the next update or a
+    checkpoint reads has changed: carried state, history and weights; only gradients (which the
+    module zeroes) may be partly accumulated when it lands in backward."""
+    engine = Engine(tiny_model, BYTE_LM, window=16, stride=8, chunk=4)
+    tokens = torch.randint(0, 256, (2, 17))
+    batch = Window(tokens[:, :-1], tokens[:, 1:], torch.zeros(2, 16, dtype=torch.bool), 1)
+    engine.train_update(batch, lambda loss: loss.backward())  # state and history to carry
+
+    def carried() -> list[torch.Tensor]:
+        return [*engine.state, *engine.history, *tiny_model.state_dict().values()]
+
+    before = copy.deepcopy(carried())
+    calls = []
+    engine.stop = lambda: calls.append(1) or len(calls) > asked_after
+    with pytest.raises(UpdateAbandoned):
+        engine.train_update(batch, lambda loss: loss.backward())
+    after = carried()
+    assert len(after) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    engine.stop = lambda: False
+    assert math.isfinite(engine.train_update(batch, lambda loss: loss.backward()).loss)
