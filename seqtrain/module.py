@@ -62,6 +62,35 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+# Lightning's loop counters in a checkpoint (internal layout, checked where it is read).
+BATCHES = (
+    "epoch_loop.batch_progress",
+    ("total", "current"),
+    ("ready", "started", "processed", "completed"),
+)
+
+
+def uncount_batch(checkpoint: dict) -> None:
+    """Take the last batch out of the fit loop's counters in `checkpoint`: Lightning counts a
+    training_step whose update a stop dropped as a batch done, and validation (every
+    trainer.val_check_interval batches) and the logging step would then run one batch early
+    for the whole resumed run. The layout is Lightning's internal one: a changed layout is one
+    warning (the resumed run's updates stay exact; its validation steps would move)."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        progress = loop["epoch_loop.batch_progress"]
+        for scope in ("total", "current"):
+            for counter in ("ready", "started", "processed", "completed"):
+                progress[scope][counter] -= 1
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    except (KeyError, TypeError) as err:
+        log.warning(
+            "the checkpoint's loop counters are not where this Lightning version kept them (%s); "
+            "a resumed run validates one update early",
+            err,
+        )
+
+
 class SequenceModule(L.LightningModule):
     """One task (tasks.py) trained with the TBPTT engine; metrics are named by the task."""
 
@@ -99,6 +128,7 @@ class SequenceModule(L.LightningModule):
         # Set by callbacks.Preemption on a stop signal: validation steps do nothing from then on,
         # and a pass cut short this way reports no figures (best.ckpt ignores it).
         self.stop_requested = False
+        self.dropped_update = False  # the last training_step was cut short (abandon_update)
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec) -> SequenceModule:
@@ -172,6 +202,7 @@ class SequenceModule(L.LightningModule):
         if draws[1] is not None:
             torch.cuda.set_rng_state(draws[1], self.device)
         log.info("stop: the update after step %d was dropped unfinished", self.global_step)
+        self.dropped_update = True
         return {"tokens": 0}
 
     def on_train_start(self) -> None:
@@ -322,6 +353,8 @@ class SequenceModule(L.LightningModule):
         # The same on every rank (as the weights are), so kept once, outside the ranks' states;
         # checkpoint.load_model evaluates with its mean.
         checkpoint["seqtrain"]["average"] = self.average.state_dict()
+        if self.dropped_update:
+            uncount_batch(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         loop = checkpoint["seqtrain"]

@@ -135,8 +135,8 @@ def assert_exact_resume_in_process(tmp_path: Path, args: Sequence[str]) -> dict:
     expected = run_in_process(reference, *args)
     assert run_in_process(stopped, *args, stop_at_start=True)["stopped_by"] == "SIGTERM"
     resumed = run_in_process(stopped, *args, "resume=auto")
-    losses = read_scalars(reference, "train/loss")
-    assert losses and read_scalars(stopped, "train/loss") == losses  # every step
+    for tag in ("train/loss", "val/loss"):  # every update, and every validation at its step
+        assert read_scalars(stopped, tag) == read_scalars(reference, tag) != {}, tag
     assert resumed["resumed_from"] and resumed["steps"] == expected["steps"]
     return {"reference": expected, "resumed": resumed}
 
