@@ -8,11 +8,14 @@ config key they name exists.
 Commands come from fenced code blocks (no language, or bash/sh/shell/console) and from inline
 code spans that start with `python -m seqtrain`, `seqtrain ` or `python scripts/`. Each runs in a
 temporary folder that holds the files the docs' placeholders name (`my_corpus.txt`, `x.npy`,
-`outputs/.../checkpoints/last.ckpt`, `multirun/DATE/TIME`, ...), training commands with
-`+debug=tiny trainer.max_steps=3 trainer.val_check_interval=3` appended. A line `$ command` is an
-error example: it must exit 2 and print the doc's next line. What needs a GPU, SLURM, the
-network, an optional extra or a long time is skipped with its reason (SKIP below). Every failure
-is one line `FILE:LINE: why`; the exit status is 1 when any failed.
+`outputs/.../checkpoints/last.ckpt` and `/tmp/x/trained/...`: a run the script trains first,
+`multirun/DATE/TIME`: the sweep before it, ...), training commands with CUT appended (3 updates).
+A line `$ command` is an error example: it must exit 2 and print the doc's next line; a command in
+a table row of docs/errors.md must exit 2. What needs a GPU, SLURM, the network, an optional
+extra or a long time is skipped with its reason (SKIP; SLOW in --fast). Every failure is one line
+`FILE:LINE: why`; the exit status is 1 when any failed. Keys are dotted names in code spans and
+commands whose first part is a top-level config group (`data.foo`), checked against the config
+composed with every option of every group; NOT_KEYS lists the look-alikes.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ BASE_CKPT = "outputs/base/checkpoints/last.ckpt"  # the run the script trains fi
 # a sliver of the corpus. The model keeps its size (+debug=tiny's would break what the command
 # says about sizes: tied weights, projections).
 CUT = [
-    "data.max_bytes=200000",
+    "data.max_bytes=60000",
     "data.batch_size=2",
     "data.eval_batch_size=1",
     "trainer.max_steps=3",
