@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import json
 import os
 import re
 import shlex
@@ -265,10 +266,8 @@ def make_files(work: Path) -> None:
     (work / "corpus").mkdir()
     for k in range(4):
         (work / "corpus" / f"{k}.txt").write_bytes(text[k * 30_000 : (k + 1) * 30_000])
-    lines = [
-        f'{{"text": {text[k : k + 300].decode(errors="ignore")!r}}}' for k in range(0, 90_000, 300)
-    ]
-    (work / "docs.jsonl").write_text("\n".join(line.replace("'", '"') for line in lines) + "\n")
+    records = (text[k : k + 300].decode(errors="ignore") for k in range(0, 90_000, 300))
+    (work / "docs.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
     rng = np.random.default_rng(0)
     rng.integers(0, 50257, 60_000).astype(np.uint16).tofile(work / "train.bin")
     series = np.sin(np.arange(20_000) / 7.0)[:, None] * np.ones((1, 3))
