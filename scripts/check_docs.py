@@ -74,9 +74,9 @@ SLOW = [
     (r"--config-dir", "needs Hydra's command line"),
 ]
 BASE_CKPT = "outputs/base/checkpoints/last.ckpt"  # the run the script trains first
-# Appended to a training command where it does not set the key itself: 3 updates of 2 streams on
-# a sliver of the corpus. The model keeps its size (+debug=tiny's would break what the command
-# says about sizes: tied weights, projections).
+# Appended to a training command (the data keys where it does not set them itself): 3 updates of
+# 2 streams on a sliver of the corpus. The model keeps its size (+debug=tiny's would break what
+# the command says about sizes: tied weights, projections).
 CUT = [
     "data.max_bytes=60000",
     "data.batch_size=2",
@@ -330,7 +330,8 @@ class Runner:
             re.match(r"([A-Z_]+=\S+ )*(python -m seqtrain|seqtrain)( |$)", text)
         ) and not re.search(r" (--help|--hydra-help|-sc|--cfg|--info)( |$)", text)
         if trains and command.expect is None:
-            cut = [c for c in CUT if f" {c.split('=')[0]}=" not in text]
+            # the updates always (a later override wins), the sizes where the command sets none
+            cut = [c for c in CUT if c.startswith("trainer.") or f" {c.split('=')[0]}=" not in text]
             if "+debug=tiny" in text:
                 cut = [c for c in cut if c.startswith("trainer.")]
             text += " " + " ".join(cut)
