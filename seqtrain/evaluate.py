@@ -103,7 +103,7 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     task = build_task(
         cfg.task, dataclasses.replace(saved, bytes_per_token=data.spec.bytes_per_token)
     )
-    streams = Streams(data.parts[args.split], batch, cfg.tbptt.window)
+    streams = Streams(data.parts[args.split], data.streams[args.split], cfg.tbptt.window)
     with torch.inference_mode():
         result = evaluate_split(
             model, task, streams, cfg.tbptt.window, args.split, sys.stderr.isatty()

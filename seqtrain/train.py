@@ -124,6 +124,7 @@ class Job:
     start_window: int  # the data cursor to continue from (0 for a fresh run)
     finished: bool = False  # resumed at trainer.max_steps with summary.json: nothing to do
     prompt: bytes = b""  # the start of the val split's text, where text samples begin
+    val_streams: int = 1  # per rank: data.eval_batch_size, or fewer where val is short
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -230,13 +231,23 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         check_max_steps(ckpt, cfg, resume_from)
     streams = {"train": cfg.data.batch_size * world, "val": cfg.data.eval_batch_size * world}
     saved = None if ckpt is None else spec_of(ckpt)  # resume: the run's own tokenizer, not refit
-    data = load_splits(cfg.data, streams, cfg.tbptt.window, saved)
+    data = load_splits(cfg.data, streams, cfg.tbptt.window, saved, world=world)
     splits, spec = data.parts, data.spec
     if spec.kind == "tokens" and not spec.text and cfg.trainer.sample_length:
-        raise ConfigError(  # token ids read from an array: no tokenizer turns them into text
-            f"trainer.sample_length={cfg.trainer.sample_length}: data.path={cfg.data.path} holds "
-            "token ids and no tokenizer to write samples as text; set trainer.sample_length=0"
+        # Token ids read from an array: no tokenizer turns them into text. Samples the command
+        # line asked for are refused; the default's are left out, said once.
+        if cfg.trainer.sample_length != TrainerConfig.sample_length:
+            raise ConfigError(
+                f"trainer.sample_length={cfg.trainer.sample_length}: data.path={cfg.data.path} "
+                "holds token ids and no tokenizer to write samples as text; set "
+                "trainer.sample_length=0"
+            )
+        log.info(
+            "data.path=%s holds token ids that no tokenizer of the run writes as text: no text "
+            "samples (trainer.sample_length=0)",
+            cfg.data.path,
         )
+        cfg.trainer.sample_length = 0
     task = build_task(cfg.task, spec)
     task.check_model(cfg.model)  # what needs the data: lm's cutoffs against the vocabulary
     check_model_fits(cfg, task)
@@ -252,7 +263,17 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
         finished = (
             ckpt["global_step"] == cfg.trainer.max_steps and (run_dir / "summary.json").is_file()
         )
-    return Job(cfg, run_dir, splits, spec, resume_from, start_window, finished, data.prompt)
+    return Job(
+        cfg,
+        run_dir,
+        splits,
+        spec,
+        resume_from,
+        start_window,
+        finished,
+        data.prompt,
+        data.streams["val"] // world,
+    )
 
 
 def check_max_steps(ckpt: dict, cfg: Config, resume_from: Path) -> None:
@@ -472,7 +493,7 @@ def build_streams(job: Job, trainer: L.Trainer) -> tuple[Streams, Streams]:
     cfg, rank, world = job.cfg, trainer.global_rank, trainer.world_size
     stride = cfg.tbptt.stride or cfg.tbptt.window
     train = Streams(job.splits["train"], cfg.data.batch_size, stride, rank, world)
-    val = Streams(job.splits["val"], cfg.data.eval_batch_size, cfg.tbptt.window, rank, world)
+    val = Streams(job.splits["val"], job.val_streams, cfg.tbptt.window, rank, world)
     return train, val
 
 

@@ -172,9 +172,9 @@ CASES = [
         "cannot read",
     ),
     (
-        "corpus too short for the streams",
-        lambda t, c: [f"data.path={_file(t, 's.txt', b'x' * 600)}"],
-        "the val split has 30 bytes but 4 streams x (tbptt.window 16 + 1) need 68",
+        "corpus too short for one window",
+        lambda t, c: [f"data.path={_file(t, 's.txt', b'x' * 300)}"],
+        "the val split has 15 bytes, too few for one window of tbptt.window 16 (+ 1) per rank",
     ),
     (
         "config typo",

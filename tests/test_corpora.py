@@ -309,3 +309,20 @@ def test_a_changed_or_moved_corpus_is_refused_by_resume_and_named_by_evaluate(
     corpus.rename(tmp_path / "moved.txt")
     code, err = evaluate_()
     assert code == 2 and "which is no longer there (moved or deleted?)" in err
+
+
+def test_a_token_array_trains_with_the_default_samples_left_out(tmp_path: Path, caplog) -> None:
+    """The default trainer.sample_length asks for text a token array cannot give: the run goes
+    on without samples and says so (a length named on the command line is refused instead:
+    test_bad_input's 'token array with text samples')."""
+    tokens = np.random.default_rng(0).integers(0, 300, 30_000, dtype=np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    args = ["+debug=tiny", f"data.path={tmp_path / 't.bin'}", "data.vocab_size=300"]
+    args += ["trainer.sample_length=300"]  # the default, which +debug=tiny changes
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        summary = run_in_process(tmp_path / "run", *args)
+    assert summary["steps"] == 6
+    assert (
+        "holds token ids that no tokenizer of the run writes as text: no text samples"
+        in caplog.text
+    )

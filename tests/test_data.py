@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import logging
 import threading
 from functools import partial
 
@@ -17,8 +18,8 @@ from seqtrain.data import (
     Streams,
     concat_files,
     download,
+    fit_streams,
     read_text_file,
-    require_tokens,
     split_corpus,
     stdlib_files,
 )
@@ -107,10 +108,17 @@ def test_bad_corpus_paths_are_one_line_errors(tmp_path, make, message) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_too_short_split_names_the_split_and_the_need() -> None:
+def test_a_short_evaluation_split_uses_the_streams_that_fit(caplog) -> None:
+    """val (50 bytes) holds 2 windows of 17: 2 streams instead of 4, said in one INFO line; too
+    short for one window per rank is one line naming what helps; train is never cut."""
     parts = split_corpus(counting_corpus(1000), [0.9, 0.05, 0.05])
-    with pytest.raises(DataError, match=r"val split has 50 bytes but 4 streams"):
-        require_tokens(parts, {"train": 4, "val": 4}, window=16)
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        assert fit_streams(parts, {"train": 4, "val": 4}, window=16) == {"train": 4, "val": 2}
+    assert "the val split holds 2 windows of 17 bytes: 2 streams instead of 4" in caplog.text
+    with pytest.raises(DataError, match=r"^the val split has 50 bytes, too few for one window"):
+        fit_streams(parts, {"val": 4}, window=16, world=3)
+    with pytest.raises(DataError, match=r"train split has 900 bytes but 64 streams .* data.batch"):
+        fit_streams(parts, {"train": 64}, window=16)
 
 
 @pytest.fixture

@@ -102,8 +102,8 @@ from seqtrain.data.splits import (
     Splits,
     degenerate,
     describe,
+    fit_streams,
     load_splits,
-    require_tokens,
     sizes,
     split_corpus,
 )
@@ -212,7 +212,7 @@ __all__ = [
     "refuse_unread_keys",
     "register_reader",
     "require_text",
-    "require_tokens",
+    "fit_streams",
     "sampled_blocks",
     "series_source",
     "sizes",

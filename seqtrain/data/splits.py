@@ -49,17 +49,42 @@ def split_corpus(
     }
 
 
-def require_tokens(splits: dict[str, Corpus], streams: dict[str, int], window: int) -> None:
-    """Every split must give each of its streams at least one full window."""
+def fit_streams(
+    splits: dict[str, Corpus], streams: dict[str, int], window: int, world: int = 1
+) -> dict[str, int]:
+    """The streams each split named in `streams` gives, one window each at least, over `world`
+    ranks alike. The training split must give all it is asked for (data.batch_size streams per
+    rank: the update's shape). An evaluation split (val, test) gives as many as fit, fewer
+    than asked with an INFO line: its figure is over the whole split either way, only with a
+    little more context per stream. Too short for one window per rank is one line."""
+    fitted = {}
     for name, count in streams.items():
-        need = count * (window + 1)
-        have = len(splits[name].values)
-        if have < need:
-            unit = splits[name].unit
+        have, unit = len(splits[name].values), splits[name].unit
+        fit = min(count, have // (window + 1) // world * world)
+        if name == "train" and fit < count:
             raise DataError(
-                f"the {name} split has {have:,} {unit} but {count} streams x (tbptt.window {window}"
-                f" + 1) need {need:,}; use a larger corpus, a smaller batch size or window"
+                f"the train split has {have:,} {unit} but {count} streams x (tbptt.window "
+                f"{window} + 1) need {count * (window + 1):,}; use a larger corpus, a smaller "
+                "data.batch_size or tbptt.window"
             )
+        if fit < world:
+            raise DataError(
+                f"the {name} split has {have:,} {unit}, too few for one window of tbptt.window "
+                f"{window} (+ 1) per rank; use a larger corpus, a larger {name} fraction of "
+                "data.split or a smaller tbptt.window"
+            )
+        if fit < count:
+            log.info(
+                "the %s split holds %d windows of %d %s: %d streams instead of %d",
+                name,
+                have // (window + 1),
+                window + 1,
+                unit,
+                fit,
+                count,
+            )
+        fitted[name] = fit
+    return fitted
 
 
 def describe(train: Corpus) -> DataSpec:
@@ -84,6 +109,7 @@ class Splits:
     parts: dict[str, Corpus]  # train, val, test, each with its targets (`with_targets`)
     spec: DataSpec  # what the model and the task need, the tokenizer included
     prompt: bytes  # the val split's first bytes of text: where the text samples start
+    streams: dict[str, int]  # all ranks' streams each split asked for gives (fit_streams)
 
 
 def load_splits(
@@ -92,9 +118,10 @@ def load_splits(
     window: int,
     saved: DataSpec | None = None,
     check_identity: Callable[[str], None] | None = None,
+    world: int = 1,
 ) -> Splits:
-    """The corpus of `cfg`, split, tokenized and paired with its targets; every split named in
-    `streams` must give that many streams one window each (`require_tokens`).
+    """The corpus of `cfg`, split, tokenized and paired with its targets, and the streams each
+    split named in `streams` gives over `world` ranks (`fit_streams`).
 
     The tokenizer (data.tokenizer) is fitted on the training split alone, so no word of val or
     test enters the vocabulary; with `saved`, a checkpoint's spec, it is that run's own tokenizer
@@ -139,7 +166,7 @@ def load_splits(
         sizes(raw),
         tokens,
     )
-    require_tokens(parts, streams, window)
+    fitted = fit_streams(parts, streams, window, world)
     paired = {split: with_targets(part, cfg.target_columns) for split, part in parts.items()}
     spec = describe(paired["train"])
     if spec.kind == "tokens":
@@ -155,7 +182,7 @@ def load_splits(
     for warning in warnings:
         log.warning(warning)
     spec = dataclasses.replace(spec, corpus=identity, warnings=warnings)
-    return Splits(paired, spec, raw["val"].values[:PROMPT_BYTES].tobytes())
+    return Splits(paired, spec, raw["val"].values[:PROMPT_BYTES].tobytes(), fitted)
 
 
 MAX_UNK_SHARE = 0.5  # a val split more <unk> than this measures the tokenizer, not the model
