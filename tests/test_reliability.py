@@ -244,3 +244,27 @@ def test_newest_complete_skips_truncated_files(tmp_path: Path) -> None:
     last = tmp_path / "checkpoints" / "last.ckpt"
     (tmp_path / "checkpoints" / "zzz.ckpt").write_bytes(last.read_bytes()[:1000])
     assert newest_complete(tmp_path) in (last, tmp_path / "checkpoints" / "best.ckpt")
+
+
+def test_a_stop_during_validation_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    """A signal inside a validation pass (after update 2, mid-pass) abandons the pass; the
+    checkpoint it saves resumes to the losses and figures of a run never stopped. Both runs
+    have the same trainer.max_steps: it shapes the LR schedule (optim.effective_warmup)."""
+    args = ["model.num_layers=2", "model.dropout=0.1", "trainer.max_steps=4"]
+    args += ["trainer.val_check_interval=1"]  # a validation pass after every update
+    expected = train.fit(tiny_job(tmp_path / "reference", *args))
+    original = module_module.SequenceModule.validation_step
+
+    def validation_step(self, batch, batch_idx):
+        if self.global_step == 2 and batch_idx == 1 and not self.stop_requested:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_module.SequenceModule, "validation_step", validation_step)
+    stopped = train.fit(tiny_job(tmp_path / "stopped", *args))
+    assert stopped["stopped_by"] == "SIGTERM" and stopped["steps"] == 2
+    monkeypatch.undo()
+    resumed = train.fit(tiny_job(tmp_path / "stopped", *args, "resume=auto"))
+    losses = read_scalars(tmp_path / "reference", "train/loss")
+    assert len(losses) == 4 and read_scalars(tmp_path / "stopped", "train/loss") == losses
+    assert resumed["val_bpc"] == expected["val_bpc"] and resumed["tokens"] == expected["tokens"]
