@@ -21,12 +21,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor, nn
 
-from seqtrain.cells import build_recurrent, kernel_name  # noqa: E402
-from seqtrain.memory import cache_host_memory  # noqa: E402
+from seqtrain.cells import build_recurrent, kernel_name
+from seqtrain.memory import cache_host_memory
 
 # (label, backend, options): the layer-normed row is compared with plain cudnn, as the issue asks.
 VARIANTS = [

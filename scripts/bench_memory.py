@@ -197,7 +197,7 @@ def bench_vocab(case: dict, budget: str, device: str) -> dict:
 
 
 def bench_head(
-    task,  # noqa: ANN001  (tasks.LanguageModelling)
+    task,
     case: dict,
     head: str,
     cutoffs: list,

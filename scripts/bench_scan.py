@@ -23,14 +23,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bench_cells import step as update  # noqa: E402  (one timed update, as bench_cells times it)
-from torch import Tensor, nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from bench_cells import step as update
+from torch import Tensor, nn
 
-from seqtrain.cells.scan import SCAN_CELLS, ScanStack, linear_scan  # noqa: E402
-from seqtrain.memory import cache_host_memory  # noqa: E402
+from seqtrain.cells.scan import SCAN_CELLS, ScanStack, linear_scan
+from seqtrain.memory import cache_host_memory
 
 
 def lstm_hidden(params: int, input_size: int) -> int:
@@ -99,7 +99,7 @@ def log_space_error(T: int, hidden: int = 64) -> tuple[float, float]:
     return tuple(((h.double() - exact).abs() / exact).max().item() for h in (heinsen, chunked))
 
 
-def write_markdown(rows: list[dict], errors: dict[int, tuple[float, float]], args, device, path):  # noqa: ANN001
+def write_markdown(rows: list[dict], errors: dict[int, tuple[float, float]], args, device, path):
     threads = torch.get_num_threads()
     windows = sorted({r["T"] for r in rows})
     labels = list(dict.fromkeys(r["variant"] for r in rows))

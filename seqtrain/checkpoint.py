@@ -42,7 +42,7 @@ def read(path: str | Path) -> dict:
         raise CheckpointError(f"ckpt={path}: no such file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling garbage can raise anything at all
+    except Exception as err:
         if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EIO):
             raise CheckpointError(f"ckpt={path}: cannot read ({err.strerror})") from None
         raise CheckpointError(

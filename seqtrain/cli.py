@@ -139,7 +139,7 @@ def job_failed(message: str, run_dir: Path) -> float:
     """A single run exits with the one line. In a sweep the job's folder records the error
     (error.txt; the report lists the job as failed) and the sweep goes on: the job's objective
     is NaN, which sweepers treat as a failed trial."""
-    from seqtrain.train import in_multirun
+    from seqtrain.machine import in_multirun
 
     if not in_multirun():
         fail(message)
@@ -255,7 +255,10 @@ def exception_line(err: BaseException) -> str:
 def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from seqtrain import train  # heavy imports (Lightning) only once the config is known good
+    from seqtrain import (  # heavy imports (Lightning) only once the config is known good
+        machine,
+        train,
+    )
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Under DDP every rank runs this function; one of them owns the folder, speaks and writes.
@@ -291,7 +294,7 @@ def hydra_main(raw: DictConfig) -> float:
             return job_failed(str(err), run_dir)
         if isinstance(err, OSError) and err.errno in DISK_ERRORS:
             return job_failed(disk_line(err, run_dir), run_dir)
-        if not train.in_multirun():
+        if not machine.in_multirun():
             raise  # a bug or a plug-in's own error: its traceback, the lock released
         return job_failed(exception_line(err), run_dir)
     finally:

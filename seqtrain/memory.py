@@ -268,7 +268,7 @@ def _rng_kept(device: torch.device) -> Iterator[None]:
 
 class Task(Protocol):
     def random_batch(
-        self, batch: int, steps: int, generator: torch.Generator
+        self, batch: int, steps: int, gen: torch.Generator
     ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -286,13 +286,7 @@ class Runner(Protocol):
     longest: int
 
     def run(
-        self,
-        x: Tensor,
-        y: Tensor,
-        resets: Tensor,
-        state: tuple[Tensor, ...] | None,
-        chunk: int | None = None,
-        penalize: bool = False,
+        self, x: Tensor, y: Tensor, resets: Tensor, state: tuple[Tensor, ...] | None, **kw: object
     ) -> Pass: ...
 
 

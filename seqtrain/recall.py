@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from seqtrain.data.synthetic import Mqar
 
 
-def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
+def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:
     """Accuracy and bits of the recalled symbol on fresh examples, prompted up to the cue.
 
     Each prompt starts from a zero state, as every example does in training (one document each).
@@ -58,7 +58,7 @@ def recall(model, lag: int, count: int = 512, seed: int = 12345) -> dict:  # noq
     }
 
 
-def mqar_recall(model, task: Mqar, count: int = 512, seed: int = 12345) -> dict:  # noqa: ANN001
+def mqar_recall(model, task: Mqar, count: int = 512, seed: int = 12345) -> dict:
     """Accuracy and bits of every queried value on fresh examples, each from a zero state.
 
     The whole example runs as one sequence, the state carried from window to window as training
@@ -108,7 +108,7 @@ def mqar_task(data: DataConfig) -> Mqar:
     return Mqar(data.pairs, data.gap, data.window)
 
 
-def score(model, data: DataConfig, count: int) -> dict:  # noqa: ANN001
+def score(model, data: DataConfig, count: int) -> dict:
     """The recall figure of the task `data` generates."""
     return SCORERS[data.source](model, data, count)
 

@@ -358,7 +358,7 @@ def read_tokenizer_file(path: str) -> BytePairTokenizer:
     try:
         json.loads(text)
         tokenizer = BytePairTokenizer(Tokenizers.from_str(text))
-    except Exception as err:  # noqa: BLE001 - the Rust parser raises a bare Exception
+    except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(
             f"{key}: not a tokenizer.json ({first}); save one with tokenizers' Tokenizer.save"

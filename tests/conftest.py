@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+# The README's `pytest` runs two workers (pytest-xdist): each computes on one thread, set before
+# torch loads, or two workers' OpenMP threads on two cores wait on each other. The runs the tests
+# start inherit it (trainer.threads=auto yields to OMP_NUM_THREADS).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -161,6 +168,18 @@ def assert_exact_resume(tmp_path: Path, args: Sequence[str], env: dict[str, str]
     summaries = [json.loads((d / "summary.json").read_text()) for d in (reference, stopped)]
     assert summaries[1]["resumed_from"] and summaries[1]["steps"] == summaries[0]["steps"]
     return {"reference": summaries[0], "resumed": summaries[1]}
+
+
+@pytest.fixture(autouse=True)
+def loggers_as_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test leaves the root and seqtrain loggers as it found them: an in-process
+    `cli.main` lets Hydra point their handlers at the test's captured streams, which are closed
+    after it, and a later test would log into them ('--- Logging error ---')."""
+    for name in ("", "seqtrain"):
+        logger = logging.getLogger(name)
+        for attr in ("handlers", "level", "disabled", "propagate"):
+            value = getattr(logger, attr)
+            monkeypatch.setattr(logger, attr, list(value) if attr == "handlers" else value)
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def test_tab_completes_both_commands_in_a_real_bash(tmp_path: Path) -> None:
     Tabs again are answered from it."""
     env = {**ENV, "XDG_CACHE_HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:"}
     env["PATH"] += ENV["PATH"]
-    experiments = "+experiment=char_lm +experiment=copy_task +experiment=series +experiment=word_lm"
+    experiments = "+experiment=char_lm +experiment=copy_task +experiment=mqar"
     for _ in range(2):  # filling the cache, then reading it
         done = subprocess.run(["bash", "-c", TAB], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr

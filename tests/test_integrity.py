@@ -58,11 +58,6 @@ def cli_error(monkeypatch, capsys, tmp_path: Path, *args: str) -> str:
 
     argv = ["seqtrain", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)
-    for name in ("", "seqtrain"):  # Hydra's logging setup points them at capsys's streams
-        logger = logging.getLogger(name)
-        for attr in ("handlers", "level", "disabled", "propagate"):
-            value = getattr(logger, attr)
-            monkeypatch.setattr(logger, attr, list(value) if attr == "handlers" else value)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as exit_:
         cli.main()

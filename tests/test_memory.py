@@ -63,7 +63,7 @@ def grads(m: RecurrentModel, chunk: int | None, seed: int = 7) -> dict[str, torc
     return out
 
 
-def uncheckpointed(fn, *args):  # noqa: ANN001, ANN201
+def uncheckpointed(fn, *args):
     return fn(*args)
 
 

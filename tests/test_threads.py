@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from seqtrain import threads, train
+from seqtrain import machine, threads, train
 from seqtrain.config import validate
 from seqtrain.errors import ConfigError
 
@@ -39,7 +39,7 @@ def test_a_bad_thread_count_is_one_line_naming_the_key(key) -> None:
 
 def test_ranks_and_joblib_sweep_jobs_on_one_host_share_it(monkeypatch) -> None:
     cfg = validate(composed("trainer.devices=2"))
-    assert train.local_processes(cfg) == 2  # two DDP ranks, one sweep job
+    assert machine.local_processes(cfg) == 2  # two DDP ranks, one sweep job
     launcher = OmegaConf.create(
         {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
     )
@@ -48,11 +48,11 @@ def test_ranks_and_joblib_sweep_jobs_on_one_host_share_it(monkeypatch) -> None:
     monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get", lambda: hydra)
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     launcher.n_jobs = 3
-    assert train.local_processes(cfg) == 6  # 3 jobs side by side, 2 ranks each
+    assert machine.local_processes(cfg) == 6  # 3 jobs side by side, 2 ranks each
     launcher.n_jobs = -1  # joblib's "all CPUs": 8 jobs
-    assert train.local_processes(validate(composed())) == 8
+    assert machine.local_processes(validate(composed())) == 8
     launcher._target_ = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-    assert train.local_processes(validate(composed())) == 1  # one job at a time
+    assert machine.local_processes(validate(composed())) == 1  # one job at a time
 
 
 def test_a_run_says_its_threads_and_openmp_does_not_spin(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def _check(module: nn.RNNBase, names: list[str]) -> bool:
             raise ValueError(f"names {private_names} != {names}")
         if any(w is not getattr(module, n) for w, n in zip(weights, names, strict=True)):
             raise ValueError("tensors are not the named parameters")
-    except Exception as err:  # noqa: BLE001 - any mismatch means: use the public list
+    except Exception as err:
         log.warning(
             "nn.RNNBase._flat_weights failed its check (%s: %s); building the weight list from "
             "the named parameters from now on",

@@ -101,7 +101,7 @@ def _run_check(path: str) -> bool:
             for op in PRIVATE_OPS[path]:
                 _OPS[op] = find(op)
             _CHECKS[path]()
-    except Exception as err:  # noqa: BLE001 - any failure of a private op means: do not use it
+    except Exception as err:
         log.warning(
             "oneDNN fast path '%s' (%s) failed its check: %s: %s; using torch.mm from now on "
             "(slower, same results)",

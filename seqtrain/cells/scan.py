@@ -105,14 +105,14 @@ class _LinearScan(torch.autograd.Function):
     The backward calls this function again, so it is itself differentiable (double backward)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:  # noqa: ANN001  (ctx)
+    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
         with torch.no_grad():
             h = _scan_forward(a, b, h0)
         ctx.save_for_backward(a, h, h0)
         return h
 
     @staticmethod
-    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, h, h0 = ctx.saved_tensors
         a_next = F.pad(a[:, 1:], (0, 0, 0, 1))  # (B, T, H): a_{t+1}, 0 after the last step
         G = _LinearScan.apply(a_next.flip(1), grad_h.flip(1), torch.zeros_like(h0)).flip(1)
