@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from seqtrain import machine, threads, train
+from seqtrain import machine, threads
 from seqtrain.config import validate
 from seqtrain.errors import ConfigError
 
@@ -44,7 +44,7 @@ def test_ranks_and_joblib_sweep_jobs_on_one_host_share_it(monkeypatch) -> None:
         {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
     )
     hydra = types.SimpleNamespace(launcher=launcher)
-    monkeypatch.setattr(train, "in_multirun", lambda: True)
+    monkeypatch.setattr(machine, "in_multirun", lambda: True)
     monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get", lambda: hydra)
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     launcher.n_jobs = 3
