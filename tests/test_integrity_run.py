@@ -24,6 +24,7 @@ from seqtrain.config import validate
 
 from .conftest import ENV, PLUGINS, finish, seqtrain, start_run, with_pythonpath
 from .test_config import composed
+from .test_ownership import main
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
 
@@ -40,17 +41,6 @@ def copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:
     run_dir = tmp_path / name
     shutil.copytree(finished, run_dir)
     return run_dir
-
-
-def main(monkeypatch, *args: str) -> int:
-    """`python -m seqtrain TINY args` in this process; its exit status."""
-    monkeypatch.setattr(sys, "argv", ["seqtrain", *TINY, *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 # Summaries never hold invented figures.

@@ -193,6 +193,25 @@ def check_input(x: Tensor, state: State | None, shapes: list[tuple[int, int, int
                 )
 
 
+def check_window(x: Tensor, input_size: int, resets: Tensor | None) -> tuple[int, int]:
+    """(B, T) of a window for a stack that runs it whole and resets inside (resets_inside): x
+    (B, T, I) batch-first with T >= 1, resets (B, T) bool or None; one ValueError naming what
+    is wrong."""
+    if x.dim() != 3:
+        raise ValueError(f"input must be (B, T, I) batch-first, got shape {tuple(x.shape)}")
+    B, T, features = x.shape
+    if T == 0:
+        raise ValueError("input has T=0 time steps; a window needs at least one")
+    if features != input_size:
+        raise ValueError(f"input size {features} != input_size={input_size}; x {tuple(x.shape)}")
+    if resets is not None and (resets.dtype != torch.bool or tuple(resets.shape) != (B, T)):
+        raise ValueError(
+            f"resets must be a (B, T) = {(B, T)} bool tensor, got {resets.dtype} "
+            f"{tuple(resets.shape)}"
+        )
+    return B, T
+
+
 class Shapes:
     """What the memory planner reads off any stack `build_recurrent` returns, so that it needs no
     knowledge of the cell. Set by the stack: input_size, hidden_size, num_layers, output_size,

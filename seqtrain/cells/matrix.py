@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells.base import State
+from seqtrain.cells.base import State, check_window
 
 FORMS = ("chunk", "step", "quadratic")
 DEFAULT_CHUNK = 64  # steps per chunk in training: (64, 64) matmuls, T / 64 carried states
@@ -213,15 +213,7 @@ class MatrixStack(nn.Module):
         return sum(layer.saved_per_step(batch, self.chunk) for layer in self.layers)
 
     def _check(self, x: Tensor, state: State | None, resets: Tensor | None) -> None:
-        if x.dim() != 3:
-            raise ValueError(f"input must be (B, T, I) batch-first, got shape {tuple(x.shape)}")
-        B, T, features = x.shape
-        if T == 0:
-            raise ValueError("input has T=0 time steps; a window needs at least one")
-        if features != self.input_size:
-            raise ValueError(
-                f"input size {features} != input_size={self.input_size}; x {tuple(x.shape)}"
-            )
+        B, T = check_window(x, self.input_size, resets)
         if state is not None:
             shapes = self.state_shapes(B)
             if not isinstance(state, tuple) or len(state) != len(shapes):
@@ -233,11 +225,6 @@ class MatrixStack(nn.Module):
                     raise ValueError(
                         f"state[{k}] must be (num_layers, B, ...) = {want}, got {tuple(s.shape)}"
                     )
-        if resets is not None and (resets.dtype != torch.bool or tuple(resets.shape) != (B, T)):
-            raise ValueError(
-                f"resets must be a (B, T) = {(B, T)} bool tensor, got {resets.dtype} "
-                f"{tuple(resets.shape)}"
-            )
 
     def forward(
         self, x: Tensor, state: State | None = None, resets: Tensor | None = None

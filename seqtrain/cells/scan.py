@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells.base import State, register
+from seqtrain.cells.base import State, check_window, register
 from seqtrain.cells.compiled import CompiledStep, tensor_key
 
 FORMS = ("scan", "step")
@@ -342,15 +342,7 @@ class ScanStack(nn.Module):
         return batch * self.num_layers * self.hidden_size * self.layers[0].saved_floats
 
     def _check(self, x: Tensor, state: State | None, resets: Tensor | None) -> None:
-        if x.dim() != 3:
-            raise ValueError(f"input must be (B, T, I) batch-first, got shape {tuple(x.shape)}")
-        B, T, features = x.shape
-        if T == 0:
-            raise ValueError("input has T=0 time steps; a window needs at least one")
-        if features != self.input_size:
-            raise ValueError(
-                f"input size {features} != input_size={self.input_size}; x {tuple(x.shape)}"
-            )
+        B, T = check_window(x, self.input_size, resets)
         if state is not None:
             if not isinstance(state, tuple) or len(state) != 1:
                 raise ValueError(f"state must be a tuple (h,), got {type(state).__name__}")
@@ -359,11 +351,6 @@ class ScanStack(nn.Module):
                 raise ValueError(
                     f"state h must be (num_layers, B, H) = {want}, got {tuple(state[0].shape)}"
                 )
-        if resets is not None and (resets.dtype != torch.bool or tuple(resets.shape) != (B, T)):
-            raise ValueError(
-                f"resets must be a (B, T) = {(B, T)} bool tensor, got {resets.dtype} "
-                f"{tuple(resets.shape)}"
-            )
 
     def forward(
         self, x: Tensor, state: State | None = None, resets: Tensor | None = None
