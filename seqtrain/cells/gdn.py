@@ -47,6 +47,7 @@ from seqtrain.cells.matrix import (
     MatrixStack,
     ShortConv,
     at_least_float32,
+    in_chunks,
     pairwise_sums,
     segments,
 )
@@ -159,13 +160,7 @@ def delta_rule_chunkwise(
 ) -> tuple[Tensor, Tensor]:
     """The gated delta rule over a window in chunks of `chunk` steps: q, k, v (B, N, T, d),
     beta, g (B, N, T), S (B, N, d, d) the initial state, resets (B, T) -> o (B, N, T, d), S_T."""
-    out = []
-    for a in range(0, q.shape[2], chunk):
-        z = slice(a, a + chunk)
-        r = None if resets is None else resets[:, z]
-        o, S = _chunk(q[:, :, z], k[:, :, z], v[:, :, z], beta[:, :, z], g[:, :, z], S, r)
-        out.append(o)
-    return torch.cat(out, 2), S
+    return in_chunks(_chunk, (q, k, v, beta, g), S, resets, chunk)
 
 
 def _chunk(

@@ -62,6 +62,25 @@ def segments(resets: Tensor | None, B: int, c: int, device: torch.device) -> Seg
     return Segments(same[:, None], (seg == 0)[:, None], start[:, None])
 
 
+def in_chunks(
+    chunk_fn: Callable[..., tuple[Tensor, object]],
+    inputs: tuple[Tensor, ...],
+    state: object,
+    resets: Tensor | None,
+    chunk: int,
+) -> tuple[Tensor, object]:
+    """A window as chunks of `chunk` steps: `chunk_fn(*inputs of the chunk, state, resets of the
+    chunk) -> (outputs, state)`, the state carried from chunk to chunk. Time is dimension 2 of
+    every input ((B, N, T, ...)); the outputs are joined along it."""
+    out = []
+    for a in range(0, inputs[0].shape[2], chunk):
+        z = slice(a, a + chunk)
+        r = None if resets is None else resets[:, z]
+        o, state = chunk_fn(*(t[:, :, z] for t in inputs), state, r)
+        out.append(o)
+    return torch.cat(out, 2), state
+
+
 def pairwise_sums(g: Tensor) -> Tensor:
     """X[..., t, s] = sum of g over (s, t] for s <= t (0 above the diagonal): g (..., c) ->
     (..., c, c). Summed term by term, not as cumsum(g)[t] - cumsum(g)[s]: that difference of two

@@ -44,6 +44,7 @@ from seqtrain.cells.matrix import (
     MatrixLayer,
     MatrixStack,
     at_least_float32,
+    in_chunks,
     pairwise_sums,
     segments,
 )
@@ -134,13 +135,7 @@ def mlstm_chunkwise(
 ) -> tuple[Tensor, State]:
     """The mLSTM over a window in chunks of `chunk` steps: q (scaled), k, v (B, N, T, d), i~,
     log f (B, N, T), state (C, n, m), resets (B, T) -> h~ (B, N, T, d) and the final state."""
-    out = []
-    for a in range(0, q.shape[2], chunk):
-        z = slice(a, a + chunk)
-        r = None if resets is None else resets[:, z]
-        h, state = _chunk(q[:, :, z], k[:, :, z], v[:, :, z], i[:, :, z], log_f[:, :, z], state, r)
-        out.append(h)
-    return torch.cat(out, 2), state
+    return in_chunks(_chunk, (q, k, v, i, log_f), state, resets, chunk)
 
 
 def _chunk(
