@@ -27,7 +27,7 @@ from seqtrain import data
 from seqtrain.data import DataConfig, load_splits
 from seqtrain.errors import DataError
 
-from .conftest import PLUGINS, with_pythonpath
+from .conftest import PLUGINS, refusal, with_pythonpath
 from .test_tokenizers import lines_of_words
 
 STREAMS = {"train": 2, "val": 2}
@@ -59,12 +59,7 @@ def cli_error(monkeypatch, capsys, tmp_path: Path, *args: str) -> str:
     argv = ["seqtrain", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("seqtrain: error: ") and "\n" not in err, err
-    return err
+    return refusal(cli.main, capsys=capsys)
 
 
 # --- 1. The token cache is verified: content hash, tokenizer version, ids against the vocabulary
