@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from seqtrain.config import Config, from_dict, to_dict
 from seqtrain.data import DataSpec
-from seqtrain.errors import CheckpointError, ConfigError
+from seqtrain.errors import CheckpointError, ConfigError, first_line
 from seqtrain.model import RecurrentModel
 from seqtrain.rundir import atomic_file
 from seqtrain.tasks import Task, build_model, build_task
@@ -169,7 +169,7 @@ def write_failure(err: Exception, directory: Path) -> str:
         pass
     if isinstance(err, OSError):
         return err.strerror or str(err)
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return first_line(err)
 
 
 def resume_candidates(run_dir: Path) -> list[Path]:

@@ -34,3 +34,10 @@ def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """`key=value: allowed` as a ConfigError unless ok: the one line of every config check."""
     if not ok:
         raise ConfigError(f"{key}={value}: {allowed}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's many-line one."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

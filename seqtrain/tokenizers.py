@@ -25,7 +25,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from seqtrain.errors import ConfigError
+from seqtrain.errors import ConfigError, first_line
 from seqtrain.registry import Registry
 
 
@@ -359,9 +359,9 @@ def read_tokenizer_file(path: str) -> BytePairTokenizer:
         json.loads(text)
         tokenizer = BytePairTokenizer(Tokenizers.from_str(text))
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(
-            f"{key}: not a tokenizer.json ({first}); save one with tokenizers' Tokenizer.save"
+            f"{key}: not a tokenizer.json ({first_line(err)}); save one with tokenizers' "
+            "Tokenizer.save"
         ) from None
     if tokenizer.vocab_size < MIN_VOCAB:
         raise ConfigError(

@@ -44,7 +44,7 @@ from seqtrain.checkpoint import (
 )
 from seqtrain.config import Config, TrainerConfig, to_dict
 from seqtrain.data import Corpus, DataSpec, Streams, eval_loader, load_splits, train_loader
-from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
+from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError, first_line
 from seqtrain.machine import (
     check_machine,
     check_model_fits,
@@ -426,14 +426,14 @@ def run(
     except RuntimeError as err:  # a peer that died mid-collective, or never came
         if peer_lost(err):
             raise SeqtrainError(
-                f"DDP: another rank stopped during training ({one_line(err)}); its own output "
+                f"DDP: another rank stopped during training ({first_line(err)}); its own output "
                 "says why; resume with resume=auto once it is fixed"
             ) from None
         if not isinstance(err, torch.distributed.DistError):
             raise
         raise SeqtrainError(
             f"DDP: the ranks did not all answer within trainer.ddp_timeout="
-            f"{job.cfg.trainer.ddp_timeout:g} s ({one_line(err)}); start every rank (SLURM: one "
+            f"{job.cfg.trainer.ddp_timeout:g} s ({first_line(err)}); start every rank (SLURM: one "
             "task per device), or check MASTER_ADDR and MASTER_PORT"
         ) from None
     return time.perf_counter() - start
@@ -458,11 +458,6 @@ def measured_earlier(job: Job, step: int) -> dict:
         "figures_note": f"no update ran in this process (it ended at step {step}, where it "
         "began), and no summary.json of that step holds the run's throughput and memory",
     }
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def peer_lost(err: RuntimeError) -> bool:
