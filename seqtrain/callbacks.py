@@ -140,7 +140,8 @@ class Preemption(L.Callback):
     DDP each rank finishes the update (the gradients' all-reduce needs every rank). All ranks
     stop at the same update: any rank's signal stops every rank. A stop request skips
     validation, and one that lands during a validation pass abandons it (the module's
-    `stop_requested`), so the run ends within seconds and one save: preemption leaves ~30 s.
+    `stop_requested` ends the val loader, data.streams.UntilStopped), so the run ends within seconds
+    and one save: preemption leaves ~30 s.
     A second signal says the save is under way; a third exits at once: checkpoints are written
     atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO).
     """

@@ -419,7 +419,7 @@ def run(
         trainer.fit(
             module,
             train_loader(train, job.start_window, vary_seed),
-            eval_loader(val),
+            eval_loader(val, stop=lambda: module.stop_requested),
             ckpt_path=job.resume_from,
             weights_only=True,  # our checkpoints hold tensors and plain data only: no code runs
         )

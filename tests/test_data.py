@@ -18,6 +18,7 @@ from seqtrain.data import (
     Streams,
     concat_files,
     download,
+    eval_loader,
     fit_streams,
     read_text_file,
     split_corpus,
@@ -53,6 +54,17 @@ def test_resets_mark_document_starts_and_stream_starts() -> None:
     for pos in (13, 40, 41, 77):
         expected[pos // 33, pos % 33] = True
     assert torch.equal(resets, expected)
+
+
+def test_an_evaluation_pass_ends_when_a_stop_is_requested() -> None:
+    """A stop signal during validation ends the loader: the windows left are not read."""
+    streams = Streams(counting_corpus(1000), batch_size=2, stride=10)  # 50 windows
+    assert len(list(eval_loader(streams))) == len(streams) == 50
+    served: list[int] = []
+    loader = eval_loader(streams, stop=lambda: len(served) >= 3)
+    for window in loader:
+        served.append(int(window.inputs[0, 0]))
+    assert served == [0, 10, 20]  # in order, and none after the request
 
 
 def test_ranks_read_disjoint_streams_that_cover_the_split() -> None:
