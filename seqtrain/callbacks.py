@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from seqtrain import threads
+
 log = logging.getLogger("seqtrain")
 
 
@@ -68,6 +70,17 @@ class Throughput(L.Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class FollowLoad(L.Callback):
+    """trainer.threads=auto: the thread count follows the CPUs other processes leave free
+    (threads.Governor), changed between updates only."""
+
+    def __init__(self, governor: threads.Governor) -> None:
+        self.governor = governor
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.governor.tick()
 
 
 class TextSamples(L.Callback):

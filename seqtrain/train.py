@@ -29,6 +29,7 @@ from seqtrain import cells, rundir, threads, trainer_extras
 from seqtrain.callbacks import (
     BestCheckpoint,
     FinalValidation,
+    FollowLoad,
     Preemption,
     ProgressLines,
     StepProgressBar,
@@ -296,8 +297,14 @@ def build_module(job: Job) -> SequenceModule:
     return SequenceModule.from_config(job.cfg, job.spec)
 
 
-def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> Parts:
-    """Lightning's Trainer with seqtrain's checkpoints, logger and callbacks."""
+def build_trainer(
+    job: Job,
+    module: SequenceModule,
+    preemption: Preemption,
+    governor: threads.Governor | None = None,
+) -> Parts:
+    """Lightning's Trainer with seqtrain's checkpoints, logger and callbacks; `governor` sets
+    the thread count between updates (trainer.threads=auto)."""
     cfg, run_dir = job.cfg, job.run_dir
     throughput = Throughput()
     best = BestCheckpoint(
@@ -339,6 +346,7 @@ def build_trainer(job: Job, module: SequenceModule, preemption: Preemption) -> P
             last,
             TextSamples(prompt, cfg.trainer.sample_length),
             preemption,
+            *([FollowLoad(governor)] if governor is not None else []),
             *([StepProgressBar()] if show_progress else []),
             # Lines in cli.log also beside the bar; on stdout too when it is not the terminal.
             ProgressLines(*lines, file_only=show_progress and sys.stdout.isatty()),
@@ -543,13 +551,13 @@ def fit(job: Job, before_training: Callable[[], None] | None = None) -> dict:
     if world > 1 and in_multirun() and not ranks_started_elsewhere():
         return fit_in_own_process(job)
     quiet_lightning()
-    threads.configure(cfg.trainer.threads, local_processes(cfg))
+    _, governor = threads.configure(cfg.trainer.threads, local_processes(cfg))
     if cfg.memory.host_cache and cache_host_memory():
         log.info("host memory cache: freed CPU memory stays in the process (memory.host_cache)")
     preemption = Preemption(job.run_dir / "checkpoints" / "last.ckpt")  # handlers before work
     try:
         module = build_module(job)
-        parts = build_trainer(job, module, preemption)
+        parts = build_trainer(job, module, preemption, governor)
         train, val = build_streams(job, parts.trainer)
         if parts.trainer.world_size > 1:
             # The weights are already built (DDP copies rank 0's to every rank anyway); from
