@@ -13,10 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 # The README's `pytest` runs two workers (pytest-xdist): each computes on one thread, set before
-# torch loads, or two workers' OpenMP threads on two cores wait on each other. The runs the tests
-# start inherit it (trainer.threads=auto yields to OMP_NUM_THREADS).
-if "PYTEST_XDIST_WORKER" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch loads, or two workers' OpenMP threads on two cores wait on each other; `-n 0` takes every
+# CPU. The count is fixed either way, for the runs the tests start too (trainer.threads=auto
+# yields to OMP_NUM_THREADS): under auto alone it follows the load, and two runs whose thread
+# counts changed at other moments differ at float rounding, which the exact-resume tests forbid.
+os.environ.setdefault(
+    "OMP_NUM_THREADS",
+    "1" if "PYTEST_XDIST_WORKER" in os.environ else str(len(os.sched_getaffinity(0))),
+)
 
 import numpy as np
 import pytest
