@@ -194,7 +194,8 @@ def build_loggers(logger: dict[str, Any], run_dir: Path, first_step: int = 0) ->
     built = []
     for key, node in logger.items():
         given: dict[str, Any] = {"save_dir": run_dir}
-        if issubclass(targets.locate(f"logger.{key}", node["_target_"]), TensorBoardLogger):
+        target = targets.locate(f"logger.{key}", node["_target_"])
+        if isinstance(target, type) and issubclass(target, TensorBoardLogger):
             given["purge_step"] = first_step
         made = targets.build(node, **given)
         check_kind("logger", key, node, made)
