@@ -33,8 +33,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from seqtrain import completion, rundir
 from seqtrain.config import schema, unknown_key, validate
-from seqtrain.errors import ConfigError, SeqtrainError, plugin_error
+from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.hydra_compat import parse_args
+from seqtrain.tool_args import plugin_failed
 
 log = logging.getLogger("seqtrain")
 
@@ -251,20 +252,6 @@ def exception_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}{where}"
 
 
-def plugin_failed(err: BaseException) -> None:
-    """An error inside a user's plug-in code (`errors.plugin_error`): the line naming the key and
-    the plug-in's own frame, no frame of seqtrain, torch or Lightning, and exit status 1 (the
-    user's code failed; 2 is seqtrain refusing its input). Other errors return: bugs keep their
-    traceback, as does any error under HYDRA_FULL_ERROR=1."""
-    text = plugin_error(err)
-    if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-        return
-    line, _, frame = text.partition("\n")
-    say(f"seqtrain: error: {line}", logging.ERROR, sys.stderr)
-    print(frame, file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(raw: DictConfig) -> float:
     from lightning.pytorch.utilities import rank_zero_only
@@ -309,7 +296,7 @@ def hydra_main(raw: DictConfig) -> float:
         if isinstance(err, OSError) and err.errno in DISK_ERRORS:
             return job_failed(disk_line(err, run_dir), run_dir)
         if not machine.in_multirun():
-            plugin_failed(err)  # a plug-in's own error: one line and its frame
+            plugin_failed(err, lambda line: say(line, logging.ERROR, sys.stderr))  # and its frame
             raise  # a bug: its traceback, the lock released
         return job_failed(exception_line(err), run_dir)
     finally:

@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import pytest
 
-from seqtrain import cli
+from seqtrain import cli, evaluate, sample
 
-from .conftest import ROOT, refusal
+from .conftest import ROOT, refusal, run_in_process
 
 TINY = ["+debug=tiny", "trainer.sample_length=0"]
 SERIES = ["task=regression", "data.source=mackey_glass", "data.length=2000"]
@@ -163,3 +163,20 @@ def test_a_plugin_error_during_training_keeps_the_checkpoint(tmp_path, monkeypat
     assert len(lines) == 3 and "boom.py" in lines[1] and "on_train_batch_end" in lines[1]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not (run_dir / ".seqtrain.lock").exists()
+
+
+@pytest.mark.parametrize("tool", [evaluate.main, sample.main], ids=["evaluate", "sample"])
+def test_the_tools_show_a_plugins_error_as_its_line_and_frame(
+    tmp_path, monkeypatch, capsys, tool
+) -> None:
+    """evaluate and sample rebuild a user's cell from the checkpoint: its own error there is the
+    key's line and its frame too (it was a traceback through torch and seqtrain)."""
+    run_in_process(tmp_path, *TINY, "model.backend=modular", f"model.cell={BAD}:Flaky")
+    monkeypatch.setenv("FLAKY_CELL", "1")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        tool([f"ckpt={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1, lines
+    assert lines[0] == f"seqtrain: error: model.cell={BAD}:Flaky raised RuntimeError: flaky"
+    assert len(lines) == 3 and "bad_plugins.py" in lines[1] and "in forward" in lines[1]

@@ -3,6 +3,8 @@ refused in one line when it is built (its own error: one line and its frame), be
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +52,22 @@ class Buggy(nn.Module):
 
     def forward(self, x: Tensor, state: tuple[Tensor]) -> tuple[Tensor, tuple[Tensor]]:
         raise ZeroDivisionError("the cell's own bug")
+
+
+class Flaky(nn.Module):
+    """Trains, then fails in the tools: raises in forward while $FLAKY_CELL is set."""
+
+    num_states = 1
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(input_size + hidden_size, hidden_size)
+
+    def forward(self, x: Tensor, state: tuple[Tensor]) -> tuple[Tensor, tuple[Tensor]]:
+        if os.environ.get("FLAKY_CELL"):
+            raise RuntimeError("flaky")
+        h = torch.tanh(self.lin(torch.cat([x, state[0]], 1)))  # (B, H)
+        return h, (h,)
 
 
 # --- tasks (task.name=tests.plugins.bad_plugins:NAME, with a series corpus)
