@@ -119,6 +119,22 @@ SAMPLE_TEMPERATURE = 0.8
 
 
 KINDS = ("tokens", "series")  # DataSpec.kind: what a task may read
+# A task's own members: Task's defaults of these raise NotImplementedError (its head may come
+# from `head` or from an `output_layer` of its own).
+PROTOCOL = ("input_layer", "loss", "metrics", "random_batch")
+
+
+def missing_members(task_type: type) -> list[str]:
+    """The members of the protocol a task class does not implement itself."""
+
+    def own(member: str) -> bool:
+        impl = getattr(task_type, member, None)
+        return callable(impl) and impl is not getattr(Task, member)
+
+    missing = [member for member in PROTOCOL if not own(member)]
+    if not (own("head") or own("output_layer")):
+        missing.insert(1, "head")
+    return missing
 
 
 def build_task(cfg: TaskConfig, spec: DataSpec) -> Task:
@@ -129,6 +145,12 @@ def build_task(cfg: TaskConfig, spec: DataSpec) -> Task:
     if not isinstance(task_type, type):
         raise ConfigError(f"{key}: is a {type(task_type).__name__}, not a class like Task")
     name = task_type.__qualname__
+    missing = missing_members(task_type)
+    if missing:
+        raise ConfigError(
+            f"{key}: {name} lacks {', '.join(missing)} of the task protocol "
+            "(seqtrain.tasks.Task; docs/tasks.md)"
+        )
     if getattr(task_type, "kind", None) not in KINDS:
         raise ConfigError(
             f"{key}: {name}.kind={getattr(task_type, 'kind', None)!r}; it must say the data it "

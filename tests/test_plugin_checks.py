@@ -47,6 +47,13 @@ ROWS = [
         "a traceback when the stack stacked the state",
     ),
     Row(
+        "task plug-in without the protocol",
+        [*SERIES, f"task.name={BAD}:Unfinished"],
+        f"task.name={BAD}:Unfinished: Unfinished lacks input_layer, head, loss, metrics, "
+        "random_batch of the task protocol (seqtrain.tasks.Task; docs/tasks.md)",
+        "a traceback from Task's NotImplementedError when the model was built",
+    ),
+    Row(
         "task plug-in without a kind",
         [*SERIES, f"task.name={BAD}:NoKind"],
         f"task.name={BAD}:NoKind: NoKind.kind=None; it must say the data it reads: 'tokens' or "

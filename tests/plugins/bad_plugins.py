@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from seqtrain.tasks import Regression
+from seqtrain.tasks import Regression, Task
 
 # --- cells (model.cell=tests.plugins.bad_plugins:NAME)
 
@@ -71,6 +71,13 @@ class Flaky(nn.Module):
 
 
 # --- tasks (task.name=tests.plugins.bad_plugins:NAME, with a series corpus)
+
+
+class Unfinished(Task):
+    """Says what it reads and what it is judged by, and nothing else of the protocol."""
+
+    kind = "series"
+    monitor = "mse"
 
 
 class NoKind(Regression):
