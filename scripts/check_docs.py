@@ -105,6 +105,9 @@ NOT_KEYS = {
     "trainer.clip": "the bad input of an error example (`+trainer.clip=1`)",
     "task.generate": "a method of seqtrain.tasks' tasks",
     "task.random_batch": "a method of seqtrain.tasks' tasks",
+    "callbacks.x._target_": "the bad input of an error example (`+callbacks.x._target_=...`)",
+    "logger.x._target_": "the bad input of an error example (`+logger.x._target_=...`)",
+    "optim.optimizer.eps": "the bad input of an error example (`+optim.optimizer.eps=-1`)",
 }
 
 

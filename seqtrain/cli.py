@@ -35,6 +35,7 @@ from seqtrain import completion, rundir
 from seqtrain.config import schema, unknown_key, validate
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.hydra_compat import parse_args
+from seqtrain.tool_args import plugin_failed
 
 log = logging.getLogger("seqtrain")
 
@@ -295,7 +296,8 @@ def hydra_main(raw: DictConfig) -> float:
         if isinstance(err, OSError) and err.errno in DISK_ERRORS:
             return job_failed(disk_line(err, run_dir), run_dir)
         if not machine.in_multirun():
-            raise  # a bug or a plug-in's own error: its traceback, the lock released
+            plugin_failed(err, lambda line: say(line, logging.ERROR, sys.stderr))  # and its frame
+            raise  # a bug: its traceback, the lock released
         return job_failed(exception_line(err), run_dir)
     finally:
         held.let_go(keep=prepared)

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasti
 
 from seqtrain import threads
 from seqtrain.config import Config
-from seqtrain.errors import ConfigError
+from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.tasks import Task, build_model
 
 
@@ -94,13 +94,16 @@ def available_memory(cfg: Config) -> tuple[int, str] | None:
 def check_model_fits(cfg: Config, task: Task) -> None:
     """A model whose weights and gradients alone exceed the memory there is would fail in the
     allocator after the corpus loaded (or swap the machine to a halt): one line before that. The
-    model is built on the meta device, which allocates nothing."""
+    model is built on the meta device, which allocates nothing; a user's cell is probed there
+    (shapes only), and what it refuses is refused here, before anything is written."""
     import torch
 
     try:
         with torch.device("meta"):
             model = build_model(cfg.model, task)
-    except Exception:
+    except SeqtrainError:
+        raise
+    except Exception:  # what needs values (a plug-in's .item()): the real build will tell
         return
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     available = available_memory(cfg)

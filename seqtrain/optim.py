@@ -84,9 +84,9 @@ class OptimConfig:
                 raise ConfigError(f"optim.optimizer.{name}: seqtrain sets it; give optim.{name}")
         targets.check("optim.optimizer", self.optimizer, given=("params", "lr"))
         targets.check("optim.schedule", self.schedule, given=("optimizer",))
+        check_built(self)
         if self.schedule["_target_"] == "seqtrain.optim.warmup_cosine":
             arguments = _arguments(self.schedule)
-            warmup_cosine(torch.optim.SGD([torch.zeros(1)]), **arguments)
             warmup, steps = arguments["warmup_steps"], arguments["max_steps"]
             if training and effective_warmup(warmup, steps) != warmup:
                 log.warning(
@@ -96,6 +96,26 @@ class OptimConfig:
                     steps,
                     effective_warmup(warmup, steps),
                 )
+
+
+def check_built(optim: OptimConfig) -> None:
+    """Build the optimizer on a dummy parameter and its schedule on that, as `build` will: the
+    values only the class checks (betas, eps, momentum) and what a user's class or schedule
+    returns are then one line before the run starts, not an error at the first update."""
+    dummy = [{"params": [nn.Parameter(torch.zeros(1))], "weight_decay": optim.weight_decay}]
+    optimizer = targets.call("optim.optimizer", optim.optimizer, dummy, lr=optim.lr)
+    target = optim.optimizer["_target_"]
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optim.optimizer._target_={target}: built a {type(optimizer).__name__}, not a "
+            "torch.optim.Optimizer"
+        )
+    schedule = targets.call("optim.schedule", optim.schedule, optimizer)
+    if not isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
+        raise ConfigError(
+            f"optim.schedule._target_={optim.schedule['_target_']}: built a "
+            f"{type(schedule).__name__}, not a torch.optim.lr_scheduler.LRScheduler"
+        )
 
 
 def lr_factor(step: int, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> float:

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from seqtrain.errors import ConfigError
+from seqtrain.errors import ConfigError, named_plugin
 
 T = TypeVar("T")
 
@@ -23,7 +23,8 @@ def is_import_path(name: str) -> bool:
 
 
 def import_object(path: str, key: str) -> object:
-    """The object at 'package.module:Name'; a missing module or name is one line naming `key`."""
+    """The object at 'package.module:Name'; a missing module or name is one line naming `key`.
+    The module is remembered as `key`'s plug-in: an error raised in its code names the key."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -31,11 +32,15 @@ def import_object(path: str, key: str) -> object:
         raise ConfigError(
             f"{key}={path}: cannot import module '{module_name}' ({err}); is it on PYTHONPATH?"
         ) from None
+    except Exception:  # its own code failed on import: that error, its frame and the key
+        named_plugin(module_name, attr, key, path)
+        raise
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{key}={path}: module '{module_name}' has no '{attr}'")
         obj = getattr(obj, part)
+    named_plugin(module, attr, key, path)
     return obj
 
 

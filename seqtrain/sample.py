@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.tool_args import fail, parse_key_values
+from seqtrain.tool_args import fail, parse_key_values, plugin_failed
 
 # Only light imports up to here: torch loads once the arguments are parsed (--help at once).
 
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         print(sample(args, overrides))
     except SeqtrainError as err:
         fail(str(err))
+    except Exception as err:  # a plug-in's own error: one line and its frame; a bug: traceback
+        plugin_failed(err)
+        raise
 
 
 if __name__ == "__main__":

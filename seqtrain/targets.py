@@ -12,29 +12,36 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from seqtrain.errors import ConfigError
+from seqtrain.errors import ConfigError, SeqtrainError, first_line, named_plugin
 
 TARGET = "_target_"
 HYDRA_KEYS = (TARGET, "_partial_", "_args_", "_recursive_", "_convert_")
 
 
 def locate(key: str, path: str) -> Any:
-    """The object a dotted path names (module.attr.attr), or a ConfigError naming the key."""
+    """The object a dotted path names (module.attr.attr), or a ConfigError naming the key; a
+    user's module is remembered as the key's plug-in (an error raised in it names the key)."""
     parts = path.split(".")
     for split in range(len(parts), 0, -1):
         module_name = ".".join(parts[:split])
         try:
-            obj: Any = importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name is not None and not module_name.startswith(err.name):
                 # The module exists but one of its own imports does not.
                 raise ConfigError(f"{key}._target_={path}: importing it failed: {err}") from None
             continue
+        except Exception:  # its own code failed on import: that error, its frame and the key
+            named_plugin(module_name, ".".join(parts[split:]), f"{key}._target_", path)
+            raise
+        obj: Any = module
         try:
             for attr in parts[split:]:
                 obj = getattr(obj, attr)
         except AttributeError:
             break
+        if split < len(parts):
+            named_plugin(module, ".".join(parts[split:]), f"{key}._target_", path)
         return obj
     raise ConfigError(f"{key}._target_={path}: no such class or function; give its import path")
 
@@ -64,3 +71,25 @@ def check(key: str, node: dict, given: tuple[str, ...] = ()) -> None:
 def build(node: dict, **given: Any) -> Any:
     """Instantiate a checked node; `given` are the arguments only the running job knows."""
     return instantiate(node, _convert_="all", **given)
+
+
+def call(key: str, node: dict, *args: Any, **given: Any) -> Any:
+    """Build a checked `_partial_` node and call it with what seqtrain passes (the optimizer's
+    parameters, the schedule's optimizer). An argument value the target refuses (its own
+    ValueError or TypeError: AdamW's betas out of [0, 1)) is one line naming the key, found in
+    the message where it names the argument, and the target."""
+    if node.get("_partial_") is not True:
+        raise ConfigError(
+            f"{key}._partial_: must be true (seqtrain calls {node[TARGET]} with what only the run "
+            f"knows); add +{key}._partial_=true"
+        )
+    try:
+        return build(node)(*args, **given)
+    except SeqtrainError:
+        raise
+    except (ValueError, TypeError) as err:
+        words = str(err).lower()
+        args_ = {k: v for k, v in node.items() if k not in HYDRA_KEYS}
+        named = [k for k in args_ if k.lower() in words or k.lower().rstrip("s") in words]
+        where = f"{key}.{named[0]}={args_[named[0]]}" if named else key
+        raise ConfigError(f"{where}: {node[TARGET]}: {first_line(err)}") from None

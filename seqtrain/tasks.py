@@ -28,7 +28,7 @@ from seqtrain import heads
 from seqtrain.data import DataSpec
 from seqtrain.errors import ConfigError, DataError, require
 from seqtrain.model import ModelConfig, RecurrentModel, TokenEmbedding
-from seqtrain.registry import Registry
+from seqtrain.registry import Registry, is_import_path
 from seqtrain.tokenizers import TOKENIZERS, Tokenizer, rebuild
 
 
@@ -118,21 +118,99 @@ MAX_LOG = 700.0  # e^700 is near the largest float: a perplexity past it is repo
 SAMPLE_TEMPERATURE = 0.8
 
 
+KINDS = ("tokens", "series")  # DataSpec.kind: what a task may read
+# A task's own members: Task's defaults of these raise NotImplementedError (its head may come
+# from `head` or from an `output_layer` of its own).
+PROTOCOL = ("input_layer", "loss", "metrics", "random_batch")
+
+
+def missing_members(task_type: type) -> list[str]:
+    """The members of the protocol a task class does not implement itself."""
+
+    def own(member: str) -> bool:
+        impl = getattr(task_type, member, None)
+        return callable(impl) and impl is not getattr(Task, member)
+
+    missing = [member for member in PROTOCOL if not own(member)]
+    if not (own("head") or own("output_layer")):
+        missing.insert(1, "head")
+    return missing
+
+
 def build_task(cfg: TaskConfig, spec: DataSpec) -> Task:
-    """The task of `cfg` on data described by `spec`; a task that cannot read it is one line."""
+    """The task of `cfg` on data described by `spec`, checked against the protocol (a kind, a
+    monitor among the figures it logs); a task that cannot read the data is one line."""
     task_type = TASKS.get(cfg.name)
+    key = f"task.name={cfg.name}"
+    if not isinstance(task_type, type):
+        raise ConfigError(f"{key}: is a {type(task_type).__name__}, not a class like Task")
+    name = task_type.__qualname__
+    missing = missing_members(task_type)
+    if missing:
+        raise ConfigError(
+            f"{key}: {name} lacks {', '.join(missing)} of the task protocol "
+            "(seqtrain.tasks.Task; docs/tasks.md)"
+        )
+    if getattr(task_type, "kind", None) not in KINDS:
+        raise ConfigError(
+            f"{key}: {name}.kind={getattr(task_type, 'kind', None)!r}; it must say the data it "
+            f"reads: {' or '.join(map(repr, KINDS))}"
+        )
     if task_type.kind != spec.kind:
         readers = [n for n in TASKS if TASKS.get(n).kind == spec.kind]
         raise DataError(
             f"task.name={cfg.name} trains on {task_type.kind} data but this corpus is "
             f"{spec.kind}; use task={' or task='.join(readers)}, or another data.source"
         )
-    return task_type(spec)
+    task = task_type(spec)
+    if not is_import_path(cfg.name):  # a built-in's figures are its tests' to check
+        return task
+    figures = task.figures(1.0, "val")
+    if getattr(task, "monitor", None) not in figures:
+        raise ConfigError(
+            f"{key}: {name}.monitor={getattr(task, 'monitor', None)!r} is not among the figures "
+            f"its metrics give ({', '.join(figures)}); best.ckpt and sweeps go by it"
+        )
+    return task
 
 
 def build_model(cfg: ModelConfig, task: Task) -> RecurrentModel:
     task.check_model(cfg)
-    return RecurrentModel(cfg, task.input_layer, task.output_layer)
+    model = RecurrentModel(cfg, task.input_layer, task.output_layer)
+    check_loss(task, model)
+    return model
+
+
+@torch.no_grad()
+def check_loss(task: Task, model: RecurrentModel) -> None:
+    """The task's loss of a (2, 3) probe through the model's head is a scalar, as the engine
+    needs (it divides the sum by the target elements and backpropagates it): a per-element loss
+    would fail at the first update, after the run had started. In eval mode, so that the probe
+    draws no dropout mask from the run's random stream; on the meta device, shapes alone."""
+    B, T = 2, 3
+    _, targets = task.random_batch(B, T, torch.Generator())  # (B, T) ids or (B, T, K) values
+    p = next(model.head.parameters(), None) if isinstance(model.head, nn.Module) else None
+    device = p.device if p is not None else targets.device
+    training = model.training
+    model.eval()
+    try:
+        h = torch.zeros(B, T, model.cfg.output_size, device=device)  # (B, T, H)
+        loss = task.loss(model.predict(h), targets.to(device))
+    finally:
+        model.train(training)
+    if not (isinstance(loss, Tensor) and loss.ndim == 0):
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ConfigError(
+            f"{task_key(task)}: {type(task).__qualname__}.loss gives {shape} for a {(B, T)} "
+            "probe; it must be a scalar tensor (the sum over the target elements)"
+        )
+
+
+def task_key(task: Task) -> str:
+    """task.name=NAME of a task: its registered name, or its import path."""
+    cls = type(task)
+    name = next((n for n in TASKS if TASKS.get(n) is cls), f"{cls.__module__}:{cls.__qualname__}")
+    return f"task.name={name}"
 
 
 @TASKS.register("lm")

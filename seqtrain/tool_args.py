@@ -12,12 +12,13 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from seqtrain.errors import ConfigError
+from seqtrain.errors import ConfigError, plugin_error
 
 
 def key_help(schema: type, passthrough: tuple[str, ...], doc: str) -> str:
@@ -79,3 +80,21 @@ def fail(message: str) -> NoReturn:
         raise
     print(f"seqtrain: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def plugin_failed(err: BaseException, say: Callable[[str], None] | None = None) -> None:
+    """An error inside a user's plug-in code (`errors.plugin_error`): the line naming the key
+    that named the plug-in (through `say`, else on stderr), then the plug-in's own frame, no frame
+    of seqtrain, torch or Lightning, and exit status 1: the user's code failed, where 2 is seqtrain
+    refusing its input. Any other error returns to be raised: a bug keeps its traceback, as does
+    every error under HYDRA_FULL_ERROR=1."""
+    text = plugin_error(err)
+    if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    line, _, frame = text.partition("\n")
+    if say is None:
+        print(f"seqtrain: error: {line}", file=sys.stderr)
+    else:
+        say(f"seqtrain: error: {line}")
+    print(frame, file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -81,11 +81,33 @@ def check_trainer_args(extra: dict[str, Any]) -> None:
             )
 
 
+# What a logger and a callback must be: Lightning takes anything in their place and fails later
+# (a logger at its first point), or never calls it (a callback); and what seqtrain passes them.
+BASES = {"logger": "lightning.pytorch.loggers.Logger", "callbacks": "lightning.pytorch.Callback"}
+GIVEN = {"logger": ("save_dir",), "callbacks": ()}
+
+
+def check_kind(group: str, name: str, node: dict[str, Any], made: object) -> None:
+    """The class a node names, or what a function it names built, is a subclass of the group's
+    Lightning base."""
+    base = targets.locate(group, BASES[group])
+    kind = made if isinstance(made, type) else type(made)
+    if not issubclass(kind, base):
+        what = "is" if isinstance(made, type) else f"built a {kind.__qualname__}, which is"
+        raise ConfigError(
+            f"{group}.{name}._target_={node['_target_']}: {what} not a {BASES[group]} subclass"
+        )
+
+
 def check(logger: dict[str, Any], callbacks: dict[str, Any]) -> None:
-    for name, node in logger.items():
-        targets.check(f"logger.{name}", node, given=("save_dir",))
-    for name, node in callbacks.items():
-        targets.check(f"callbacks.{name}", node)
+    """Every logger and callback node names a class that takes its arguments and is a Lightning
+    Logger or Callback (a function that builds one: what it builds, when it is built)."""
+    for group, nodes in (("logger", logger), ("callbacks", callbacks)):
+        for name, node in nodes.items():
+            targets.check(f"{group}.{name}", node, given=GIVEN[group])
+            target = targets.locate(f"{group}.{name}", node["_target_"])
+            if isinstance(target, type):
+                check_kind(group, name, node, target)
 
 
 class Switched:
@@ -172,15 +194,23 @@ def build_loggers(logger: dict[str, Any], run_dir: Path, first_step: int = 0) ->
     built = []
     for key, node in logger.items():
         given: dict[str, Any] = {"save_dir": run_dir}
-        if issubclass(targets.locate(f"logger.{key}", node["_target_"]), TensorBoardLogger):
+        target = targets.locate(f"logger.{key}", node["_target_"])
+        if isinstance(target, type) and issubclass(target, TensorBoardLogger):
             given["purge_step"] = first_step
-        built.append(guarded(targets.build(node, **given), key))
+        made = targets.build(node, **given)
+        check_kind("logger", key, node, made)
+        built.append(guarded(made, key))
     return built
 
 
 def build_callbacks(callbacks: dict[str, Any]) -> list:
     """The configured extra callbacks, in config order, after seqtrain's own."""
-    return [targets.build(node) for node in callbacks.values()]
+    built = []
+    for key, node in callbacks.items():
+        made = targets.build(node)
+        check_kind("callbacks", key, node, made)
+        built.append(made)
+    return built
 
 
 def log_final(loggers: list, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:

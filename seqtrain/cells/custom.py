@@ -56,6 +56,60 @@ def cell_class(path: str) -> type[nn.Module]:
     return cls
 
 
+PROBE = (2, 3)  # (B, T) of the probe every user cell runs when built: cheap, and B != H
+
+
+@torch.no_grad()
+def check_cell(cell: nn.Module, path: str, input_size: int, hidden_size: int) -> None:
+    """Run a (2, 3, I) probe through the cell step by step, as the stack will, and check what
+    it returns against the protocol: h (B, H) and a state of num_states tensors, each (B, H).
+
+    A wrong width or state would otherwise fail inside training (a shape error in the head, a
+    state that zoneout or the checkpoint cannot hold) or, worse, be broadcast into training.
+    On the meta device (the memory check builds the model there) it checks shapes alone."""
+    B, T = PROBE
+    name, num_states = type(cell).__qualname__, int(cell.num_states)
+    p = next(cell.parameters(), None)
+    like = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    xs = torch.zeros(B, T, input_size, **like)  # (B, T, I)
+    state = tuple(torch.zeros(B, hidden_size, **like) for _ in range(num_states))
+    want = (B, hidden_size)
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(f"model.cell={path}: {name}.forward {problem}")
+
+    for t in range(T):
+        out = eval_step(cell, xs[:, t], state)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor)):
+            raise refuse(f"returned {type(out).__name__}; it must return (h, state)")
+        h, new = out
+        if tuple(h.shape) != want:
+            raise refuse(
+                f"gives h of shape {tuple(h.shape)} for x of {(B, input_size)}; it must be "
+                f"{want} (B, model.hidden_size)"
+            )
+        if not (isinstance(new, tuple | list) and all(isinstance(s, Tensor) for s in new)):
+            raise refuse(f"returned a state of {type(new).__name__}; it must be a tuple of tensors")
+        if len(new) != num_states:
+            raise refuse(
+                f"returned a state of {len(new)} tensor(s) but {name}.num_states is {num_states}"
+            )
+        shapes = [tuple(s.shape) for s in new]
+        if any(shape != want for shape in shapes):
+            raise refuse(f"returned a state of shapes {shapes}; each must be {want} (B, H)")
+        state = tuple(new)
+
+
+def eval_step(cell: nn.Module, x: Tensor, state: State) -> object:
+    """One call of the cell in eval mode: a probe draws nothing from the run's random stream."""
+    training = cell.training
+    cell.eval()
+    try:
+        return cell(x, state)
+    finally:
+        cell.train(training)
+
+
 def custom_step(cell: nn.Module, x: Tensor, state: State, opt: StepOptions) -> tuple[Tensor, State]:
     """One step of the user's cell with recurrent dropout on the h it sees and zoneout after."""
     h, new = cell(x, (recurrent_input(state[0], opt), *state[1:]))
@@ -88,6 +142,11 @@ class CustomStack(LayeredStack):
         self.zoneout = float(opts["zoneout"])
         for k in range(num_layers):
             self.add_module(f"cells_l{k}", cls(input_size if k == 0 else hidden_size, hidden_size))
+        for k in range(min(num_layers, 2)):  # the layers above the first are alike
+            check_cell(getattr(self, f"cells_l{k}"), path, self.layer_input(k), hidden_size)
+
+    def layer_input(self, k: int) -> int:
+        return self.input_size if k == 0 else self.hidden_size
 
     def _layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
         cell = getattr(self, f"cells_l{k}")
@@ -113,7 +172,7 @@ class CustomStack(LayeredStack):
             cell = getattr(self, f"cells_l{k}")
             p = next(cell.parameters(), None)
             like = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-            x = torch.zeros(1, self.input_size if k == 0 else self.hidden_size, **like)
+            x = torch.zeros(1, self.layer_input(k), **like)
             state = tuple(torch.zeros(1, self.hidden_size, **like) for _ in range(self.num_states))
             total += _saved_elements(cell, x, state)
         return batch * total
