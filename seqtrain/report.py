@@ -233,7 +233,7 @@ def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
         peak = row["peak_bytes"]
         cells = [
             f"{name}{mark}",
-            *(f"`{row[k]}`" for k in report.swept),
+            *(f"`{row[k]}`" if row[k] else "–" for k in report.swept),  # –: not set
             _fmt(row["val_bpc"], ".4f"),
             _fmt(row["tokens_per_s"], ",.0f"),
             _fmt(None if peak is None else peak / MIB, ",.1f"),
