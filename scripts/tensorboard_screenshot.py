@@ -88,9 +88,11 @@ def main() -> None:
     )
     try:
         wait_until_serving(url, 60)
-        # The page seqtrain's last line points to (loss and bpc pinned), and the HParams table.
-        views = {"tensorboard.png": tensorboard_url("val/bpc", url)}
-        views["tensorboard_hparams.png"] = f"{url}/#hparams"
+        # The page seqtrain's last line points to (loss and bpc pinned, no smoothing), and the
+        # HParams table; charts as SVG, which headless Chromium draws (its WebGL often does not).
+        page, _, fragment = tensorboard_url("val/bpc", url).partition("#")
+        views = {"tensorboard.png": f"{page}&forceSVG=true#{fragment}"}
+        views["tensorboard_hparams.png"] = f"{url}/?forceSVG=true#hparams"
         for name, page in views.items():
             screenshot(chromium, page, args.out / name)
             print(args.out / name)

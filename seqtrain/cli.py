@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqtrain import completion, rundir
+from seqtrain import completion, rundir, targets
 from seqtrain.config import schema, unknown_key, validate
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.hydra_compat import parse_args
@@ -95,12 +95,28 @@ def hydra_value(text: str) -> str:
     return f'"{escaped}"'
 
 
-def start_record(raw: DictConfig, run_dir: Path) -> None:
+def start_record(raw: DictConfig, run_dir: Path, board: Path | None) -> None:
     """Right before the first update, once every check passed: the .hydra/ record, and where
     the results go (said again at the end), so TensorBoard can be opened while it trains."""
     record_config(raw, run_dir)
     say(f"run directory: {run_dir}")
-    say(f"tensorboard --logdir {run_dir}")
+    if board is not None:
+        say(f"tensorboard --logdir {shlex.quote(str(board))}")
+
+
+def tensorboard_dir(logger: dict, run_dir: Path) -> Path | None:
+    """The folder of the run's TensorBoard events (<run dir>/tensorboard by default), None without
+    a TensorBoard logger. TensorBoard opened on it names the curves `.` and the HParams row
+    `final`, as in the README's screenshots; opened on the run directory, `tensorboard` and
+    `tensorboard/final`."""
+    from lightning.pytorch.loggers import TensorBoardLogger  # imported by training already
+
+    for key, node in logger.items():
+        if issubclass(targets.locate(f"logger.{key}", node["_target_"]), TensorBoardLogger):
+            version = node.get("version")  # "": no version_N folder (conf/logger/tensorboard)
+            name = node.get("name", "lightning_logs")  # Lightning's default
+            return run_dir / str(name) / (version if isinstance(version, str) else "")
+    return None
 
 
 def resume_command(run_dir: Path) -> str:
@@ -160,15 +176,20 @@ def job_failed(message: str, run_dir: Path) -> float:
 
 
 def tensorboard_url(monitor: str, base: str = "http://localhost:6006") -> str:
-    """TensorBoard's time series with the loss and the task's figure pinned on top.
+    """TensorBoard's time series with the loss and the task's figure pinned on top, unsmoothed.
 
     TensorBoard sorts scalar groups by name (memory/, optim/, perf/ before train/, val/), so
-    what matters is pinned instead, through the query parameter its page reads.
+    what matters is pinned instead; and its default smoothing (0.6) bends a curve of a handful
+    of validations far from its values (1.95 drawn at the end of the README's run, whose val/bpc
+    is 1.859), so smoothing is 0. Both are query parameters the time-series page reads
+    (TensorBoard 2.21's `deserializeQueryParams`: `pinnedCards`, and `smoothing`, which
+    overrides the stored setting); tests/test_cli.py checks the installed TensorBoard's page
+    still reads them.
     """
     figure = monitor.partition("/")[2]  # bpc for lm, nmse for regression
     tags = [f"{split}/{name}" for name in ("loss", figure) for split in ("train", "val")]
     pins = json.dumps([{"plugin": "scalars", "tag": tag} for tag in tags], separators=(",", ":"))
-    return f"{base}/?pinnedCards={urllib.parse.quote(pins)}#timeseries"
+    return f"{base}/?pinnedCards={urllib.parse.quote(pins)}&smoothing=0#timeseries"
 
 
 # A disk that is full or refuses the write: the user's to fix, so one line, not a traceback.
@@ -311,7 +332,8 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
 
     if rank_zero:
         rundir.remove_orphans(run_dir)
-    summary = train.fit(job, (lambda: start_record(raw, run_dir)) if rank_zero else None)
+    board = tensorboard_dir(job.cfg.logger, run_dir)
+    summary = train.fit(job, (lambda: start_record(raw, run_dir, board)) if rank_zero else None)
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
         if rank_zero:
@@ -326,8 +348,9 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
         speed = summary["tokens_per_s"]
         rate = "no update ran: no throughput" if speed is None else f"{speed:,.0f} tokens/s"
         say(f"{summary['monitor']}: {objective:.4f}  ({rate})")
-        say(f"tensorboard --logdir {run_dir}")
-        say(f"  then open {tensorboard_url(summary['monitor'])}")
+        if board is not None:
+            say(f"tensorboard --logdir {shlex.quote(str(board))}")
+            say(f"  then open {tensorboard_url(summary['monitor'])}")
     return objective  # what a Hydra sweeper minimises: val/bpc for lm, val/nmse for regression
 
 

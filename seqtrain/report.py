@@ -9,23 +9,39 @@ are listed too, so a sweep's holes are visible.
 Writes SWEEP_DIR/report.md, report.csv, report_speed.png (val bpc against tokens/s) and
 report_memory.png (val bpc against peak memory; only when some summary has `peak_bytes`).
 Points on the Pareto front (no other job is both faster / smaller and better) are starred.
+The plots stay readable when the jobs' figures are nearly equal: plain tick labels with the
+decimals that tell them apart (no offset such as `+1.859`), point labels moved apart until none
+overlaps another. tokens/s is one measurement per job: the report says how much it varies, and
+gives the range of each configuration a sweep repeated (jobs that differ only in `seed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
+import itertools
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from matplotlib import ticker
+
+from seqtrain import rundir
 
 # Overrides that say how a job ran, not what it trained: never sweep columns.
 NOT_SWEPT = ("hydra.", "resume", "ckpt_path")
+# Overrides that repeat a configuration rather than change it: jobs that differ only in these
+# are one configuration measured several times.
+REPEAT_KEYS = ("seed",)
 MIB = 2**20
+# How much one run's tokens/s varies on a quiet machine: five runs of one model on 2 quiet CPU
+# cores ranged 24,527-25,647 tokens/s, 4.5% of their median (docs/bench_tbptt.md).
+QUIET_NOISE = "five runs of one model on 2 quiet CPU cores ranged over 4.5% of their median"
 
 
 @dataclass
@@ -67,6 +83,16 @@ class Report:
         """Short point label: the swept values, keyed by their last name part."""
         parts = [f"{k.split('.')[-1]}={job.overrides.get(k, '-')}" for k in self.swept]
         return " ".join(parts) or job.path.name
+
+    def repeats(self) -> list[list[Job]]:
+        """Configurations the sweep ran more than once (jobs equal but for REPEAT_KEYS), each
+        the list of its jobs that measured tokens/s."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in self.jobs:
+            if job.figure("tokens_per_s") is not None:
+                key = tuple(sorted(kv for kv in job.overrides.items() if kv[0] not in REPEAT_KEYS))
+                groups.setdefault(key, []).append(job)
+        return [jobs for jobs in groups.values() if len(jobs) > 1]
 
     def rows(self) -> list[dict]:
         rows = []
@@ -207,7 +233,7 @@ def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
         peak = row["peak_bytes"]
         cells = [
             f"{name}{mark}",
-            *(f"`{row[k]}`" for k in report.swept),
+            *(f"`{row[k]}`" if row[k] else "–" for k in report.swept),  # –: not set
             _fmt(row["val_bpc"], ".4f"),
             _fmt(row["tokens_per_s"], ",.0f"),
             _fmt(None if peak is None else peak / MIB, ",.1f"),
@@ -215,7 +241,7 @@ def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
             row["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", *noise(report), ""]
     for title, path in plots.items():
         if path is None:
             lines.append(f"No {title} plot: no summary.json records `peak_bytes`.")
@@ -224,19 +250,58 @@ def markdown(report: Report, root: Path, plots: dict[str, Path | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def noise(report: Report) -> list[str]:
+    """How far apart two jobs' tokens/s must be to mean something: a sentence, and the range of
+    every configuration the sweep repeated."""
+    lines = [
+        "tokens/s is one measurement per job (training tokens over training seconds): "
+        f"{QUIET_NOISE} (docs/bench_tbptt.md), and a shared machine moves it far more, so a "
+        "smaller difference between two jobs is noise. Repeat a configuration "
+        "(`seed=1,2,3`) to see its range here."
+    ]
+    groups = report.repeats()
+    if groups:
+        lines += ["", "| repeated configuration | jobs | tokens/s median | range | range/median |"]
+        lines.append("|---|---|---|---|---|")
+    for jobs in groups:
+        speeds = sorted(j.figure("tokens_per_s") for j in jobs)
+        middle = statistics.median(speeds)
+        swept = [k for k in report.swept if k not in REPEAT_KEYS]
+        config = " ".join(f"{k}={jobs[0].overrides.get(k, '-')}" for k in swept)
+        lines.append(
+            f"| `{config or '(all)'}` | {len(jobs)} | {middle:,.0f} "
+            f"| {speeds[0]:,.0f}–{speeds[-1]:,.0f} | {(speeds[-1] - speeds[0]) / middle:.1%} |"
+        )
+    return lines
+
+
 def write_csv(report: Report, path: Path) -> None:
     rows = report.rows()
     fields = list(rows[0]) if rows else ["job"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    rundir.write_atomic(path, text.getvalue())
 
 
 def plot(report: Report, x_figure: str, xlabel: str, scale: float, more_is_better: bool, path):
+    """The figure of `figure` as a PNG; returns the path, or None when no job has x_figure."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report, x_figure, xlabel, scale, more_is_better)
+    if fig is None:
+        return None
+    with rundir.atomic_file(path) as out:
+        fig.savefig(out, format="png")
+    plt.close(fig)
+    return path
+
+
+def figure(report: Report, x_figure: str, xlabel: str, scale: float, more_is_better: bool):
     """Scatter of val bpc against one cost figure, coloured by the first swept key's value, with
-    the Pareto front drawn; returns the path, or None when no job has that figure."""
+    the Pareto front drawn and its layout fixed; None when no job has that figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,13 +314,11 @@ def plot(report: Report, x_figure: str, xlabel: str, scale: float, more_is_bette
         return None
     points = [(j.figure(x_figure) / scale, j.figure("val_bpc")) for j in jobs]
     colour_key = report.swept[0] if report.swept else None
-    values = sorted({j.overrides.get(colour_key, "") for j in jobs}) if colour_key else [""]
+    colour = {j.path: j.overrides.get(colour_key, "-") if colour_key else "" for j in jobs}
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for n, value in enumerate(values):
-        idx = [
-            i for i, j in enumerate(jobs) if not colour_key or j.overrides.get(colour_key) == value
-        ]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120, layout="constrained")
+    for n, value in enumerate(sorted(set(colour.values()))):
+        idx = [i for i, j in enumerate(jobs) if colour[j.path] == value]
         ax.scatter(
             [points[i][0] for i in idx],
             [points[i][1] for i in idx],
@@ -264,20 +327,88 @@ def plot(report: Report, x_figure: str, xlabel: str, scale: float, more_is_bette
             zorder=3,
         )
     front = sorted((points[i] for i in pareto(points, more_is_better)), key=lambda p: p[0])
-    ax.plot(*zip(*front, strict=True), color="0.5", linestyle="--", zorder=2, label="Pareto front")
-    for job, (x, y) in zip(jobs, points, strict=True):
+    if len(front) > 1:  # one point is no line: the legend would name what is not drawn
+        ax.plot(*zip(*front, strict=True), color="0.5", ls="--", zorder=2, label="Pareto front")
+    # The colour says the first swept value; each point's label the others, one per line, on
+    # the side of the point towards the middle (a label does not run off the plot).
+    others = report.swept[1:]
+    middle = (min(x for x, _ in points) + max(x for x, _ in points)) / 2
+    labels = [
         ax.annotate(
-            report.label(job), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            "\n".join(f"{k.split('.')[-1]}={job.overrides.get(k, '-')}" for k in others),
+            (x, y),
+            fontsize=7,
+            xytext=(-4 if x > middle else 4, 4),
+            textcoords="offset points",
+            ha="right" if x > middle else "left",
+            # a thin line from the label's near corner to its point, once labels are moved apart
+            arrowprops={
+                "arrowstyle": "-",
+                "color": "0.6",
+                "lw": 0.6,
+                "shrinkA": 0,
+                "shrinkB": 3,
+                "relpos": (1, 0) if x > middle else (0, 0),
+            },
         )
-    ax.margins(x=0.15, y=0.1)  # room for the labels
+        for job, (x, y) in zip(jobs, points, strict=True)
+        if others
+    ]
+    ax.margins(x=0.15, y=0.15)  # room for the labels
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(PlainNumbers())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("val bpc (lower is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    for _ in range(3):  # the layout, the labels' places in it, the layout around the labels
+        fig.canvas.draw()
+        if not spread(labels, fig.canvas.get_renderer(), fig.dpi):
+            break
+    fig.set_layout_engine("none")  # kept as it is now: the labels' places fit it
+    return fig
+
+
+class PlainNumbers(ticker.Formatter):
+    """Tick labels as plain numbers, thousands separated, with the decimals that tell the ticks
+    apart: matplotlib's default would write 1.8591 and 1.8593 as 0.0001 and 0.0003 under a
+    `+1.859` offset, and 44,100 as 4.41 under `1e4`."""
+
+    decimals = 0
+
+    def set_locs(self, locs) -> None:
+        super().set_locs(locs)
+        self.decimals = tick_decimals(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:,.{self.decimals}f}"
+
+
+def tick_decimals(locs) -> int:
+    """The fewest decimals that write every tick exactly: [0, 0.25, 0.5] -> 2, [44100, 44150] ->
+    0, [1.8591, 1.85915] -> 5."""
+    step = min((abs(b - a) for a, b in itertools.pairwise(locs)), default=0.0) or 1.0
+    for decimals in range(12):
+        if all(abs(round(x, decimals) - x) < step * 1e-3 for x in locs):
+            return decimals
+    return 12
+
+
+def spread(labels: list, renderer, dpi: float) -> bool:
+    """Move point labels up, a little at a time, until none overlaps another (points nearly
+    equal in both figures would print their labels on top of each other); whether any moved."""
+    from matplotlib.text import Text
+
+    placed, moved = [], False
+    for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+        box = Text.get_window_extent(label, renderer)  # the text, without its line to the point
+        while any(box.overlaps(other) for other in placed):
+            dx, dy = label.xyann
+            label.xyann = (dx, dy + 3.0)  # points
+            box, moved = box.translated(0, 3.0 * dpi / 72), True
+        placed.append(box)
+    return moved
 
 
 def main(argv: list[str] | None = None) -> int:

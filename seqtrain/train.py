@@ -192,16 +192,16 @@ def prepare(cfg: Config, run_dir: Path) -> Job:
     if spec.kind == "tokens" and not spec.text and cfg.trainer.sample_length:
         # Token ids read from an array: no tokenizer turns them into text. Samples the command
         # line asked for are refused; the default's are left out, said once.
+        source = f"data.path={cfg.data.path}" if cfg.data.path else f"data.source={cfg.data.source}"
         if cfg.trainer.sample_length != TrainerConfig.sample_length:
             raise ConfigError(
-                f"trainer.sample_length={cfg.trainer.sample_length}: data.path={cfg.data.path} "
-                "holds token ids and no tokenizer to write samples as text; set "
-                "trainer.sample_length=0"
+                f"trainer.sample_length={cfg.trainer.sample_length}: {source} holds token ids "
+                "and no tokenizer to write samples as text; set trainer.sample_length=0"
             )
         log.info(
-            "data.path=%s holds token ids that no tokenizer of the run writes as text: no text "
-            "samples (trainer.sample_length=0)",
-            cfg.data.path,
+            "%s holds token ids that no tokenizer of the run writes as text: no text samples "
+            "(trainer.sample_length=0)",
+            source,
         )
         cfg.trainer.sample_length = 0
     task = build_task(cfg.task, spec)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ENV, REQUIRED_SCALARS, seqtrain
+from .conftest import ENV, REQUIRED_SCALARS, composed, seqtrain
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def run_dir(tmp_path_factory) -> Path:
     done = seqtrain("+debug=tiny", f"hydra.run.dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"run directory: {out}" in done.stdout and "val/bpc:" in done.stdout
-    assert f"tensorboard --logdir {out}" in done.stdout
+    assert f"tensorboard --logdir {out / 'tensorboard'}\n" in done.stdout  # runs `.`, `final`
     return out
 
 
@@ -56,7 +56,7 @@ def test_without_a_terminal_progress_is_plain_lines_and_cli_log_ends_like_the_co
 
 def test_the_console_says_where_first_and_every_validation_in_a_line(run_dir: Path) -> None:
     log = (run_dir / "cli.log").read_text()
-    start = log.index(f"tensorboard --logdir {run_dir}")  # TensorBoard can open while it trains
+    start = log.index(f"tensorboard --logdir {run_dir / 'tensorboard'}")  # open while it trains
     assert log.index(f"run directory: {run_dir}") < start < log.index("validation at step 3:")
     lines = [line for line in log.splitlines() if "validation at step" in line]
     assert len(lines) == 2, lines  # +debug=tiny validates at steps 3 and 6
@@ -221,9 +221,47 @@ def test_the_tensorboard_address_pins_loss_and_the_task_figure() -> None:
     from seqtrain.cli import tensorboard_url
 
     url = urllib.parse.urlsplit(tensorboard_url("val/bpc"))
-    pins = json.loads(urllib.parse.parse_qs(url.query)["pinnedCards"][0])
+    query = urllib.parse.parse_qs(url.query)
+    pins = json.loads(query["pinnedCards"][0])
     assert [p["tag"] for p in pins] == ["train/loss", "val/loss", "train/bpc", "val/bpc"]
+    assert query["smoothing"] == ["0"]  # a few validations, drawn as they are
     assert url.fragment == "timeseries"
+
+
+def test_tensorboards_page_reads_each_parameter_of_the_address() -> None:
+    """The installed TensorBoard's time-series page (its bundled index.js) reads every query
+    parameter of the printed address, and `smoothing` overrides the stored setting: a parameter
+    TensorBoard renamed would silently do nothing."""
+    import urllib.parse
+    import zipfile
+
+    import tensorboard
+
+    from seqtrain.cli import tensorboard_url
+
+    with zipfile.ZipFile(Path(tensorboard.__file__).parent / "webfiles.zip") as bundle:
+        page = bundle.read("index.js").decode()
+    start = re.search(r"deserializeQueryParams\(\w+\)\{", page).start()  # its definition
+    body = page[start : page.index("unknownQueryParams", start)]
+    read = set(re.findall(r'case"(\w+)"', body))  # case"pinnedCards": ...
+    before = page[max(0, start - 20_000) : start]  # minified names: y4="smoothing", ...
+    for name in re.findall(r"case (\w+):", body):  # case y4: ...
+        values = re.findall(rf"\b{re.escape(name)}=\"(\w+)\"", before)
+        read |= set(values[-1:])
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(tensorboard_url("val/bpc")).query)
+    assert set(query) == {"pinnedCards", "smoothing"} and set(query) <= read, read
+    assert re.search(r"\.metrics\.smoothing.{0,300}scalarSmoothing:", page)  # the override
+
+
+def test_the_printed_logdir_is_where_the_tensorboard_logger_writes(tmp_path: Path) -> None:
+    from seqtrain.cli import tensorboard_dir
+    from seqtrain.config import validate
+
+    cfg = validate(composed())
+    assert tensorboard_dir(cfg.logger, tmp_path) == tmp_path / "tensorboard"
+    assert tensorboard_dir(validate(composed("logger=csv")).logger, tmp_path) is None
+    both = validate(composed("logger=[csv,tensorboard]", "logger.tensorboard.name=tb"))
+    assert tensorboard_dir(both.logger, tmp_path) == tmp_path / "tb"
 
 
 def test_a_resumed_bar_counts_from_the_resumed_step_to_max_steps(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ and it trains, evaluates and samples from the command line."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -196,6 +197,21 @@ def test_an_adaptive_model_samples_from_its_full_distribution() -> None:
 def test_recall_reads_an_adaptive_heads_distribution() -> None:
     result = recall(lm_model(head="adaptive", cutoffs=[32, 128]), lag=3, count=8)
     assert 0 <= result["recall_accuracy"] <= 1 and result["recall_bits"] > 0
+
+
+def test_a_source_of_token_ids_trains_without_text_samples(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """docs/heads.md's command: the Zipf source gives ids, not text; with the default
+    trainer.sample_length the run leaves its text samples out and says so, naming the source,
+    where it stopped at its first validation before."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    args = [*TINY, "data.source=random_tokens:zipf_1000", "trainer.sample_length=300"]
+    with caplog.at_level(logging.INFO, logger="seqtrain"):
+        summary = run_in_process(tmp_path / "run", *args)  # 300: the default (tiny sets 20)
+    assert summary["steps"] == 6 and math.isfinite(summary["val_loss"])
+    said = "data.source=random_tokens:zipf_1000 holds token ids that no tokenizer of the run"
+    assert said in caplog.text
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.text import Text
 
 from seqtrain import report
 
@@ -94,3 +95,102 @@ def test_empty_or_missing_directory_is_a_one_line_error(tmp_path: Path, capsys) 
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].endswith("no such directory") and "no job directories" in err[1]
+
+
+def nearly_equal_sweep(root: Path, jobs: int = 6) -> Path:
+    """Jobs whose figures differ in the fourth decimal (bpc) and by under 1% (tokens/s), with two
+    more swept keys for long point labels, and one job that lacks the colour key."""
+    for n in range(jobs):
+        overrides = [f"tbptt.window={64 + 64 * (n % 2)}", f"optim.lr=0.00{n + 1}"]
+        if n:  # job 0 has no model.backend: its colour is `-`, as its label says
+            overrides.append(f"model.backend={'cudnn' if n % 3 else 'modular'}")
+        bpc, speed = 1.8591 + 0.00004 * n, 44_100 + 40 * n
+        make_job(root, str(n), overrides, summary(bpc, speed, (3 << 20) + n * 1000))
+    return root
+
+
+def drawn(fig):
+    """The figure drawn as it is saved, and its renderer."""
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def speed_figure(root: Path):
+    return report.figure(report.build([root]), "tokens_per_s", "tokens/s", 1.0, True)
+
+
+def test_nearly_equal_figures_get_plain_ticks_that_tell_them_apart(tmp_path: Path) -> None:
+    fig = speed_figure(nearly_equal_sweep(tmp_path / "sweep"))
+    drawn(fig)
+    (ax,) = fig.axes
+    for axis in (ax.xaxis, ax.yaxis):
+        assert axis.get_offset_text().get_text() == ""  # no `+1.859` or `1e4` beside the axis
+        low, high = axis.get_view_interval()
+        ticks = [t for t in axis.get_major_ticks() if low <= t.get_loc() <= high]
+        texts = [t.label1.get_text() for t in ticks]
+        assert len(set(texts)) == len(texts) > 2, texts  # each tick its own label
+        for tick, text in zip(ticks, texts, strict=True):  # the number itself, written out
+            assert float(text.replace(",", "")) == pytest.approx(tick.get_loc(), abs=1e-9), text
+    assert any("," in t.get_text() for t in ax.get_xticklabels())  # 44,100: thousands marked
+    assert report.tick_decimals([0.0, 0.25, 0.5]) == 2
+    assert report.tick_decimals([44_100.0, 44_150.0]) == 0
+
+
+def test_labels_neither_overlap_nor_leave_the_figure(tmp_path: Path) -> None:
+    root = nearly_equal_sweep(tmp_path / "sweep", jobs=8)
+    # one job far off: the eight nearly equal ones share a few pixels, their labels would too
+    far = ["tbptt.window=256", "optim.lr=0.01", "model.backend=modular"]
+    make_job(root, "far", far, summary(2.2, 20_000))
+    fig = speed_figure(root)
+    renderer = drawn(fig)
+    (ax,) = fig.axes
+    labels = [t for t in ax.texts if t.get_text()]
+    assert len(labels) == 9 and all("\n" in t.get_text() for t in labels)  # one value a line
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # without the line to the point
+    for axis in (ax.xaxis, ax.yaxis):
+        ticks = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+        boxes_of_ticks = [t.get_window_extent(renderer) for t in ticks]
+        assert not any(
+            a.overlaps(b) for i, a in enumerate(boxes_of_ticks) for b in boxes_of_ticks[i + 1 :]
+        )
+        boxes += boxes_of_ticks
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes[:9]) for b in boxes[i + 1 :])
+    page = fig.bbox
+    texts = [*labels, ax.xaxis.label, ax.yaxis.label, *ax.get_legend().get_texts()]
+    for text in texts:  # nothing cut at the figure's edge
+        box = text.get_window_extent(renderer)
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0, text.get_text()
+        assert box.y1 <= page.y1, text.get_text()
+
+
+def test_the_legend_lists_what_is_drawn(tmp_path: Path) -> None:
+    fig = speed_figure(nearly_equal_sweep(tmp_path / "sweep"))
+    drawn(fig)
+    (ax,) = fig.axes
+    series = [c.get_label() for c in ax.collections if len(c.get_offsets())]
+    series += [line.get_label() for line in ax.lines if len(line.get_xdata()) > 1]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(legend) == sorted(series)
+    assert "backend=-" in legend  # the job without the key is drawn, and named as it is
+
+    lone = tmp_path / "one_front_point"  # one job is best on both: no front line to name
+    make_job(lone, "0", ["tbptt.window=16"], summary(2.4, 900))
+    make_job(lone, "1", ["tbptt.window=32"], summary(2.5, 800))
+    fig = speed_figure(lone)
+    drawn(fig)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["window=16", "window=32"] and not fig.axes[0].lines
+
+
+def test_the_report_says_how_noisy_tokens_per_s_is_and_gives_repeats_a_range(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "sweep"
+    for n, (seed, speed) in enumerate([(1, 44_100), (2, 45_000), (3, 44_300)]):
+        make_job(root, str(n), ["tbptt.window=64", f"seed={seed}"], summary(1.86, speed))
+    make_job(root, "3", ["tbptt.window=128", "seed=1"], summary(1.85, 40_000))
+    assert report.main([str(root)]) == 0
+    text = (root / "report.md").read_text()
+    assert "tokens/s is one measurement per job" in text and "4.5% of their median" in text
+    assert "| `tbptt.window=64` | 3 | 44,300 | 44,100–45,000 | 2.0% |" in text
+    assert "tbptt.window=128` |" not in text  # ran once: no range to give

@@ -17,4 +17,7 @@ def zipf_1000(cfg: DataConfig) -> Corpus:
     size = cfg.max_bytes or 40_000
     p = 1 / np.arange(1, VOCAB + 1)
     tokens = np.random.default_rng(0).choice(VOCAB, size=size, p=p / p.sum())
-    return Corpus(tokens.astype(np.int32), np.zeros(1, np.int64), "zipf-1000", vocab_size=VOCAB)
+    # tokenized: ids, not bytes of text (no tokenizer writes them as text: a run leaves its text
+    # samples out by itself, as for a .bin array)
+    ids = tokens.astype(np.int32)
+    return Corpus(ids, np.zeros(1, np.int64), "zipf-1000", vocab_size=VOCAB, tokenized=True)
