@@ -21,7 +21,7 @@ import numpy as np
 from seqtrain.data.corpus import TOKEN_DTYPES, Corpus, concat_files, join
 from seqtrain.data.files import (
     download,
-    path_files,
+    path_entries,
     read_array,
     read_bytes,
     read_rows,
@@ -289,7 +289,7 @@ def read_file(file: Path, cfg: DataConfig, budget: int | None) -> Corpus:
 
 def read_path(cfg: DataConfig) -> Corpus:
     """The corpus data.path names; only the first data.max_bytes of text are read."""
-    files = path_files(cfg.path)
+    files, skipped = path_entries(cfg.path)  # skipped: the WARNINGs of what was left out
     if files is None:
         path = Path(cfg.path).expanduser()
         return require_text(read_file(path, cfg, cfg.max_bytes), cfg.path)
@@ -308,7 +308,7 @@ def read_path(cfg: DataConfig) -> Corpus:
     corpus = join(parts, Path(cfg.path).name)
     if not len(corpus.values):
         raise DataError(f"data.path={cfg.path}: its {len(files)} files are empty; pass text")
-    return corpus
+    return dataclasses.replace(corpus, warnings=skipped)
 
 
 @SOURCES.register("series")
@@ -339,6 +339,11 @@ def read_doc_starts(cfg: DataConfig, n: int, what: str) -> np.ndarray:
         if not integers or not ((given >= 0) & (given < n)).all():
             raise DataError(
                 f"data.doc_starts_path={cfg.doc_starts_path}: must hold {what} in 0..{n - 1}"
+            )
+        if (np.diff(given) <= 0).any():  # lengths of documents, say, or an unsorted list
+            raise DataError(
+                f"data.doc_starts_path={cfg.doc_starts_path}: must hold {what} in increasing "
+                "order (where each document starts, not the documents' lengths)"
             )
         starts = np.unique(np.concatenate([starts, given.astype(np.int64)]))
     return starts
