@@ -3,20 +3,39 @@
 A Tab's completion is answered from its cache before anything heavy is imported (completion.py).
 Otherwise the OpenMP wait policy is set before torch loads: GNU OpenMP reads it once, when torch
 loads (threads.py), and cli imports torch through the config.
+
+Ctrl-C or SIGTERM while torch, Lightning and Hydra load (seconds) is one line and the status of
+the signal, as it is later before training starts (cli.hydra_main, which installs its own
+SIGTERM handler): nothing has started, so there is nothing to release.
 """
 
+import signal
 import sys
 
 from seqtrain import completion, threads
+
+STARTING = "before training started; nothing was saved; run the same command again to start"
+
+
+def stop_while_starting(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main() -> None:
     if completion.answer(sys.argv[1:]):
         return
     threads.yield_when_waiting()
-    from seqtrain import cli  # torch loads here, with the wait policy in the environment
+    previous = signal.signal(signal.SIGTERM, stop_while_starting)
+    try:
+        from seqtrain import cli  # torch loads here, with the wait policy in the environment
 
-    cli.main()
+        cli.main()
+    except KeyboardInterrupt as err:  # only while starting: later ones are handled inside
+        name = str(err) or "SIGINT"
+        print(f"seqtrain: error: interrupted ({name}) {STARTING}", file=sys.stderr)
+        sys.exit(128 + int(getattr(signal, name)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
