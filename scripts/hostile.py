@@ -82,7 +82,13 @@ VERDICTS = (
     "setup failed",
     "skipped",
 )
-NOBODY = 65534  # permissions mean nothing to root: such cases run as this user
+# Permissions mean nothing to root: such cases run without the capabilities that bypass them.
+UNPRIVILEGED = (
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+)
 # --smoke: a refusal of Hydra composition, of validation and of the data; the report tool
 SMOKE = ("config typo", "window zero", "missing corpus", "report of a missing folder")
 
@@ -135,7 +141,7 @@ class Case:
     status: int | None = DEFAULT  # the exit status: refused 2, else 0; None: any non-zero
     send: tuple[int, str | float] | None = None  # a signal, when CASE/mark exists or after s
     env: tuple[tuple[str, str], ...] = ()
-    nobody: bool = False  # run as an unprivileged user
+    unprivileged: bool = False  # permissions apply (as root: UNPRIVILEGED)
     frame: str = ""  # plugin-frame: the plug-in's file the output must show
     keep: tuple[str, ...] = ()  # run folder files that must stay as they were, whatever happens
     own_folder: bool = False  # the run folder exists before but is the run's own: it may write
@@ -431,17 +437,6 @@ def link(name: str, target: str) -> Callable[[Fixtures, Path], None]:
 
 def chmod(name: str, mode: int) -> Callable[[Fixtures, Path], None]:
     return lambda fx, d: (d / name).chmod(mode)
-
-
-def open_to_nobody(fx: Fixtures, d: Path) -> None:
-    """The case folder writable by the unprivileged user (what it must not read is chmod'ed
-    after), with a home of its own."""
-    if os.geteuid() != 0:
-        return
-    (d / "home").mkdir(exist_ok=True)
-    for path in [d, *d.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(0o777 if path.is_dir() else 0o666)
 
 
 def holds_trained(fx: Fixtures, d: Path) -> None:
@@ -1173,29 +1168,29 @@ def corpus_cases() -> list[Case]:
             "unreadable corpus file",
             "data.path={d}/locked.txt",
             words="cannot read",
-            setup=steps(text_in(".", "locked.txt"), open_to_nobody, chmod("locked.txt", 0)),
-            nobody=True,
+            setup=steps(text_in(".", "locked.txt"), chmod("locked.txt", 0)),
+            unprivileged=True,
         ),
         r(
             "unreadable subfolder",
             "data.path={d}/f",
             words="cannot read",
-            setup=steps(text_in("f", "a.txt", "b/c.txt"), open_to_nobody, chmod("f/b", 0)),
-            nobody=True,
+            setup=steps(text_in("f", "a.txt", "b/c.txt"), chmod("f/b", 0)),
+            unprivileged=True,
         ),
         r(
             "folder without search permission",
             "data.path={d}/f",
             words="cannot read",
-            setup=steps(text_in("f", "a.txt", "b/c.txt"), open_to_nobody, chmod("f/b", 0o666)),
-            nobody=True,
+            setup=steps(text_in("f", "a.txt", "b/c.txt"), chmod("f/b", 0o666)),
+            unprivileged=True,
         ),
         r(
             "glob over an unreadable folder",
             "data.path={d}/f/*/*.txt",
             words="cannot read",
-            setup=steps(text_in("f", "a/a.txt", "b/c.txt"), open_to_nobody, chmod("f/b", 0)),
-            nobody=True,
+            setup=steps(text_in("f", "a/a.txt", "b/c.txt"), chmod("f/b", 0)),
+            unprivileged=True,
         ),
         r("glob that matches nothing", "data.path={d}/*.nothing", words="matches no file"),
         r(
@@ -1254,8 +1249,8 @@ def corpus_cases() -> list[Case]:
             *WORD_TEXT,
             "data.cache_dir={d}/ro",
             words="data.cache_dir",
-            setup=steps(open_to_nobody, lambda fx, d: (d / "ro").mkdir(mode=0o555)),
-            nobody=True,
+            setup=steps(lambda fx, d: (d / "ro").mkdir(mode=0o555)),
+            unprivileged=True,
         ),
     ]
 
@@ -1902,8 +1897,8 @@ def run_folder_cases() -> list[Case]:
             "run folder read-only",
             "hydra.run.dir={d}/ro/run",
             words="not writable",
-            setup=steps(open_to_nobody, lambda fx, d: (d / "ro").mkdir(mode=0o555)),
-            nobody=True,
+            setup=steps(lambda fx, d: (d / "ro").mkdir(mode=0o555)),
+            unprivileged=True,
         ),
         r(
             "read-only cli.log",
@@ -1913,20 +1908,18 @@ def run_folder_cases() -> list[Case]:
             setup=steps(
                 lambda fx, d: (d / "run").mkdir(),
                 files(**{"run/cli.log": "old\n"}),
-                open_to_nobody,
                 chmod("run/cli.log", 0o444),
             ),
-            nobody=True,
+            unprivileged=True,
         ),
         warned(
             "read-only tensorboard/",
             words="tensorboard",
-            nobody=True,
+            unprivileged=True,
             own_folder=True,
             check=trained_ok,
             setup=steps(
                 lambda fx, d: (d / "run" / "tensorboard").mkdir(parents=True),
-                open_to_nobody,
                 chmod("run/tensorboard", 0o555),
             ),
         ),
@@ -2106,17 +2099,21 @@ def signal_cases() -> list[Case]:
     ]
 
 
-def cases() -> list[Case]:
-    return [
-        *config_cases(),
-        *corpus_cases(),
-        *token_array_cases(),
-        *series_cases(),
-        *tokenizer_cases(),
-        *run_folder_cases(),
-        *tool_cases(),
-        *signal_cases(),
-    ]
+GROUPS = {
+    "config": config_cases,
+    "corpus": corpus_cases,
+    "tokens": token_array_cases,
+    "series": series_cases,
+    "tokenizers": tokenizer_cases,
+    "runs": run_folder_cases,
+    "tools": tool_cases,
+    "signals": signal_cases,
+}
+
+
+def cases(groups: list[str] | None = None) -> list[Case]:
+    """The table, or the cases of `groups` in their order."""
+    return [case for group in groups or GROUPS for case in GROUPS[group]()]
 
 
 # --- running and classifying
@@ -2158,10 +2155,10 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
 
-def as_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+def default_signals() -> None:
+    """In the child: Ctrl-C as a terminal sends it. A job started in the background (`cmd &`)
+    ignores SIGINT, and the cases would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def command(case: Case, fx: Fixtures, d: Path) -> tuple[list[str], dict, Path]:
@@ -2169,7 +2166,8 @@ def command(case: Case, fx: Fixtures, d: Path) -> tuple[list[str], dict, Path]:
     paths = Paths(fx, d)
     args = [a.format_map(paths) for a in case.args]
     run = d / "run"
-    argv = [sys.executable, *TOOLS[case.tool]]
+    prefix = UNPRIVILEGED if case.unprivileged and os.geteuid() == 0 else ()
+    argv = [*prefix, sys.executable, *TOOLS[case.tool]]
     if case.tool == "seqtrain":
         argv += list(TINY) if case.tiny else []
         given = [a for a in args if a.startswith("hydra.run.dir=")]
@@ -2178,8 +2176,6 @@ def command(case: Case, fx: Fixtures, d: Path) -> tuple[list[str], dict, Path]:
         elif not any(a.startswith("hydra.sweep.dir=") for a in args):
             args.append(f"hydra.run.dir={run}")
     env = dict(fx.env)
-    if case.nobody:
-        env["HOME"] = str(d / "home")
     for key, value in case.env:
         env[key] = value.format_map(paths).replace("$PYTHONPATH", fx.env["PYTHONPATH"])
     return argv + args, env, run
@@ -2190,8 +2186,6 @@ def run_case(case: Case, fx: Fixtures) -> Result:
     d.mkdir(parents=True)
     result = Result(case, d, paths=Paths(fx, d))
     try:
-        if case.nobody and os.geteuid() == 0 and case.setup is None:
-            open_to_nobody(fx, d)
         if case.setup is not None:
             case.setup(fx, d)
         argv, env, result.run = command(case, fx, d)
@@ -2229,7 +2223,7 @@ def execute(case: Case, argv: list[str], env: dict, result: Result) -> None:
         text=True,
         errors="replace",
         start_new_session=True,
-        preexec_fn=as_nobody if case.nobody and os.geteuid() == 0 else None,
+        preexec_fn=default_signals,
     )
     if case.send is not None:
         signum, when = case.send
@@ -2303,7 +2297,7 @@ def classify(case: Case, r: Result, guarded: dict[Path, dict]) -> tuple[str, str
 
 
 def selected(args: argparse.Namespace) -> list[Case]:
-    table = cases()
+    table = cases(args.group)
     if args.smoke:
         table = [c for c in table if c.name in SMOKE]
     if args.only:
@@ -2357,6 +2351,9 @@ def markdown(results: list[Result], counts: Counter, command_line: str, root: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="the cases whose name holds this text")
+    parser.add_argument(
+        "--group", action="append", choices=list(GROUPS), help="these groups, in this order"
+    )
     parser.add_argument("--smoke", action="store_true", help="a handful of quick cases")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="cases run at once")
     parser.add_argument("--write", type=Path, help="write the table as markdown here")

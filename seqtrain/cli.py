@@ -469,10 +469,22 @@ def completion_words() -> list[str]:
     return words + ["--help", "--hydra-help", "--cfg", "--multirun", "--config-dir", "--info"]
 
 
+def flags_first(argv: list[str]) -> list[str]:
+    """The command line with Hydra's flags before its overrides: Hydra takes the overrides in
+    one run, so `+experiment=char_lm -m optim.lr=1e-3,3e-3` was 'unrecognized arguments' and a
+    usage text."""
+    overrides = parse_args(argv, intermixed=True).overrides
+    flags = list(argv)
+    for override in overrides:
+        flags.remove(override)
+    return [*flags, *overrides]
+
+
 def main() -> None:
     """Check the command line in one line per error, then hand it to Hydra. Help, shell
     completion and --info go to Hydra unchecked: they compose nothing. A completion query
     leaves the words in completion's cache, so the next Tab needs no import of torch."""
+    sys.argv[1:] = flags_first(sys.argv[1:])
     args = parse_args()
     if completion.query(sys.argv[1:]):
         completion.write(completion_words())
