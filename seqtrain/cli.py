@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -218,10 +219,17 @@ class HeldLog(logging.Handler):
 
     def let_go(self, keep: bool) -> None:
         """The run starts (keep: the held lines go to the log, which stays attached) or was
-        refused (the lines are dropped and the log stays detached). Only the first call acts."""
+        refused (the lines are dropped and the log stays detached). Only the first call acts. The
+        empty log Hydra made for a refused run goes too: the folder may be another run's (one
+        holding its lock), and a log of earlier runs is never empty."""
         if self not in self.root.handlers:
             return
         self.root.removeHandler(self)
+        for handler in [] if keep else self.files:
+            handler.close()
+            with contextlib.suppress(OSError):
+                if os.path.getsize(handler.baseFilename) == 0:
+                    os.unlink(handler.baseFilename)
         for handler in self.files if keep else []:
             for record in self.records:
                 if handler in self.broken:
