@@ -854,6 +854,12 @@ CASES = [Case(*row) for row in CASES] + [
         "d.npy: not read for a corpus of text (only data.source=series and token arrays read it)",
     ),
     Case(
+        "empty corpus path (an unset variable)",
+        lambda t, c: ["data.path="],
+        "data.path='': is empty (an unset shell variable?); name a file or folder, or leave the key "
+        "out",
+    ),
+    Case(
         "document starts out of order",
         lambda t, c: [
             f"data.path={_file(t, 't.bin', bytes(range(200)) * 50)}",

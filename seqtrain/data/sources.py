@@ -220,11 +220,17 @@ def names_token_array(cfg: DataConfig) -> bool:
 def check_data_keys(cfg: DataConfig) -> None:
     """Refuse, before any work, a file key that is a symlink loop and a key the chosen source
     does not read: data.target_path (series) and data.doc_starts_path (series, token arrays)
-    with a text corpus would be ignored."""
+    with a text corpus would be ignored. An empty one (`data.path=$CORPUS` with the variable
+    unset) named the working folder: data.path='' trained on the files there."""
     for key in ("path", "target_path", "doc_starts_path", "tokenizer_file"):
         value = getattr(cfg, key)
         if value is None:
             continue
+        if not str(value).strip():
+            raise DataError(
+                f"data.{key}={value!r}: is empty (an unset shell variable?); name a file or "
+                "folder, or leave the key out"
+            )
         try:
             os.stat(Path(value).expanduser())
         except OSError as err:
