@@ -854,6 +854,11 @@ CASES = [Case(*row) for row in CASES] + [
         "d.npy: not read for a corpus of text (only data.source=series and token arrays read it)",
     ),
     Case(
+        "split that does not sum to 1",
+        lambda t, c: ["data.split=[0.8,0.5,0.5]"],
+        "data.split=[0.8, 0.5, 0.5]: the fractions sum to 1.8; they must sum to 1",
+    ),
+    Case(
         "empty corpus path (an unset variable)",
         lambda t, c: ["data.path="],
         "data.path='': is empty (an unset shell variable?); name a file or folder, or leave the key "

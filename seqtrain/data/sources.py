@@ -112,6 +112,13 @@ class DataConfig:
             self.split,
             "must be three positive fractions [train, val, test]",
         )
+        require(  # [0.8, 0.5, 0.5] was scaled down silently: 44% to train, not 80%
+            saved or abs(sum(self.split) - 1) < 1e-3,  # a checkpoint's: as it trained
+            "data.split",
+            self.split,
+            f"the fractions sum to {sum(self.split):g}; they must sum to 1 "
+            "(e.g. [0.9, 0.05, 0.05])",
+        )
 
     def check_tokenizer(self) -> None:
         """data.tokenizer exists, a key it does not read keeps its default, and its own check
