@@ -9,6 +9,7 @@ the signal, as it is later before training starts (cli.hydra_main, which install
 SIGTERM handler): nothing has started, so there is nothing to release.
 """
 
+import os
 import signal
 import sys
 
@@ -18,7 +19,10 @@ STARTING = "before training started; nothing was saved; run the same command aga
 
 
 def stop_while_starting(signum: int, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    """SIGTERM while starting: nothing is held yet, so the one line and out at once (an exception
+    raised inside the imports or Hydra's setup could be caught there and become another error)."""
+    print(f"seqtrain: error: interrupted (SIGTERM) {STARTING}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def main() -> None:
@@ -30,10 +34,9 @@ def main() -> None:
         from seqtrain import cli  # torch loads here, with the wait policy in the environment
 
         cli.main()
-    except KeyboardInterrupt as err:  # only while starting: later ones are handled inside
-        name = str(err) or "SIGINT"
-        print(f"seqtrain: error: interrupted ({name}) {STARTING}", file=sys.stderr)
-        sys.exit(128 + int(getattr(signal, name)))
+    except KeyboardInterrupt:  # only while starting: later ones are handled inside
+        print(f"seqtrain: error: interrupted (SIGINT) {STARTING}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
