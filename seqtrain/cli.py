@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -240,10 +241,17 @@ class HeldLog(logging.Handler):
 
     def let_go(self, keep: bool) -> None:
         """The run starts (keep: the held lines go to the log, which stays attached) or was
-        refused (the lines are dropped and the log stays detached). Only the first call acts."""
+        refused (the lines are dropped and the log stays detached). Only the first call acts. The
+        empty log Hydra made for a refused run goes too: the folder may be another run's (one
+        holding its lock), and a log of earlier runs is never empty."""
         if self not in self.root.handlers:
             return
         self.root.removeHandler(self)
+        for handler in [] if keep else self.files:
+            handler.close()
+            with contextlib.suppress(OSError):
+                if os.path.getsize(handler.baseFilename) == 0:
+                    os.unlink(handler.baseFilename)
         for handler in self.files if keep else []:
             for record in self.records:
                 if handler in self.broken:
@@ -494,10 +502,22 @@ def completion_words() -> list[str]:
     return words + ["--help", "--hydra-help", "--cfg", "--multirun", "--config-dir", "--info"]
 
 
+def flags_first(argv: list[str]) -> list[str]:
+    """The command line with Hydra's flags before its overrides: Hydra takes the overrides in
+    one run, so `+experiment=char_lm -m optim.lr=1e-3,3e-3` was 'unrecognized arguments' and a
+    usage text."""
+    overrides = parse_args(argv, intermixed=True).overrides
+    flags = list(argv)
+    for override in overrides:
+        flags.remove(override)
+    return [*flags, *overrides]
+
+
 def main() -> None:
     """Check the command line in one line per error, then hand it to Hydra. Help, shell
     completion and --info go to Hydra unchecked: they compose nothing. A completion query
     leaves the words in completion's cache, so the next Tab needs no import of torch."""
+    sys.argv[1:] = flags_first(sys.argv[1:])
     args = parse_args()
     if completion.query(sys.argv[1:]):
         completion.write(completion_words())

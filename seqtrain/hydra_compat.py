@@ -38,7 +38,8 @@ def fallback_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Hydra's reading of the command line (sys.argv[1:] when argv is None)."""
+def parse_args(argv: list[str] | None = None, intermixed: bool = False) -> argparse.Namespace:
+    """Hydra's reading of the command line (sys.argv[1:] when argv is None); intermixed: the
+    overrides may stand on both sides of a flag (`a=1 -m b=2`), which Hydra's own call refuses."""
     parser = hydra_args_parser() if hydra_args_parser is not None else fallback_args_parser()
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)

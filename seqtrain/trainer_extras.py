@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +134,22 @@ def disk_reason(err: OSError) -> str:
     return "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
 
 
+def quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread dies of the OSError that the run's next write raises again,
+    where `guarded` says it in one WARNING: Python's default hook printed the thread's traceback
+    first. Any other thread's error is printed as before."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    threading.__excepthook__(args)
+
+
 def guarded(logger: Any, key: str) -> Any:
     """The logger, made to fail in one line: a full disk or a read-only folder hit by its writer
     (TensorBoard's events, a CSV file) is one WARNING, then the logger is off for the rest of the
     run; training and its checkpoints go on where the disk allows. Its class stays a subclass of
     the logger's, so isinstance checks still hold."""
+    if threading.excepthook is threading.__excepthook__:  # another hook (a test runner's) stays
+        threading.excepthook = quiet_writer_thread
     base = type(logger)
     failed: list[OSError] = []
 
@@ -147,7 +160,7 @@ def guarded(logger: Any, key: str) -> Any:
                 "logger.%s: cannot write %s (%s); its curves stop here, training and checkpoints "
                 "go on",
                 key,
-                err.filename or "its files",
+                os.fsdecode(err.filename) if err.filename else "its files",
                 disk_reason(err),
             )
 

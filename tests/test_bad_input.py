@@ -854,6 +854,28 @@ CASES = [Case(*row) for row in CASES] + [
         "d.npy: not read for a corpus of text (only data.source=series and token arrays read it)",
     ),
     Case(
+        "split that does not sum to 1",
+        lambda t, c: ["data.split=[0.8,0.5,0.5]"],
+        "data.split=[0.8, 0.5, 0.5]: the fractions sum to 1.8; they must sum to 1",
+    ),
+    Case(
+        "empty corpus path (an unset variable)",
+        lambda t, c: ["data.path="],
+        "data.path='': is empty (an unset shell variable?); name a file or folder, or leave the key "
+        "out",
+    ),
+    Case(
+        "document starts out of order",
+        lambda t, c: [
+            f"data.path={_file(t, 't.bin', bytes(range(200)) * 50)}",
+            "data.dtype=uint8",
+            "data.vocab_size=256",
+            f"data.doc_starts_path={_npy(t, 'd.npy', np.array([0, 900, 300]))}",
+        ],
+        "d.npy: must hold token offsets in increasing order (where each document starts, not "
+        "the documents' lengths)",
+    ),
+    Case(
         "tokenizer file of three tokens",
         lambda t, c: [
             "data.tokenizer=bpe",

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ENV, REQUIRED_SCALARS, composed, seqtrain
+from seqtrain import cli
+
+from .conftest import ENV, REQUIRED_SCALARS, composed, refusal, seqtrain
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +332,18 @@ def test_the_bar_shows_a_smoothed_speed_and_the_curves_each_updates(monkeypatch)
     assert curve == [1000.0, 2000.0]  # TensorBoard: every update's own speed
     assert bar[0] == 1000.0 and 1000.0 < bar[1] < 1100.0  # the bar: a jump moves it a little
     assert throughput.tokens_per_s == 2000 / 1.5  # the summary: all tokens over all time
+
+
+def test_overrides_on_both_sides_of_a_flag_reach_the_checks(monkeypatch, capsys) -> None:
+    """Hydra's parser takes its overrides in one run: `a=1 -m b=2` or a --config-dir between
+    overrides was 'unrecognized arguments' and a usage text; now the flags go first."""
+    assert cli.flags_first(["a=1", "-m", "b=2,3"]) == ["-m", "a=1", "b=2,3"]
+    assert cli.flags_first(["a=1", "--config-dir", "x", "b=2"]) == [
+        "--config-dir",
+        "x",
+        "a=1",
+        "b=2",
+    ]
+    argv = ["seqtrain", "+debug=tiny", "--config-dir", "/no/such/conf", "model.hidden_size=8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert "--config-dir /no/such/conf: no such directory" in refusal(cli.main, capsys=capsys)

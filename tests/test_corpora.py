@@ -113,7 +113,7 @@ def test_token_arrays_are_memory_mapped_tokens_with_their_document_starts(tmp_pa
     tokens = np.arange(1000, dtype=np.uint32) * 7 % 5000
     tokens.astype(np.uint16).tofile(tmp_path / "t.bin")
     np.save(tmp_path / "t.npy", tokens.astype(np.int32))
-    np.save(tmp_path / "starts.npy", np.array([500, 100]))
+    np.save(tmp_path / "starts.npy", np.array([100, 500]))
     for name, dtype in (("t.bin", "uint16"), ("t.npy", "uint8")):  # .npy: its header's dtype
         cfg = DataConfig(
             path=str(tmp_path / name),

@@ -264,6 +264,25 @@ def test_a_folder_without_search_permission_is_an_error(tmp_path, monkeypatch) -
         data.path_files(str(docs))
 
 
+def test_special_files_and_symlinked_folders_below_a_folder_are_skipped_with_a_warning(
+    tmp_path: Path, caplog
+) -> None:
+    """A FIFO (reading it would block), a socket and a symlinked folder under data.path were
+    left out without a word; now each kind is one WARNING, kept in the spec (summary.json)."""
+    docs = folder(tmp_path)
+    os.mkfifo(docs / "a" / "fifo")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "t.txt").write_text(lines_of_words(100))
+    (docs / "linked").symlink_to(tmp_path / "elsewhere")
+    splits, log = run(DataConfig(path=str(docs)), caplog)
+    special, links = splits.spec.warnings
+    assert f"skipped {docs / 'a' / 'fifo'}: not regular files" in special
+    assert f"skipped {docs / 'linked'}: symlinked folders are not followed" in links
+    assert special in log and links in log
+    files, skipped = data.path_entries(str(docs / "*" / "*"))  # a glob: the FIFO it matches
+    assert docs / "a" / "fifo" not in files and "a/fifo: not regular files" in skipped[0]
+
+
 @pytest.mark.parametrize(
     ("reader", "message"),
     [
@@ -377,6 +396,23 @@ def test_a_bin_read_with_too_narrow_a_dtype_warns(
     assert warning in log
     cfg.dtype = written  # read as written: nothing to say
     assert run(cfg, caplog)[0].spec.warnings == ()
+
+
+def test_a_bin_read_with_too_wide_a_dtype_warns(tmp_path: Path, caplog) -> None:
+    """Text bytes written as uint8 and read as uint16 make ids of two bytes each, all inside a
+    vocabulary of 65,536: it trained silently. A vocabulary's ids (Zipf-like) and uniform ids
+    over all 65,536 say nothing."""
+    text = np.frombuffer(lines_of_words(3000).encode(), dtype=np.uint8)
+    path = tmp_path / "t.bin"
+    text[: len(text) // 2 * 2].tofile(path)
+    cfg = DataConfig(path=str(path), dtype="uint16", vocab_size=65536)
+    splits, log = run(cfg, caplog)
+    (warning,) = splits.spec.warnings
+    assert "as in a uint8 file read as data.dtype=uint16" in warning and warning in log
+    rng = np.random.default_rng(0)
+    for ids in (np.minimum(rng.zipf(1.3, 40_000), 65535), rng.integers(0, 65536, 40_000)):
+        ids.astype(np.uint16).tofile(path)
+        assert run(cfg, caplog)[0].spec.warnings == ()
 
 
 # --- 4. A stopped tokenization leaves no temporary file; a SIGKILL's are swept at the next start

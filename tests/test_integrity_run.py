@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -281,6 +282,16 @@ def test_a_refused_run_leaves_the_folders_log_as_it_was(finished, tmp_path, monk
     log.write_text("the earlier run's log\n")
     assert main(monkeypatch, *args, f"hydra.run.dir={run_dir}") == 2
     assert log.read_text() == "the earlier run's log\n"
+
+
+def test_a_run_refused_by_the_folders_lock_writes_nothing_into_it(tmp_path, monkeypatch) -> None:
+    """The folder is a live run's (its lock: pid 1 is alive): the empty cli.log Hydra opens for
+    the refused run was left in it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / rundir.LOCK).write_text(f"1 {socket.gethostname()}\n")
+    assert main(monkeypatch, f"hydra.run.dir={run_dir}") == 2
+    assert [p.name for p in run_dir.iterdir()] == [rundir.LOCK]
 
 
 def test_a_run_that_starts_keeps_what_it_logged_while_preparing(tmp_path, monkeypatch) -> None:

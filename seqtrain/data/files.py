@@ -99,25 +99,58 @@ def _sha256(raw: bytes) -> str:
 
 
 def path_files(path: str) -> list[Path] | None:
-    """The files data.path names, in sorted path order: every regular file below a directory
-    (hidden files and folders skipped, symlinked folders not followed), or a glob's matches
-    (`**` for any depth); None when it names one file."""
+    """The files data.path names, in sorted path order (path_entries)."""
+    return path_entries(path)[0]
+
+
+def path_entries(path: str) -> tuple[list[Path] | None, tuple[str, ...]]:
+    """The files data.path names, in sorted path order, and a WARNING for what they leave out:
+    every regular file below a directory (hidden files and folders skipped), or a glob's
+    matches (`**` for any depth); None when it names one file. A FIFO, socket or device below
+    it (reading one would block or never end) and a symlinked folder (not followed: a link may
+    lead back up the tree) are skipped, each said in the warning, never silently."""
     p = Path(path).expanduser()
+    skipped: list[Path] = []
     if p.is_dir():
-        files = sorted(walk_files(p, path))
+        files = sorted(walk_files(p, path, skipped))
         if not files:
             raise DataError(
-                f"data.path={path}: the directory holds no files (hidden ones are skipped); "
-                "pass a directory of text files"
+                f"data.path={path}: the directory holds no files (hidden ones are skipped"
+                f"{', and ' + ', '.join(map(str, skipped)) if skipped else ''}); pass a "
+                "directory of text files"
             )
-        return files
+        return files, left_out(path, skipped)
     if p.exists() or not any(c in path for c in "*?["):
-        return None
+        return None, ()
     check_glob_folders(p, path)
-    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    files = []
+    for match in sorted(Path(f) for f in glob.glob(str(p), recursive=True)):
+        if match.is_file():
+            files.append(match)
+        elif match.exists() and not match.is_dir():
+            skipped.append(match)  # a FIFO, socket or device the pattern matched
     if not files:
         raise DataError(f"data.path={path}: the glob matches no file; check the pattern")
-    return files
+    return files, left_out(path, skipped)
+
+
+def left_out(path: str, skipped: list[Path]) -> tuple[str, ...]:
+    """One WARNING line per kind of entry data.path's folder or glob held but no file read."""
+    links = sorted(str(p) for p in skipped if p.is_symlink() and p.is_dir())
+    special = sorted(str(p) for p in skipped if str(p) not in links)
+    warnings = []
+    if special:
+        warnings.append(
+            f"data.path={path}: skipped {', '.join(special)}: not regular files (a FIFO, "
+            "socket or device would block or never end); move them out of the corpus"
+        )
+    if links:
+        warnings.append(
+            f"data.path={path}: skipped {', '.join(links)}: symlinked folders are not "
+            "followed (a link may lead back up the tree); name the folder it links to as "
+            "data.path, or copy its files in"
+        )
+    return tuple(warnings)
 
 
 def check_glob_folders(pattern: Path, path: str) -> None:
@@ -138,9 +171,11 @@ def check_glob_folders(pattern: Path, path: str) -> None:
             ) from None
 
 
-def walk_files(root: Path, path: str) -> Iterator[Path]:
+def walk_files(root: Path, path: str, skipped: list[Path] | None = None) -> Iterator[Path]:
     """The regular files below root; a folder or file that cannot be read (no permission, no
-    search permission, a dangling link) is one line, never skipped: its text would be missing."""
+    search permission, a dangling link) is one line, never skipped: its text would be missing.
+    Symlinked folders and special files (FIFOs, sockets, devices) go to `skipped`."""
+    skipped = [] if skipped is None else skipped
 
     def refuse(err: OSError) -> None:
         raise DataError(
@@ -150,15 +185,19 @@ def walk_files(root: Path, path: str) -> Iterator[Path]:
 
     for folder, dirs, names in os.walk(root, onerror=refuse):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        skipped += [Path(folder, d) for d in dirs if Path(folder, d).is_symlink()]
         for name in names:
             if name.startswith("."):
                 continue
             file = Path(folder, name)
             try:
-                if stat.S_ISREG(file.stat().st_mode):
-                    yield file
+                mode = file.stat().st_mode
             except OSError as err:
                 refuse(err)
+            if stat.S_ISREG(mode):
+                yield file
+            else:
+                skipped.append(file)
 
 
 def read_array(path: str, key: str, ndim: int) -> np.ndarray:

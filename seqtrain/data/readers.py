@@ -112,19 +112,40 @@ def read_bin(path: Path, cfg: DataConfig, budget: int | None) -> Corpus:
 
 WIDER = {"uint8": "uint16", "uint16": "uint32"}  # data.dtype -> the dtype twice as wide
 DTYPE_SAMPLE = 1 << 16  # ids of a .bin's start whose histogram is checked against data.dtype
+SAME_BYTES = 0.1  # the high and low bytes' histograms closer than this (total variation): text
 
 
 def wrong_dtype(values: np.ndarray, path: Path, dtype: str) -> tuple[str, ...]:
-    """A warning when the ids say the file has another dtype: a uint16 file read as uint8 has
-    a zero at every second id (the high bytes of ids under 256), a uint32 file read as uint16
-    likewise. A file of ids twice as wide read as data.dtype would otherwise train silently."""
+    """A warning when the ids say the file has another dtype, which would otherwise train
+    silently: a uint16 file read as uint8 has a zero at every second id (the high bytes of ids
+    under 256), a uint32 file read as uint16 likewise; a uint8 file read as uint16 makes each
+    id of two bytes of the same text (`two_bytes_each`)."""
     sample = Rows(values).run(0, min(len(values), DTYPE_SAMPLE))
-    if dtype not in WIDER or len(sample) < 64 or sample[1::2].any() or not sample[0::2].any():
+    if len(sample) < 64:
         return ()
-    return (
-        f"data.path={path}: every second id is 0, as in a {WIDER[dtype]} file read as "
-        f"data.dtype={dtype}; set data.dtype={WIDER[dtype]} if it was written so",
-    )
+    if dtype in WIDER and not sample[1::2].any() and sample[0::2].any():
+        return (
+            f"data.path={path}: every second id is 0, as in a {WIDER[dtype]} file read as "
+            f"data.dtype={dtype}; set data.dtype={WIDER[dtype]} if it was written so",
+        )
+    if dtype == "uint16" and two_bytes_each(sample):
+        return (
+            f"data.path={path}: the high and the low byte of its ids have the same histogram, "
+            "as in a uint8 file read as data.dtype=uint16; set data.dtype=uint8 if it was "
+            "written so",
+        )
+    return ()
+
+
+def two_bytes_each(ids: np.ndarray) -> bool:
+    """Whether 16-bit ids look like pairs of bytes of one text: the high byte and the low byte
+    drawn from one histogram of fewer than 256 values. A vocabulary's ids differ: their high
+    byte is skewed to the small values (frequent tokens have small ids, and it stays under
+    V / 256), the low byte is spread out; uniform ids over all 65,536 use every byte value."""
+    ids = ids.astype(np.int64)
+    low = np.bincount(ids & 0xFF, minlength=256) / len(ids)  # (256,)
+    high = np.bincount(ids >> 8, minlength=256) / len(ids)  # (256,)
+    return np.count_nonzero(low + high) < 256 and 0.5 * np.abs(low - high).sum() < SAME_BYTES
 
 
 @register_reader("npy", ".npy", tokens=True)

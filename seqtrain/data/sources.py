@@ -21,7 +21,7 @@ import numpy as np
 from seqtrain.data.corpus import TOKEN_DTYPES, Corpus, concat_files, join
 from seqtrain.data.files import (
     download,
-    path_files,
+    path_entries,
     read_array,
     read_bytes,
     read_rows,
@@ -111,6 +111,13 @@ class DataConfig:
             "data.split",
             self.split,
             "must be three positive fractions [train, val, test]",
+        )
+        require(  # [0.8, 0.5, 0.5] was scaled down silently: 44% to train, not 80%
+            saved or abs(sum(self.split) - 1) < 1e-3,  # a checkpoint's: as it trained
+            "data.split",
+            self.split,
+            f"the fractions sum to {sum(self.split):g}; they must sum to 1 "
+            "(e.g. [0.9, 0.05, 0.05])",
         )
 
     def check_tokenizer(self) -> None:
@@ -220,11 +227,17 @@ def names_token_array(cfg: DataConfig) -> bool:
 def check_data_keys(cfg: DataConfig) -> None:
     """Refuse, before any work, a file key that is a symlink loop and a key the chosen source
     does not read: data.target_path (series) and data.doc_starts_path (series, token arrays)
-    with a text corpus would be ignored."""
+    with a text corpus would be ignored. An empty one (`data.path=$CORPUS` with the variable
+    unset) named the working folder: data.path='' trained on the files there."""
     for key in ("path", "target_path", "doc_starts_path", "tokenizer_file"):
         value = getattr(cfg, key)
         if value is None:
             continue
+        if not str(value).strip():
+            raise DataError(
+                f"data.{key}={value!r}: is empty (an unset shell variable?); name a file or "
+                "folder, or leave the key out"
+            )
         try:
             os.stat(Path(value).expanduser())
         except OSError as err:
@@ -289,7 +302,7 @@ def read_file(file: Path, cfg: DataConfig, budget: int | None) -> Corpus:
 
 def read_path(cfg: DataConfig) -> Corpus:
     """The corpus data.path names; only the first data.max_bytes of text are read."""
-    files = path_files(cfg.path)
+    files, skipped = path_entries(cfg.path)  # skipped: the WARNINGs of what was left out
     if files is None:
         path = Path(cfg.path).expanduser()
         return require_text(read_file(path, cfg, cfg.max_bytes), cfg.path)
@@ -308,7 +321,7 @@ def read_path(cfg: DataConfig) -> Corpus:
     corpus = join(parts, Path(cfg.path).name)
     if not len(corpus.values):
         raise DataError(f"data.path={cfg.path}: its {len(files)} files are empty; pass text")
-    return corpus
+    return dataclasses.replace(corpus, warnings=skipped)
 
 
 @SOURCES.register("series")
@@ -339,6 +352,11 @@ def read_doc_starts(cfg: DataConfig, n: int, what: str) -> np.ndarray:
         if not integers or not ((given >= 0) & (given < n)).all():
             raise DataError(
                 f"data.doc_starts_path={cfg.doc_starts_path}: must hold {what} in 0..{n - 1}"
+            )
+        if (np.diff(given) <= 0).any():  # lengths of documents, say, or an unsorted list
+            raise DataError(
+                f"data.doc_starts_path={cfg.doc_starts_path}: must hold {what} in increasing "
+                "order (where each document starts, not the documents' lengths)"
             )
         starts = np.unique(np.concatenate([starts, given.astype(np.int64)]))
     return starts
