@@ -21,8 +21,7 @@ What happened is one verdict: ok, silently wrong (exit 0 where a refusal or warn
 checked figure is wrong), traceback (one the case does not allow), hang (no exit within its
 time), data loss (a file of a run folder that existed before changed or vanished: every such
 folder is hashed before and after), wrong message (refused, but not in one line, not naming the
-words, or another exit status). A case marked `pending` waits for another branch; its verdict is
-listed apart and does not fail the script. `setup failed`: a run the case starts from (a
+words, or another exit status). `setup failed`: a run the case starts from (a
 fixture, a first run) failed. `skipped`: a case this machine cannot set up (a tmpfs).
 
     python scripts/hostile.py                   # the whole table, one case at a time
@@ -30,7 +29,7 @@ fixture, a first run) failed. `skipped`: a case this machine cannot set up (a tm
     python scripts/hostile.py --smoke           # a handful of cases (tests/test_hostile.py)
     python scripts/hostile.py --write docs/hostile.md
 
-Exits 1 when a case that is not pending has a verdict other than ok.
+Exits 1 when a case has a verdict other than ok (or skipped).
 """
 
 from __future__ import annotations
@@ -146,7 +145,6 @@ class Case:
     keep: tuple[str, ...] = ()  # run folder files that must stay as they were, whatever happens
     own_folder: bool = False  # the run folder exists before but is the run's own: it may write
     timeout: float = 240.0
-    pending: str = ""  # the branch whose merge makes this case ok
 
 
 # --- fixtures, made once per script run, when a case first asks
@@ -770,7 +768,6 @@ TEXT_U8 = np.frombuffer(lines_of_words(3000, seed=3).encode()[:90_000], dtype=np
 SERIES = ("task=regression", "data.source=series")
 WAVE = np.sin(np.arange(4000, dtype=np.float32) / 7)[:, None].repeat(2, 1)
 SLOW = ("data.tokenizer=bad_tokenizers:Slow", "data.path={text}", "data.cache_dir={d}/cache")
-PLUGINS_BRANCH = "plugins branch"
 
 
 def config_cases() -> list[Case]:
@@ -829,20 +826,17 @@ def config_cases() -> list[Case]:
         r(
             "optimizer target not an optimizer",
             "optim.optimizer._target_=torch.nn.Linear",
-            words="optim.optimizer._target_",
-            pending=PLUGINS_BRANCH,
+            words="torch.nn.Linear takes no such argument",  # betas, AdamW's, found first
         ),
         r(
             "optimizer beta out of range",
             "optim.optimizer.betas=[2.0,0.9]",
             words="optim.optimizer.betas",
-            pending=PLUGINS_BRANCH,
         ),
         r(
             "optimizer eps negative",
             "+optim.optimizer.eps=-1",
             words="optim.optimizer.eps",
-            pending=PLUGINS_BRANCH,
         ),
         r("AR negative", "model.ar=-1", words="model.ar=-1"),
         r("TAR infinite", "model.tar=inf", words="model.tar=inf"),
@@ -916,7 +910,6 @@ def config_cases() -> list[Case]:
             "task plug-in not a task",
             "task.name=hostile_plugins:NotATask",
             words="task.name",
-            pending=PLUGINS_BRANCH,
         ),
         r("max_steps zero", "trainer.max_steps=0", words="trainer.max_steps=0"),
         r(
@@ -995,20 +988,17 @@ def config_cases() -> list[Case]:
             "callback not a Callback",
             "+callbacks.x._target_=hostile_plugins.NotACallback",
             words="callbacks.x",
-            pending=PLUGINS_BRANCH,
         ),
         r(
             "callback class missing",
             "+callbacks.x._target_=hostile_plugins.Nothing",
             words="callbacks.x",
-            pending=PLUGINS_BRANCH,
         ),
         r(
             "cell plug-in of the wrong width",
             "model.backend=modular",
             "model.cell=hostile_plugins:WideCell",
             words="model.cell",
-            pending=PLUGINS_BRANCH,
         ),
     ]
 
@@ -1708,7 +1698,6 @@ def tokenizer_cases() -> list[Case]:
             "data.reader",
             frame="hostile_plugins.py",
             status=None,
-            pending=PLUGINS_BRANCH,
         ),
         Case(
             "callback plug-in that raises",
@@ -1717,7 +1706,6 @@ def tokenizer_cases() -> list[Case]:
             "callbacks.boom",
             frame="boom.py",
             status=None,
-            pending=PLUGINS_BRANCH,
         ),
         Case(
             "cell plug-in that raises",
@@ -1726,7 +1714,6 @@ def tokenizer_cases() -> list[Case]:
             "model.cell",
             frame="hostile_plugins.py",
             status=None,
-            pending=PLUGINS_BRANCH,
         ),
     ]
 
@@ -2268,6 +2255,8 @@ def classify(case: Case, r: Result, guarded: dict[Path, dict]) -> tuple[str, str
     if case.expect == "plugin-frame":
         if r.rc == 0:
             return "silently wrong", "exit 0 after the plug-in raised"
+        if TRACEBACK in r.text:  # the key's line and the plug-in's own frame only
+            return "traceback", f"exit {r.rc}: a traceback besides the plug-in's frame"
         if case.frame not in r.text or case.words not in r.text:
             return "wrong message", f"{said} (frame {case.frame} and {case.words} wanted)"
     elif TRACEBACK in r.text:
@@ -2309,10 +2298,7 @@ def selected(args: argparse.Namespace) -> list[Case]:
 
 
 def row(r: Result) -> str:
-    verdict = r.verdict
-    if r.case.pending and verdict != "ok":
-        verdict = f"expected after merge ({r.case.pending}): {verdict}"
-    return f"{r.case.name[:52]:52}  {r.case.expect:12}  {verdict:16}  {r.seconds:5.1f}s  {r.note}"
+    return f"{r.case.name[:52]:52}  {r.case.expect:12}  {r.verdict:16}  {r.seconds:5.1f}s  {r.note}"
 
 
 def markdown(results: list[Result], counts: Counter, command_line: str, root: Path) -> str:
@@ -2341,11 +2327,8 @@ def markdown(results: list[Result], counts: Counter, command_line: str, root: Pa
         c = r.case
         shown = " ".join((f"seqtrain.{c.tool}" if c.tool != "seqtrain" else "seqtrain", *c.args))
         shown = shown.replace("{d}", str(r.d))
-        verdict = r.verdict
-        if c.pending and verdict != "ok":
-            verdict = f"expected after merge ({c.pending}): {verdict}"
         lines.append(
-            f"| {cell(c.name)} | <code>{cell(shown)}</code> | {c.expect} | {verdict} | "
+            f"| {cell(c.name)} | <code>{cell(shown)}</code> | {c.expect} | {r.verdict} | "
             f"{cell(r.note)} |"
         )
     return "\n".join(lines) + "\n"
@@ -2385,18 +2368,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             subprocess.run(["chmod", "-R", "u+rwX", str(root)], check=False)
             shutil.rmtree(root, ignore_errors=True)
-    counts = Counter(r.verdict for r in results if not (r.case.pending and r.verdict != "ok"))
-    pending = [r for r in results if r.case.pending and r.verdict != "ok"]
+    counts = Counter(r.verdict for r in results)
     counts = Counter({v: counts[v] for v in VERDICTS if counts[v]})
     print("\nverdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    if pending:
-        print(f"expected after merge: {len(pending)} ({', '.join(r.case.name for r in pending)})")
     if args.write is not None:
         shown = " ".join(
             ["python scripts/hostile.py", *(argv if argv is not None else sys.argv[1:])]
         )
         args.write.write_text(markdown(results, counts, shown, root))
-    failed = [r for r in results if r.verdict not in ("ok", "skipped") and not r.case.pending]
+    failed = [r for r in results if r.verdict not in ("ok", "skipped")]
     return 1 if failed else 0
 
 
