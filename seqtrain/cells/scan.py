@@ -254,8 +254,10 @@ def blocked_scan(
 
 def g(v: Tensor) -> Tensor:
     """Feng et al.'s candidate activation: v + 0.5 for v >= 0, sigmoid(v) below; positive and
-    continuous, so minGRU / minLSTM states stay positive (their log-space scan needs it)."""
-    return torch.where(v >= 0, v + 0.5, torch.sigmoid(v))
+    continuous, so minGRU / minLSTM states stay positive (their log-space scan needs it).
+    Written as max(v + 0.5, sigmoid(v)), the same function (v + 0.5 - sigmoid(v) is increasing
+    and 0 at v = 0) in two passes fewer and without a mask kept for backward."""
+    return torch.maximum(v + 0.5, torch.sigmoid(v))
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
@@ -273,11 +275,11 @@ class ScanCell(nn.Module):
     reference, and twice differentiable) and the step form (a loop over `step`: the
     specification, and what sampling calls)."""
 
-    # What autograd keeps per step and stream for one layer in the scan form, in units of H:
-    # floating tensors (the states h_t and a_t among them) and bool masks. The layer's input is
-    # not counted: it is the batch, or the states of the layer below (counted there).
+    # What autograd keeps per step and stream for one layer, in units of H: floating tensors in
+    # the scan form (the states h_t and a_t among them), and in the blocked form (k and h_t).
+    # The layer's input is not counted: it is the batch, or the states of the layer below.
     saved_floats: int
-    saved_masks: int
+    blocked_floats: int
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -344,7 +346,7 @@ class MinGRU(ScanCell):
     Parameters: ``proj`` (nn.Linear I -> 2H; rows z, h). Init: nn.Linear's, U(+-1/sqrt(I)) for
     weight and bias."""
 
-    saved_floats, saved_masks = 5, 1  # a, z, g, sigmoid(k_h) in g, h; g's branch
+    saved_floats = 6  # a, z, g, max's two inputs in g, h
     blocked_floats = 3  # k (2H), h
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -367,7 +369,7 @@ class MinLSTM(ScanCell):
 
     Parameters: ``proj`` (nn.Linear I -> 3H; rows f, i, h). Init: nn.Linear's, U(+-1/sqrt(I))."""
 
-    saved_floats, saved_masks = 7, 1  # -k_f, -k_i, a, i', g, sigmoid(k_h), h; g's branch
+    saved_floats = 8  # -k_f, -k_i, a, i', g, max's two inputs in g, h
     blocked_floats = 4  # k (3H), h
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -399,7 +401,7 @@ class RGLRU(ScanCell):
     gate r), x (input gate i)), ``decay_logit`` Lambda (H). Init: nn.Linear's for both linears;
     Lambda such that a^c is uniform in [0.9, 0.999] (Griffin), memory of 10 to 1000 steps."""
 
-    saved_floats, saved_masks = 8, 0  # u, r, a, expm1, sqrt, i, i * u, h
+    saved_floats = 8  # u, r, a, expm1, sqrt, i, i * u, h
     blocked_floats = 2  # u, h
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -495,8 +497,8 @@ class ScanStack(nn.Module):
     def activation_elements_per_step(self, batch: int) -> int:
         """Floating elements autograd keeps per time step for backward, all layers: B * L * H *
         `blocked_floats` in the blocked form (the projection k and h: 3 minGRU, 4 minLSTM, 2
-        RG-LRU), `saved_floats` in the scan form (5, 7, 8: every coefficient's intermediates;
-        minGRU / minLSTM keep B * L * H bools more, 1 byte each). The input batch is not counted.
+        RG-LRU), `saved_floats` in the scan form (6, 8, 8: every coefficient's intermediates).
+        The input batch is not counted.
         tests/test_scan.py checks both against autograd's saved-tensor hooks. The step form
         keeps slightly more than the scan form (its per-step graph)."""
         layer = self.layers[0]
