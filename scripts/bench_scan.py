@@ -1,8 +1,15 @@
-"""Training throughput of the scan cells, scan form against step form and against nn.LSTM.
+"""Training throughput of the scan cells against nn.LSTM: issue #27's targets, and a sweep over T.
 
-    python scripts/bench_scan.py                 # T = 128, 512, 2048, 8192, hidden 256
-    python scripts/bench_scan.py --quick         # T = 128, 512, hidden 64, 3 repetitions
+    python scripts/bench_scan.py                 # targets at T = 1024, then T = 128 ... 8192
+    python scripts/bench_scan.py --targets-only  # only the targets table (a few minutes)
+    python scripts/bench_scan.py --quick         # small sizes, 3 repetitions: checks it runs
     python scripts/bench_scan.py --device cuda
+
+The targets (B = 32, T = 1024, input 512, forward + backward): minGRU at nn.LSTM's hidden size
+(512; a quarter of its FLOPs) >= 3x nn.LSTM's tokens/s; minGRU at its parameter count (H = 2048)
+>= 1.0x; residual minGRU blocks at its parameter count >= 0.8x. Every row also gets the GFLOP/s
+its matrix products reach (3x the forward's multiply-adds per token, backward included) against
+this machine's measured float32 GEMM rate.
 
 One update = forward + backward of a one-layer stack over a (B, T, H) window with a carried state,
 as the TBPTT engine runs it; tokens/s = B * T / its median time. Each nn.LSTM has about the
@@ -18,6 +25,7 @@ import argparse
 import math
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +35,10 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from bench_cells import step as update
+from bench_cells import sync
 from torch import Tensor, nn
 
+from seqtrain.cells.blocks import residual_stack
 from seqtrain.cells.scan import SCAN_CELLS, ScanStack, linear_scan
 from seqtrain.memory import cache_host_memory
 
@@ -42,13 +52,32 @@ def lstm_hidden(params: int, input_size: int) -> int:
 def variants(hidden: int, device: torch.device) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     for cell in SCAN_CELLS:
-        for form in ("scan", "step"):
+        for form in ("blocked", "scan", "step"):
             torch.manual_seed(0)
             out[f"{cell} {form}"] = ScanStack(cell, hidden, hidden, 1, form).to(device)
-        params = sum(p.numel() for p in out[f"{cell} scan"].parameters())
+        params = sum(p.numel() for p in out[f"{cell} blocked"].parameters())
         H = lstm_hidden(params, hidden)
         out.setdefault(f"nn.LSTM H={H}", nn.LSTM(hidden, H, batch_first=True).to(device))
     return out
+
+
+def state_of(m: nn.Module, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+    """A zero carried state of the module's layout."""
+    if isinstance(m, nn.LSTM):
+        return tuple(torch.zeros(1, batch, m.hidden_size, device=device) for _ in range(2))
+    return tuple(torch.zeros(s, device=device) for s in m.state_shapes(batch))
+
+
+def interleaved(
+    modules: dict[str, nn.Module], x: Tensor, states: dict, reps: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per update of every module, `reps` times each, in an order rotated every time."""
+    labels = list(modules)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for rep in range(reps):
+        for label in labels[rep % len(labels) :] + labels[: rep % len(labels)]:
+            times[label].append(update(modules[label], x, states[label], device))
+    return times
 
 
 def bench_window(T: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -59,27 +88,97 @@ def bench_window(T: int, args: argparse.Namespace, device: torch.device) -> list
         if not (label.endswith(" step") and args.step_max_t and args.step_max_t < T)
     }
     x = torch.randn(B, T, H, device=device, requires_grad=True)
-
-    def state_for(m: nn.Module) -> tuple[Tensor, ...]:
-        if isinstance(m, nn.LSTM):
-            return tuple(torch.zeros(1, B, m.hidden_size, device=device) for _ in range(2))
-        return tuple(torch.zeros(s, device=device) for s in m.state_shapes(B))
-
-    states = {label: state_for(m) for label, m in modules.items()}
+    states = {label: state_of(m, B, device) for label, m in modules.items()}
     for label, m in modules.items():  # warm-up
         update(m, x, states[label], device)
-    labels = list(modules)
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for rep in range(args.reps):
-        for label in labels[rep % len(labels) :] + labels[: rep % len(labels)]:
-            times[label].append(update(modules[label], x, states[label], device))
+    times = interleaved(modules, x, states, args.reps, device)
     rows = []
-    for label in labels:
+    for label in modules:
         t = statistics.median(times[label])
         params = sum(p.numel() for p in modules[label].parameters())
         rows.append(dict(T=T, variant=label, params=params, tokens_s=B * T / t, seconds=t))
         print(f"T={T:5d} {label:16s} {params:8d} params {B * T / t:10.0f} tok/s", flush=True)
     return rows
+
+
+TARGETS = {  # variant -> (the nn.LSTM ratio it must reach, what it is)
+    "minGRU H=512": (3.0, "LSTM's hidden size, a quarter of its FLOPs"),
+    "minGRU H=2048": (1.0, "LSTM's parameter count"),
+    "residual minGRU": (0.8, "2 residual blocks at LSTM's parameter count"),
+}
+
+
+def residual_width(params: int, input_size: int, blocks: int = 2) -> int:
+    """The width W of `blocks` residual minGRU blocks with about `params` parameters: per block
+    2 W^2 (core) + 9 W^2 (GeGLU MLP, expansion 3), plus the input projection I W."""
+    return round((-input_size + math.sqrt(input_size**2 + 44 * blocks * params)) / (22 * blocks))
+
+
+def forward_flops_per_token(module: nn.Module) -> int:
+    """Multiply-adds x 2 of every matrix product per token (nn.Linear and nn.LSTM weights)."""
+    flops = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            flops += 2 * m.in_features * m.out_features
+        elif isinstance(m, nn.LSTM):
+            flops += sum(
+                2 * p.shape[0] * p.shape[1] for n, p in m.named_parameters() if "weight" in n
+            )
+    return flops
+
+
+def gemm_gflops(device: torch.device, n: int = 2048, reps: int = 7) -> float:
+    """This machine's float32 GEMM rate: the median of n x n x n products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e9
+
+
+def target_variants(device: torch.device, size: int) -> dict[str, nn.Module]:
+    """nn.LSTM at `size` and the scan rows the targets compare with it (and the chunked scan)."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(size, size, batch_first=True)
+    params = sum(p.numel() for p in lstm.parameters())
+    wide = 4 * size  # minGRU's 2 H (I + 1) parameters = nn.LSTM's 4 H (I + H) + 8 H exactly
+    width = residual_width(params, size)
+    out = {
+        f"nn.LSTM H={size}": lstm,
+        f"minGRU H={size}": ScanStack("mingru", size, size),
+        f"minGRU H={size} chunked": ScanStack("mingru", size, size, form="scan"),
+        f"minGRU H={wide}": ScanStack("mingru", size, wide),
+        f"minGRU H={wide} chunked": ScanStack("mingru", size, wide, form="scan"),
+        "residual minGRU": residual_stack(
+            lambda: ScanStack("mingru", width, width), size, width, 2
+        ),
+    }
+    return {label: m.to(device) for label, m in out.items()}
+
+
+def bench_targets(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], float]:
+    """Every target variant at (B, T, I) = (32, 1024, 512) (smaller with --quick), interleaved."""
+    size, T = (64, 128) if args.quick else (512, 1024)
+    modules = target_variants(device, size)
+    x = torch.randn(args.batch, T, size, device=device, requires_grad=True)
+    states = {label: state_of(m, args.batch, device) for label, m in modules.items()}
+    for label, m in modules.items():  # warm-up
+        update(m, x, states[label], device)
+    times = interleaved(modules, x, states, args.reps, device)
+    gemm = gemm_gflops(device)
+    rows = []
+    for label, m in modules.items():
+        t = statistics.median(times[label])
+        tokens_s = args.batch * T / t
+        gflops = 3 * forward_flops_per_token(m) * tokens_s / 1e9
+        params = sum(p.numel() for p in m.parameters())
+        rows.append(dict(variant=label, params=params, tokens_s=tokens_s, gflops=gflops))
+        print(f"{label:24s} {params:9,d} params {tokens_s:10,.0f} tok/s {gflops:6.1f} GFLOP/s")
+    return rows, gemm
 
 
 def log_space_error(T: int, hidden: int = 64) -> tuple[float, float]:
@@ -99,7 +198,38 @@ def log_space_error(T: int, hidden: int = 64) -> tuple[float, float]:
     return tuple(((h.double() - exact).abs() / exact).max().item() for h in (heinsen, chunked))
 
 
-def write_markdown(rows: list[dict], errors: dict[int, tuple[float, float]], args, device, path):
+def targets_markdown(rows: list[dict], gemm: float, args, device) -> list[str]:
+    """The targets table: tokens/s, the ratio to nn.LSTM, GFLOP/s against the GEMM rate."""
+    lstm = rows[0]
+    size = 64 if args.quick else 512
+    lines = [
+        "## Targets (issue #27)",
+        "",
+        f"B = {args.batch}, T = {128 if args.quick else 1024}, input {size}, one update = forward "
+        f"+ backward, median of {args.reps} interleaved repetitions. GFLOP/s counts the matrix "
+        "products only (3x the forward's per token); this machine's float32 GEMM (2048^3) ran at "
+        f'{gemm:.0f} GFLOP/s. `chunked` rows are the previous scan (`form="scan"`).',
+        "",
+        "| variant | params | tokens/s | vs nn.LSTM | target | GFLOP/s | of GEMM |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for row in rows:
+        ratio = row["tokens_s"] / lstm["tokens_s"]
+        name = row["variant"].replace(f"H={size}", "H=512").replace(f"H={4 * size}", "H=2048")
+        target = TARGETS.get(name)
+        verdict = ""
+        if target and not args.quick:
+            verdict = f">= {target[0]}x ({'PASS' if ratio >= target[0] else 'FAIL'})"
+        lines.append(
+            f"| {row['variant']} | {row['params']:,} | {row['tokens_s']:,.0f} | {ratio:.2f}x | "
+            f"{verdict} | {row['gflops']:.1f} | {row['gflops'] / gemm:.0%} |"
+        )
+    return lines + [""]
+
+
+def write_markdown(
+    rows: list[dict], errors: dict[int, tuple[float, float]], args, device, path, targets
+):
     threads = torch.get_num_threads()
     windows = sorted({r["T"] for r in rows})
     labels = list(dict.fromkeys(r["variant"] for r in rows))
@@ -110,8 +240,13 @@ def write_markdown(rows: list[dict], errors: dict[int, tuple[float, float]], arg
         f"`python scripts/bench_scan.py{' --quick' if args.quick else ''}"
         f"{' --device cuda' if device.type == 'cuda' else ''}` on {device.type} "
         f"({platform.processor() or platform.machine()}, {threads} threads, torch "
-        f"{torch.__version__}); batch {args.batch}, input size = hidden = {args.hidden}, one "
-        f"layer, forward + backward, median of {args.reps} interleaved repetitions.",
+        f"{torch.__version__}).",
+        "",
+        *targets,
+        "## Over the window length",
+        "",
+        f"Batch {args.batch}, input size = hidden = {args.hidden}, one layer, forward + backward, "
+        f"median of {args.reps} interleaved repetitions.",
         "",
         "Training tokens/s (B * T / seconds per update); nn.LSTM rows have about the parameter "
         "count of the scan cell beside them (params column per variant below).",
@@ -127,17 +262,18 @@ def write_markdown(rows: list[dict], errors: dict[int, tuple[float, float]], arg
     lines += [f"| {lb} | {params[lb]} |" for lb in labels]
     lines += [
         "",
-        "Scan form over step form (same cell, same T):",
+        "Blocked form over the chunked scan form, and over the step form (same cell, same T):",
         "",
-        "| T | " + " | ".join(SCAN_CELLS) + " |",
-        "|---|" + "---|" * len(SCAN_CELLS),
+        "| T | " + " | ".join(f"{c} / scan | {c} / step" for c in SCAN_CELLS) + " |",
+        "|---|" + "---|---|" * len(SCAN_CELLS),
     ]
     for T in windows:
         ratios = [
-            f"{cell[T, f'{c} scan']['tokens_s'] / cell[T, f'{c} step']['tokens_s']:.1f}x"
-            if (T, f"{c} step") in cell
+            f"{cell[T, f'{c} blocked']['tokens_s'] / cell[T, f'{c} {form}']['tokens_s']:.1f}x"
+            if (T, f"{c} {form}") in cell
             else "–"
             for c in SCAN_CELLS
+            for form in ("scan", "step")
         ]
         lines.append(f"| {T} | " + " | ".join(ratios) + " |")
     lines += [
@@ -177,17 +313,23 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--step-max-t", type=int, default=None, help="skip step forms above")
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--targets-only", action="store_true", help="print the targets table")
     args = parser.parse_args()
     cache_host_memory()  # as training runs (memory.host_cache)
     args.reps = args.reps or (3 if args.quick else 7)
     args.hidden = args.hidden or (64 if args.quick else 256)
     device = torch.device(args.device)
+    target_rows, gemm = bench_targets(args, device)
+    targets = targets_markdown(target_rows, gemm, args, device)
+    print("\n".join(targets), flush=True)
+    if args.targets_only:
+        return
     windows = (128, 512) if args.quick else (128, 512, 2048, 8192)
     rows = [row for T in windows for row in bench_window(T, args, device)]
     errors = {T: log_space_error(T) for T in windows}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    write_markdown(rows, errors, args, device, args.out / f"bench_scan{suffix}.md")
+    write_markdown(rows, errors, args, device, args.out / f"bench_scan{suffix}.md", targets)
     write_plot(rows, args.out / f"bench_scan{suffix}.png")
     print(f"wrote {args.out / f'bench_scan{suffix}.md'} and .png", flush=True)
 

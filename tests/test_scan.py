@@ -1,5 +1,5 @@
-"""Scan cells: the scan form against the step form (the reference), the cells against their papers'
-formulas, resets, carried state, dtypes and edge shapes, and the residual block."""
+"""Scan cells: the blocked and scan forms against the step form (the reference), the cells against
+their papers' formulas, resets, carried state, dtypes and edge shapes, and the residual block."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def make(cell: str, dtype: torch.dtype, inp: int = 5, H: int = 4, L: int = 2) -> ScanStack:
+    """Blocks of 3 steps: the blocked form crosses block boundaries (and ends on a short block)
+    in every window longer than 3."""
     torch.manual_seed(0)
-    return ScanStack(cell, inp, H, L).to(dtype)
+    return ScanStack(cell, inp, H, L, block=3).to(dtype)
 
 
 def inputs(
@@ -83,10 +85,13 @@ def compare(got: dict[str, Tensor], want: dict[str, Tensor], tol: float) -> None
 @pytest.mark.parametrize("h0", [False, True], ids=["", "h0"])
 @pytest.mark.parametrize("T", [1, 2, 7, 64])
 @pytest.mark.parametrize("cell", CELLS)
-def test_scan_matches_step(cell: str, T: int, h0: bool, resets: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("form", ["blocked", "scan"])
+def test_scan_matches_step(
+    form: str, cell: str, T: int, h0: bool, resets: bool, dtype: torch.dtype
+) -> None:
     stack = make(cell, dtype)
     x, s, r = inputs(stack, 3, T, dtype, h0, resets)
-    compare(run(stack, x, s, r, "scan"), run(stack, x, s, r, "step"), TOL[dtype])
+    compare(run(stack, x, s, r, form), run(stack, x, s, r, "step"), TOL[dtype])
 
 
 @pytest.mark.slow
@@ -94,10 +99,13 @@ def test_scan_matches_step(cell: str, T: int, h0: bool, resets: bool, dtype: tor
 @pytest.mark.parametrize("h0,resets", [(False, False), (True, True)], ids=["", "h0-resets"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_scan_matches_step_long(cell: str, h0: bool, resets: bool, dtype: torch.dtype) -> None:
-    """T = 4096: the chunked scan's regrouping does not drift from the step loop."""
+    """T = 4096: neither the chunked scan's regrouping nor the blocks drift from the step loop."""
     stack = make(cell, dtype, inp=3, H=3, L=1)
+    stack.block = 64
     x, s, r = inputs(stack, 2, 4096, dtype, h0, resets)
-    compare(run(stack, x, s, r, "scan"), run(stack, x, s, r, "step"), TOL[dtype])
+    want = run(stack, x, s, r, "step")
+    for form in ("blocked", "scan"):
+        compare(run(stack, x, s, r, form), want, TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,7 +116,9 @@ def test_scan_matches_step_on_every_device(cell: str, device: str) -> None:
     x, h0, resets = (
         None if t is None else t.to(device) for t in inputs(stack, 3, 50, torch.float32, True, True)
     )
-    compare(run(stack, x, h0, resets, "scan"), run(stack, x, h0, resets, "step"), 1e-5)
+    want = run(stack, x, h0, resets, "step")
+    for form in ("blocked", "scan"):
+        compare(run(stack, x, h0, resets, form), want, 1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 10])
@@ -125,9 +135,11 @@ def test_linear_scan_gradcheck(T: int) -> None:
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_stack_gradcheck(cell: str) -> None:
-    """Float64 gradcheck of the scan form in x, h0 and every parameter, with a reset."""
+@pytest.mark.parametrize("form", ["blocked", "scan"])
+def test_stack_gradcheck(form: str, cell: str) -> None:
+    """Float64 gradcheck in x, h0 and every parameter, with a reset (blocked: across blocks)."""
     stack = make(cell, torch.float64, inp=3, H=2, L=2)
+    stack.form = form
     x, h0, _ = inputs(stack, 2, 5, torch.float64, True, False)
     resets = torch.zeros(2, 5, dtype=torch.bool)
     resets[1, 2] = True
@@ -252,7 +264,7 @@ def log_space_coefficients(layer: nn.Module, cell: str, x: Tensor) -> tuple[Tens
 # --- resets, carried state ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["scan", "step"])
+@pytest.mark.parametrize("form", ["blocked", "scan", "step"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_reset_drops_exactly_the_carried_state(cell: str, form: str) -> None:
     """Stream 0 reset at t = 4 continues as a fresh zero-state run from t = 4; stream 1 (no reset)
@@ -279,7 +291,7 @@ def test_reset_drops_exactly_the_carried_state(cell: str, form: str) -> None:
     assert (gx[0, 4:] != 0).any()
 
 
-@pytest.mark.parametrize("form", ["scan", "step"])
+@pytest.mark.parametrize("form", ["blocked", "scan", "step"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_carry_equals_one_run(cell: str, form: str) -> None:
     """Windows of 3, 1 and 6 steps, the final state of each (attached) carried into the next, give
@@ -328,7 +340,7 @@ def test_bf16_autocast_stays_near_float32(cell: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in stack.parameters())
 
 
-@pytest.mark.parametrize("form", ["scan", "step"])
+@pytest.mark.parametrize("form", ["blocked", "scan", "step"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_empty_batch(cell: str, form: str) -> None:
     stack = make(cell, torch.float32)
@@ -355,18 +367,19 @@ def test_bad_inputs_are_clear_errors() -> None:
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_activation_elements_per_step_is_what_autograd_keeps(cell: str) -> None:
+@pytest.mark.parametrize("form", ["blocked", "scan"])
+def test_activation_elements_per_step_is_what_autograd_keeps(form: str, cell: str) -> None:
     """The planner's per-step number, against saved-tensor hooks: the difference between a 64-
     and a 36-step window (both square, so no padding) is exactly 28 steps' worth."""
     stack = make(cell, torch.float32)
+    stack.form = form
     saved = {}
     for T in (36, 64):
         x = torch.randn(3, T, 5)
         with SavedBytes(exclude=[x, *stack.parameters()]) as counter:
             stack(x)
         saved[T] = counter.bytes
-    layer = stack.layers[0]
-    per_step = 4 * stack.activation_elements_per_step(3) + 3 * 2 * 4 * layer.saved_masks
+    per_step = 4 * stack.activation_elements_per_step(3)
     assert (saved[64] - saved[36]) == 28 * per_step
     assert stack.state_shapes(3) == ((2, 3, 4),)
 
@@ -427,7 +440,9 @@ def test_scan_cells_are_registered_for_modular_and_compile(cell: str) -> None:
 
     rnn = cells.build_recurrent("modular", cell, 5, 6, 2)
     assert isinstance(rnn, ScanStack) and rnn.num_states == 1 and rnn.output_size == 6
-    assert cells.kernel_name(rnn, torch.device("cpu")).startswith("chunked linear scan")
+    assert cells.kernel_name(rnn, torch.device("cpu")).startswith(
+        "linear recurrence (blocked form)"
+    )
     for backend in ("cudnn", "jit"):
         with pytest.raises(ValueError, match="backends that run it: modular, compile"):
             cells.check_options(backend, cell, 1)
@@ -543,7 +558,7 @@ def test_a_scan_cell_trains_evaluates_and_samples(tmp_path, caplog, capsys) -> N
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="seqtrain"):
         summary = run_in_process(run, "+debug=tiny", "model.cell=mingru", "model.backend=modular")
-    assert "chunked linear scan" in caplog.text  # the startup line names the kernel
+    assert "linear recurrence (blocked form)" in caplog.text  # the startup line names the kernel
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
     evaluate.main([ckpt, "split=val"])
     assert json.loads(capsys.readouterr().out)["bpc"] == pytest.approx(summary["val_bpc"], abs=1e-4)

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from seqtrain.cells.base import State, check_window, register
 from seqtrain.cells.compiled import CompiledStep, tensor_key
 
-FORMS = ("scan", "step")
+FORMS = ("blocked", "scan", "step")
 RGLRU_C = 8.0  # Griffin's fixed exponent scale c: a_t = a^(c r_t)
 
 
@@ -128,14 +128,136 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# The blocked scan: coefficients and recurrence together, a cache-sized block of steps at a time
+# ---------------------------------------------------------------------------------------------
+
+BLOCK_BYTES = 1 << 20  # one block's (B, block, H) float32 coefficients: within a core's L2
+
+
+def block_steps(batch: int, hidden: int) -> int:
+    """Steps per block: a block's a_t (or b_t, or h_t) stays in cache while it is used."""
+    return max(1, min(64, BLOCK_BYTES // (4 * max(1, batch * hidden))))
+
+
+# (a_t, b_t) from k and the parameters they read, passed in: backward recomputes them with the
+# very tensors forward used (under torch.func.functional_call the module's own are others).
+Coefficients = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
+
+
+class _BlockedScan(torch.autograd.Function):
+    """h_t = a_t h_{t-1} + b_t with (a_t, b_t) = coefficients(k_t, params), a block at a time.
+
+        The chunked scan computes a and b for the whole window and streams each (B, T, H) tensor
+    through main memory several times; here a block's a and b are made, used and dropped while
+    in cache. Forward keeps only k (the projection, which autograd would keep anyway) and h (the
+    output). Backward runs the blocks in reverse: it recomputes the block's coefficients with
+    autograd (elementwise work, cheaper than keeping a and b), runs the reverse-time scan of the
+    gradient G_t = g_t + a_{t+1} G_{t+1} through the block, and backpropagates (G h_{t-1}, G)
+    through the coefficients. Not twice differentiable: `form="scan"` is, for the rare use that
+    needs it.
+    """
+
+    @staticmethod
+    def forward(ctx, k, h0, resets, coefficients, block, *params):  # noqa: ANN001
+        B, T = k.shape[:2]
+        with torch.no_grad():
+            h = None
+            s = h0
+            for start in range(0, T, block):
+                a, b = _block_gates(coefficients, params, k, resets, start, block)  # (B, n, H)
+                if h is None:
+                    h = a.new_empty(B, T, a.shape[-1])  # (B, T, H)
+                    s = s.to(a.dtype)
+                out = h[:, start : start + a.shape[1]]
+                for t in range(a.shape[1]):
+                    s = torch.addcmul(b[:, t], a[:, t], s, out=out[:, t])
+        ctx.save_for_backward(k, h0, h, resets, *params)
+        ctx.coefficients, ctx.block = coefficients, block
+        ctx.autocast = _autocast_state(k.device.type)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h):  # noqa: ANN001
+        k, h0, h, resets, *params = ctx.saved_tensors
+        B, T = k.shape[:2]
+        dk = torch.empty_like(k)
+        dparams: list[Tensor | None] = [None] * len(params)
+        carry = torch.zeros_like(h[:, 0])  # a_{t+1} G_{t+1}: zero after the last step
+        G = torch.empty_like(h[:, :1])
+        for start in reversed(range(0, T, block := ctx.block)):
+            stop = min(T, start + block)
+            kb = k[:, start:stop].detach().requires_grad_()
+            with torch.enable_grad(), torch.autocast(k.device.type, *ctx.autocast):
+                a, b = _block_gates(ctx.coefficients, params, kb, resets, start, block, start)
+            if G.shape[1] != stop - start:
+                G = h.new_empty(B, stop - start, h.shape[-1])  # (B, n, H)
+            g = grad_h[:, start:stop]
+            ad = a.detach()
+            for t in reversed(range(stop - start)):
+                torch.add(g[:, t], carry, out=G[:, t])
+                carry = ad[:, t] * G[:, t]
+            before = h0.to(h.dtype)[:, None] if start == 0 else h[:, start - 1 : start]
+            h_prev = torch.cat([before, h[:, start : stop - 1]], dim=1)  # (B, n, H): h_{t-1}
+            grads = torch.autograd.grad((a, b), [kb, *params], (G * h_prev, G), allow_unused=True)
+            dk[:, start:stop] = grads[0]
+            for i, d in enumerate(grads[1:]):
+                if d is not None:
+                    dparams[i] = d if dparams[i] is None else dparams[i] + d
+        dh0 = carry.to(h0.dtype)  # a_0 G_0
+        return (dk, dh0, None, None, None, *dparams)
+
+
+def _block_gates(
+    coefficients: Coefficients,
+    params: tuple[Tensor, ...],
+    k: Tensor,
+    resets: Tensor | None,
+    start: int,
+    block: int,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The coefficients of steps start : start + block (of k itself when `offset` says k is that
+    block already), a_t zeroed where a stream resets."""
+    kb = k[:, start - offset : start - offset + block]
+    a, b = coefficients(kb, params)
+    if resets is not None:
+        a = a.masked_fill(resets[:, start : start + kb.shape[1], None], 0.0)
+    return a, b
+
+
+def _autocast_state(device_type: str) -> tuple[object, bool]:
+    """(dtype, enabled) of autocast now: backward recomputes the coefficients as forward did."""
+    return torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+
+def blocked_scan(
+    k: Tensor,
+    h0: Tensor,
+    coefficients: Coefficients,
+    params: tuple[Tensor, ...] = (),
+    resets: Tensor | None = None,
+    block: int | None = None,
+) -> Tensor:
+    """All states of h_t = a_t h_{t-1} + b_t, (a_t, b_t) = coefficients(k_t, params): k (B, T, K)
+    with T >= 1, h0 (B, H) -> (B, T, H). `params`: the parameters `coefficients` reads (they get
+    their gradients); resets (B, T) bool zero a_t where a stream starts over. Differentiable once
+    in k, h0 and params."""
+    block = block or block_steps(k.shape[0], h0.shape[-1])
+    return _BlockedScan.apply(k, h0, resets, coefficients, block, *params)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cells: each computes its a_t, b_t; the recurrence itself is shared
 # ---------------------------------------------------------------------------------------------
 
 
 def g(v: Tensor) -> Tensor:
     """Feng et al.'s candidate activation: v + 0.5 for v >= 0, sigmoid(v) below; positive and
-    continuous, so minGRU / minLSTM states stay positive (their log-space scan needs it)."""
-    return torch.where(v >= 0, v + 0.5, torch.sigmoid(v))
+    continuous, so minGRU / minLSTM states stay positive (their log-space scan needs it).
+    Written as max(v + 0.5, sigmoid(v)), the same function (v + 0.5 - sigmoid(v) is increasing
+    and 0 at v = 0) in two passes fewer and without a mask kept for backward."""
+    return torch.maximum(v + 0.5, torch.sigmoid(v))
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
@@ -146,23 +268,40 @@ def _at_least_float32(t: Tensor) -> Tensor:
 class ScanCell(nn.Module):
     """One layer of a diagonal linear recurrence h_t = a_t * h_{t-1} + b_t over a window.
 
-    Subclasses define `coefficients(x) -> (a, b)`; everything else is shared: the step form (a loop
-    over `step`, the reference, and what sampling calls) and the scan form (`linear_scan`)."""
+    Subclasses define `project(x) -> k` (the input projection: one GEMM over the window) and
+    `from_projection(k, params) -> (a, b)` (the per-step math: elementwise, and RG-LRU's gate
+    GEMM, from the parameters `coefficient_parameters` gives, passed in). Everything else is shared:
+    the blocked form (`blocked_scan`: training), the chunked scan form (`linear_scan`: a
+    reference, and twice differentiable) and the step form (a loop over `step`: the
+    specification, and what sampling calls)."""
 
-    # What autograd keeps per step and stream for one layer in the scan form, in units of H:
-    # floating tensors (the states h_t and a_t among them) and bool masks. The layer's input is
-    # not counted: it is the batch, or the states of the layer below (counted there).
+    # What autograd keeps per step and stream for one layer, in units of H: floating tensors in
+    # the scan form (the states h_t and a_t among them), and in the blocked form (k and h_t).
+    # The layer's input is not counted: it is the batch, or the states of the layer below.
     saved_floats: int
-    saved_masks: int
+    blocked_floats: int
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
 
+    def project(self, x: Tensor) -> Tensor:
+        """k of every step: x (B, T, I) -> (B, T, K), float32 at least."""
+        raise NotImplementedError
+
+    def from_projection(self, k: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """a_t, b_t of every step: k (B, T, K) and `coefficient_parameters()` -> two (B, T, H),
+        float32 at least."""
+        raise NotImplementedError
+
+    def coefficient_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The parameters `from_projection` reads (the blocked form's backward needs them)."""
+        return ()
+
     def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """a_t, b_t of every step: x (B, T, I) -> two (B, T, H), float32 at least."""
-        raise NotImplementedError
+        return self.from_projection(self.project(x), self.coefficient_parameters())
 
     def step(self, x_t: Tensor, h: Tensor, reset: Tensor | None = None) -> Tensor:
         """One step: x_t (B, I), h (B, H), reset (B,) bool -> the next h (B, H)."""
@@ -177,11 +316,13 @@ class ScanCell(nn.Module):
         x: Tensor,
         h0: Tensor,
         resets: Tensor | None = None,
-        form: str = "scan",
-        coefficients: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+        form: str = "blocked",
+        coefficients: Coefficients | None = None,
+        block: int | None = None,
     ) -> Tensor:
         """All states (B, T, H) from x (B, T, I) and h0 (B, H); resets (B, T) bool.
-        `coefficients` replaces self.coefficients in the scan form (the compiled one)."""
+        `coefficients` replaces from_projection in the blocked and scan forms (compiled);
+        `block`: the blocked form's steps per block (None: `block_steps`)."""
         if form == "step":
             h = h0
             out = []
@@ -189,7 +330,11 @@ class ScanCell(nn.Module):
                 h = self.step(x[:, t], h, None if resets is None else resets[:, t])
                 out.append(h)
             return torch.stack(out, dim=1)
-        a, b = (coefficients or self.coefficients)(x)  # (B, T, H) each
+        k = self.project(x)  # (B, T, K)
+        made, params = coefficients or self.from_projection, self.coefficient_parameters()
+        if form == "blocked":
+            return blocked_scan(k, h0, made, params, resets, block)
+        a, b = made(k, params)  # (B, T, H) each
         if resets is not None:
             a = a.masked_fill(resets[..., None], 0.0)
         return linear_scan(a, b, h0.to(a.dtype))
@@ -201,14 +346,18 @@ class MinGRU(ScanCell):
     Parameters: ``proj`` (nn.Linear I -> 2H; rows z, h). Init: nn.Linear's, U(+-1/sqrt(I)) for
     weight and bias."""
 
-    saved_floats, saved_masks = 5, 1  # a, z, g, sigmoid(k_h) in g, h; g's branch
+    saved_floats = 6  # a, z, g, max's two inputs in g, h
+    blocked_floats = 3  # k (2H), h
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__(input_size, hidden_size)
         self.proj = nn.Linear(input_size, 2 * hidden_size)
 
-    def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        k_z, k_h = _at_least_float32(self.proj(x)).chunk(2, dim=-1)  # (B, T, H) each
+    def project(self, x: Tensor) -> Tensor:
+        return _at_least_float32(self.proj(x))  # (B, T, 2H)
+
+    def from_projection(self, k: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        k_z, k_h = k.chunk(2, dim=-1)  # (B, T, H) each
         # exp(-softplus(k_z)) = 1 - z without the cancellation; exp(-softplus(-k_z)) = z
         return torch.sigmoid(-k_z), torch.sigmoid(k_z) * g(k_h)
 
@@ -220,14 +369,18 @@ class MinLSTM(ScanCell):
 
     Parameters: ``proj`` (nn.Linear I -> 3H; rows f, i, h). Init: nn.Linear's, U(+-1/sqrt(I))."""
 
-    saved_floats, saved_masks = 7, 1  # -k_f, -k_i, a, i', g, sigmoid(k_h), h; g's branch
+    saved_floats = 8  # -k_f, -k_i, a, i', g, max's two inputs in g, h
+    blocked_floats = 4  # k (3H), h
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__(input_size, hidden_size)
         self.proj = nn.Linear(input_size, 3 * hidden_size)
 
-    def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        k_f, k_i, k_h = _at_least_float32(self.proj(x)).chunk(3, dim=-1)  # (B, T, H) each
+    def project(self, x: Tensor) -> Tensor:
+        return _at_least_float32(self.proj(x))  # (B, T, 3H)
+
+    def from_projection(self, k: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        k_f, k_i, k_h = k.chunk(3, dim=-1)  # (B, T, H) each
         # f' = f / (f + i) = sigmoid(log f - log i), i' = sigmoid(log i - log f): no 0 / 0 when
         # both gates underflow, with log sigmoid(k) = -softplus(-k)
         d = F.softplus(-k_i) - F.softplus(-k_f)  # log f - log i
@@ -248,7 +401,8 @@ class RGLRU(ScanCell):
     gate r), x (input gate i)), ``decay_logit`` Lambda (H). Init: nn.Linear's for both linears;
     Lambda such that a^c is uniform in [0.9, 0.999] (Griffin), memory of 10 to 1000 steps."""
 
-    saved_floats, saved_masks = 8, 0  # u, r, a, expm1, sqrt, i, i * u, h
+    saved_floats = 8  # u, r, a, expm1, sqrt, i, i * u, h
+    blocked_floats = 2  # u, h
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__(input_size, hidden_size)
@@ -262,12 +416,16 @@ class RGLRU(ScanCell):
             a = torch.empty_like(self.decay_logit).uniform_(0.9, 0.999) ** (1.0 / RGLRU_C)
             self.decay_logit.copy_(torch.log(a) - torch.log1p(-a))  # logit(a)
 
-    def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u = _at_least_float32(self.proj_in(x))  # (B, T, H)
-        k_r, k_i = _at_least_float32(self.gates(u)).chunk(2, dim=-1)  # (B, T, H) each
-        log_a = (-RGLRU_C * F.softplus(-self.decay_logit)) * torch.sigmoid(
-            k_r
-        )  # c r log sigmoid(L)
+    def project(self, x: Tensor) -> Tensor:
+        return _at_least_float32(self.proj_in(x))  # u: (B, T, H)
+
+    def coefficient_parameters(self) -> tuple[nn.Parameter, ...]:
+        return (self.gates.weight, self.gates.bias, self.decay_logit)
+
+    def from_projection(self, u: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        weight, bias, decay_logit = params  # gates.weight, gates.bias, decay_logit
+        k_r, k_i = _at_least_float32(F.linear(u, weight, bias)).chunk(2, dim=-1)  # (B, T, H) each
+        log_a = (-RGLRU_C * F.softplus(-decay_logit)) * torch.sigmoid(k_r)  # c r log sigmoid(L)
         # sqrt(1 - a^2) = sqrt(-expm1(2 log a)) without the cancellation as a -> 1; + tiny keeps
         # the gradient finite at a = 1 exactly (r or softplus(-Lambda) underflowing to 0)
         norm = torch.sqrt(torch.finfo(log_a.dtype).tiny - torch.expm1(2 * log_a))
@@ -286,8 +444,10 @@ class ScanStack(nn.Module):
     """`num_layers` scan cells, each feeding the next; batch-first.
 
     ``forward(x: (B, T, I), state: (h,) | None, resets: (B, T) bool | None) -> (y: (B, T, H),
-    (h,))`` with ``h: (num_layers, B, H)`` the final states; zero state when None. ``form="scan"``
-    trains by the chunked scan, ``form="step"`` loops over time (the reference). Parameters:
+    (h,))`` with ``h: (num_layers, B, H)`` the final states; zero state when None.
+    ``form="blocked"`` (the default) trains by the blocked scan, ``form="scan"`` by the chunked
+    scan (a reference, twice differentiable), ``form="step"`` loops over time (the
+    specification). Parameters:
     ``layers.{k}.*`` as named by the cell (see MinGRU, MinLSTM, RGLRU).
 
     ``resets_inside``: the scan drops a stream's carried state at its document starts itself, so
@@ -302,8 +462,9 @@ class ScanStack(nn.Module):
         input_size: int,
         hidden_size: int,
         num_layers: int = 1,
-        form: str = "scan",
+        form: str = "blocked",
         backend: str = "modular",
+        block: int | None = None,
     ) -> None:
         super().__init__()
         if cell not in SCAN_CELLS:
@@ -315,7 +476,7 @@ class ScanStack(nn.Module):
                 raise ValueError(f"{name}={value} must be at least 1")
         if num_layers < 1:
             raise ValueError(f"num_layers={num_layers} must be at least 1")
-        self.cell, self.form, self.backend = cell, form, backend
+        self.cell, self.form, self.backend, self.block = cell, form, backend, block
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(SCAN_CELLS[cell](i, hidden_size) for i in sizes)
@@ -327,19 +488,22 @@ class ScanStack(nn.Module):
     def kernel(self, device: torch.device) -> str:
         """What runs, for the startup log (cells.kernel_name)."""
         coefficients = "torch.compile (inductor)" if self.backend == "compile" else "python"
-        return f"chunked linear scan ({self.form} form), {coefficients} coefficients"
+        return f"linear recurrence ({self.form} form), {coefficients} coefficients"
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, int, int]]:
         """Shapes of the state tuple: one (num_layers, B, H) tensor."""
         return ((self.num_layers, batch, self.hidden_size),)
 
     def activation_elements_per_step(self, batch: int) -> int:
-        """Floating elements autograd keeps per time step for backward in the scan form, all
-        layers: B * L * H * `saved_floats` (5 minGRU, 7 minLSTM, 8 RG-LRU; the scan itself adds
-        only h_t, a_t being a cell output). minGRU / minLSTM keep B * L * H bools more (1 byte
-        each). The input batch is not counted. tests/test_scan.py checks this against autograd's
-        saved-tensor hooks. The step form keeps slightly more (its per-step graph)."""
-        return batch * self.num_layers * self.hidden_size * self.layers[0].saved_floats
+        """Floating elements autograd keeps per time step for backward, all layers: B * L * H *
+        `blocked_floats` in the blocked form (the projection k and h: 3 minGRU, 4 minLSTM, 2
+        RG-LRU), `saved_floats` in the scan form (6, 8, 8: every coefficient's intermediates).
+        The input batch is not counted.
+        tests/test_scan.py checks both against autograd's saved-tensor hooks. The step form
+        keeps slightly more than the scan form (its per-step graph)."""
+        layer = self.layers[0]
+        per_h = layer.blocked_floats if self.form == "blocked" else layer.saved_floats
+        return batch * self.num_layers * self.hidden_size * per_h
 
     def _check(self, x: Tensor, state: State | None, resets: Tensor | None) -> None:
         B, T = check_window(x, self.input_size, resets)
@@ -367,20 +531,30 @@ class ScanStack(nn.Module):
         y = x
         for k, layer in enumerate(self.layers):
             coefficients = None
-            if self.backend == "compile":  # one compiled graph per cell type and input shape
-                compiled = _COMPILED.setdefault(
-                    type(layer), CompiledStep(_coefficients, f"{self.cell} coefficients")
-                )
-                coefficients = functools.partial(compiled.get(tensor_key(y)), layer)
-            y = layer(y, h0[k], resets, self.form, coefficients)  # (B, T, H)
+            if self.backend == "compile":
+                coefficients = functools.partial(_compiled_coefficients, layer)
+            y = layer(y, h0[k], resets, self.form, coefficients, self.block)  # (B, T, H)
             finals.append(y[:, -1])
         return y, (torch.stack(finals),)
 
 
-def _coefficients(layer: ScanCell, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The projections and gate math of one layer: what `compile` fuses (the scan stays eager:
-    its Python loop would unroll into the graph)."""
-    return layer.coefficients(x)
+def _from_projection(
+    layer: ScanCell, k: Tensor, params: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """The gate math of one layer: what `compile` fuses (the projection is one GEMM already, and
+    the scan stays eager: its Python loop would unroll into the graph)."""
+    return layer.from_projection(k, params)
+
+
+def _compiled_coefficients(
+    layer: ScanCell, k: Tensor, params: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """`_from_projection` compiled: one graph per cell type and per shape, grad and autocast
+    mode of k (the blocked form calls it per block, without grad forward and with it backward)."""
+    compiled = _COMPILED.setdefault(
+        type(layer), CompiledStep(_from_projection, f"{type(layer).__name__} coefficients")
+    )
+    return compiled.get(tensor_key(k))(layer, k, params)
 
 
 _COMPILED: dict[type, CompiledStep] = {}  # per process, not on the module: it deep-copies
