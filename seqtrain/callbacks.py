@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -156,7 +156,9 @@ class Preemption(L.Callback):
     `stop_requested` ends the val loader, data.streams.UntilStopped), so the run ends within seconds
     and one save: preemption leaves ~30 s.
     A second signal says the save is under way; a third exits at once: checkpoints are written
-    atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO).
+    atomically, so the previous complete one stays (checkpoint.AtomicCheckpointIO). Python runs
+    the handler once for signals that arrive while the main thread is inside one C call, so
+    signals are counted by the watchdog, which sees every one (SignalWatchdog).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -164,21 +166,23 @@ class Preemption(L.Callback):
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
         self.received: int | None = None
-        self.count = 0  # signals received so far
+        self.calls = 0  # runs of the handler: fewer than the signals when several coalesce
         self.saving = False
         self.saved = False
         self.module: L.LightningModule | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        self.watchdog = SignalWatchdog(lambda: self.count)
+        self.watchdog = SignalWatchdog()
 
     def _handle(self, signum: int, frame) -> None:
-        self.count += 1
+        self.watchdog.handled()
+        self.calls += 1
+        count = max(self.calls, self.watchdog.delivered)  # signals received so far
         self.received = self.received or signum
         name = signal.Signals(signum).name
-        if self.count >= 3:
-            log.warning("%s again: aborting now; the previous complete checkpoint is kept", name)
+        if count >= 3:
+            log.warning("%s again: %s", name, SignalWatchdog.ABORTING)
             os._exit(128 + signum)
-        if self.count == 2:
+        if count == 2:
             doing = f"saving {self.checkpoint}" if self.saving else "finishing the update"
             log.warning("%s: still %s; send it once more to abort at once", name, doing)
             return
@@ -234,22 +238,30 @@ class Preemption(L.Callback):
 
 
 class SignalWatchdog:
-    """A signal always ends the process, even while the main thread waits in C code.
+    """Every signal is counted, and a signal always ends the process, even while the main thread
+    waits in C code.
 
-    Python runs a signal handler only between bytecodes, so a rank blocked in a C call (the DDP
-    rendezvous waiting for a peer that never comes, a collective with a dead peer) would ignore
-    every SIGTERM and SIGINT. The C-level handler also writes the signal number to a wakeup
-    socket; this thread reads it, and if the Python handler has not run within `grace` seconds
-    (`handled()` did not grow), the main thread is stuck: it exits with 128 + the signal, as
-    the signal itself would have. Checkpoints are written atomically, so nothing is torn.
+    Python runs a signal handler only between bytecodes, and once for all the signals that
+    arrived meanwhile: a rank blocked in a C call (the DDP rendezvous waiting for a peer that
+    never comes, a collective with a dead peer, one long kernel) would ignore every SIGTERM and
+    SIGINT, and three quick Ctrl-Cs would count as one. The C-level handler also writes each
+    signal's number to a wakeup socket; this thread reads them. The third signal exits at once;
+    and if the Python handler has not run within `grace` seconds of a signal, the main thread is
+    stuck: it exits with 128 + the signal, as the signal itself would have. Checkpoints are
+    written atomically, so nothing is torn.
     """
 
     STARTING = 3.0  # seconds, before training: nothing to save, a wait is the only thing to end
     TRAINING = 60.0  # seconds, once training runs: one long kernel must not lose the save
+    # A handler run this long before the watchdog read the signal's byte counts as its run: the
+    # main thread may run the handler before this thread wakes and gets the GIL.
+    WAKE = 1.0  # seconds
+    ABORTING = "aborting now; the previous complete checkpoint is kept"
 
-    def __init__(self, handled: Callable[[], int]) -> None:
-        self.handled = handled
+    def __init__(self) -> None:
         self.grace = self.STARTING
+        self.delivered = 0  # signals read from the socket
+        self.last_handled = -math.inf  # time.monotonic() of the handler's last run
         self.reader, writer = socket.socketpair()
         writer.setblocking(False)
         self.writer = writer
@@ -257,19 +269,38 @@ class SignalWatchdog:
         self.thread = threading.Thread(target=self._watch, name="seqtrain-signals", daemon=True)
         self.thread.start()
 
+    def handled(self) -> None:
+        """The Python handler calls this: the main thread is running bytecode."""
+        self.last_handled = time.monotonic()
+
     def _watch(self) -> None:
-        delivered = self.handled()
-        while data := self.reader.recv(64):
-            for signum in data:
-                delivered += 1
-                deadline = time.monotonic() + self.grace
-                while self.handled() < delivered and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if self.handled() < delivered:
-                    name = signal.Signals(signum).name
-                    # No logging here: the stuck main thread may hold the logging lock.
-                    os.write(2, f"seqtrain: {name} while blocked in a wait: exiting\n".encode())
-                    os._exit(128 + signum)
+        self.reader.settimeout(0.05)
+        waiting = None  # when the oldest signal the handler has not run for was read
+        while True:
+            try:
+                data = self.reader.recv(64)
+            except TimeoutError:
+                data = None
+            else:
+                if not data:  # closed
+                    return
+            now = time.monotonic()
+            for signum in data or ():
+                self.delivered += 1
+                last = signum
+                if self.delivered >= 3:
+                    self._exit(signum, f"{signal.Signals(signum).name} again: {self.ABORTING}")
+                waiting = now if waiting is None else waiting
+            if waiting is not None and self.last_handled >= waiting - self.WAKE:
+                waiting = None
+            elif waiting is not None and now > waiting + self.grace:
+                self._exit(last, f"{signal.Signals(last).name} while blocked in a wait: exiting")
+
+    @staticmethod
+    def _exit(signum: int, line: str) -> None:
+        # No logging here: the stuck main thread may hold the logging lock.
+        os.write(2, f"seqtrain: {line}\n".encode())
+        os._exit(128 + signum)
 
     def close(self) -> None:
         signal.set_wakeup_fd(self.previous_fd)
