@@ -38,7 +38,9 @@ from bench_cells import step as update
 from bench_cells import sync
 from torch import Tensor, nn
 
+from seqtrain.cells import build_recurrent
 from seqtrain.cells.blocks import residual_stack
+from seqtrain.cells.matrix import MatrixLayer
 from seqtrain.cells.scan import SCAN_CELLS, ScanStack, linear_scan
 from seqtrain.memory import cache_host_memory
 
@@ -105,7 +107,23 @@ TARGETS = {  # variant -> (the nn.LSTM ratio it must reach, what it is)
     "minGRU H=512": (3.0, "LSTM's hidden size, a quarter of its FLOPs"),
     "minGRU H=2048": (1.0, "LSTM's parameter count"),
     "residual minGRU": (0.8, "2 residual blocks at LSTM's parameter count"),
+    "GDN": (1.0, "Gated DeltaNet at LSTM's parameter count"),
 }
+MATRIX_HEAD = 64  # head size of the matrix-state rows: heads of (64, 64) states
+
+
+def matrix_stack(cell: str, params: int, input_size: int, head: int) -> nn.Module:
+    """One `cell` layer (gdn, mlstm) whose width, a multiple of `head`, gives the parameter count
+    nearest `params`."""
+
+    def build(width: int) -> nn.Module:
+        return build_recurrent(
+            "modular", cell, input_size, width, 1, num_heads=max(1, width // head)
+        )
+
+    widths = range(head, 4 * input_size + 1, head)
+    best = min(widths, key=lambda w: abs(sum(p.numel() for p in build(w).parameters()) - params))
+    return build(best)
 
 
 def residual_width(params: int, input_size: int, blocks: int = 2) -> int:
@@ -115,10 +133,16 @@ def residual_width(params: int, input_size: int, blocks: int = 2) -> int:
 
 
 def forward_flops_per_token(module: nn.Module) -> int:
-    """Multiply-adds x 2 of every matrix product per token (nn.Linear and nn.LSTM weights)."""
+    """Multiply-adds x 2 of every matrix product per token: nn.Linear and nn.LSTM weights, and a
+    matrix-state layer's chunk work per head (the reads and writes of the (d, d) state, 3 d^2,
+    and the (c, c) products and triangular solve, about 4 c d)."""
     flops = 0
+    chunk = getattr(module, "chunk", 0)
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, MatrixLayer):
+            d = m.head_size
+            flops += 2 * m.num_heads * (3 * d * d + 4 * chunk * d)
+        elif isinstance(m, nn.Linear):
             flops += 2 * m.in_features * m.out_features
         elif isinstance(m, nn.LSTM):
             flops += sum(
@@ -156,6 +180,8 @@ def target_variants(device: torch.device, size: int) -> dict[str, nn.Module]:
         "residual minGRU": residual_stack(
             lambda: ScanStack("mingru", width, width), size, width, 2
         ),
+        "GDN": matrix_stack("gdn", params, size, min(MATRIX_HEAD, size)),
+        "mLSTM": matrix_stack("mlstm", params, size, min(MATRIX_HEAD, size)),
     }
     return {label: m.to(device) for label, m in out.items()}
 

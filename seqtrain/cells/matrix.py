@@ -71,12 +71,14 @@ def in_chunks(
 ) -> tuple[Tensor, object]:
     """A window as chunks of `chunk` steps: `chunk_fn(*inputs of the chunk, state, resets of the
     chunk) -> (outputs, state)`, the state carried from chunk to chunk. Time is dimension 2 of
-    every input ((B, N, T, ...)); the outputs are joined along it."""
+    every input ((B, N, T, ...)); the outputs are joined along it. The inputs are split, not
+    sliced: a slice's backward writes its gradient into a zero tensor of the whole window, a
+    split's joins the chunks' gradients once."""
     out = []
-    for a in range(0, inputs[0].shape[2], chunk):
-        z = slice(a, a + chunk)
-        r = None if resets is None else resets[:, z]
-        o, state = chunk_fn(*(t[:, :, z] for t in inputs), state, r)
+    pieces = zip(*(t.split(chunk, 2) for t in inputs), strict=True)
+    for a, chunk_inputs in zip(range(0, inputs[0].shape[2], chunk), pieces, strict=True):
+        r = None if resets is None else resets[:, a : a + chunk]
+        o, state = chunk_fn(*chunk_inputs, state, r)
         out.append(o)
     return torch.cat(out, 2), state
 
