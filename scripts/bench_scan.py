@@ -7,9 +7,10 @@
 
 The targets (B = 32, T = 1024, input 512, forward + backward): minGRU at nn.LSTM's hidden size
 (512; a quarter of its FLOPs) >= 3x nn.LSTM's tokens/s; minGRU at its parameter count (H = 2048)
->= 1.0x; residual minGRU blocks at its parameter count >= 0.8x. Every row also gets the GFLOP/s
-its matrix products reach (3x the forward's multiply-adds per token, backward included) against
-this machine's measured float32 GEMM rate.
+>= 1.0x; residual minGRU blocks at its parameter count >= 0.8x; Gated DeltaNet at its parameter
+count >= 1.0x (an mLSTM row beside it, without a target). Every row also gets the GFLOP/s its
+matrix products reach (3x the forward's multiply-adds per token, backward included; a
+matrix-state layer's chunk work counted) against this machine's measured float32 GEMM rate.
 
 One update = forward + backward of a one-layer stack over a (B, T, H) window with a carried state,
 as the TBPTT engine runs it; tokens/s = B * T / its median time. Each nn.LSTM has about the
