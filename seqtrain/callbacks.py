@@ -290,7 +290,8 @@ class SignalWatchdog:
                 last = signum
                 if self.delivered >= 3:
                     self._exit(signum, f"{signal.Signals(signum).name} again: {self.ABORTING}")
-                waiting = now if waiting is None else waiting
+            if data and waiting is None:
+                waiting = now
             if waiting is not None and self.last_handled >= waiting - self.WAKE:
                 waiting = None
             elif waiting is not None and now > waiting + self.grace:

@@ -344,7 +344,7 @@ def run_job(raw: DictConfig, job, run_dir: Path, rank_zero: bool) -> float:
     summary = train.fit(job, (lambda: start_record(raw, run_dir, board)) if rank_zero else None)
     if "stopped_by" in summary:
         stopped, step, ckpt = summary["stopped_by"], summary["steps"], summary["checkpoint"]
-        for sig in (signal.SIGINT, signal.SIGTERM):  # saved and ending: nothing left to stop
+        for sig in train.Preemption.SIGNALS:  # saved and ending: nothing left to stop
             signal.signal(sig, signal.SIG_IGN)
         if rank_zero:
             say(f"\n{stopped}: stopped after step {step}; saved {ckpt}")

@@ -108,7 +108,7 @@ def test_three_signals_during_one_c_call_abort_at_once(tmp_path: Path) -> None:
         env=ENV,
     )
     assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-2000:]
-    time.sleep(0.3)  # inside sum()
+    time.sleep(0.3)  # inside the first product
     for _ in range(3):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
