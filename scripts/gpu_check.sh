@@ -5,13 +5,15 @@
 # (outputs/bench_scan_cuda/), then a short word-level AWD-LSTM run on CUDA (varied windows,
 # NT-ASGD, tied head; then an adaptive head under bf16-mixed), each evaluated on the GPU
 # (outputs/gpu_word_lm*/), then the matrix-state cells (gdn, mlstm) trained briefly on CUDA under
-# bf16-mixed and evaluated there (outputs/gpu_<cell>/). Extra arguments go to bench_cells, e.g.
-# `scripts/gpu_check.sh --quick`.
+# bf16-mixed and evaluated there (outputs/gpu_<cell>/), and GDN under model.backend=fla, its
+# checkpoint evaluated under fla and under modular (outputs/gpu_gdn_fla/: the two bpc should
+# agree). Extra arguments go to bench_cells, e.g. `scripts/gpu_check.sh --quick`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'CUDA not available'; \
 print(torch.__version__, torch.cuda.get_device_name(), 'cudnn', torch.backends.cudnn.version())"
-python -m pytest tests/test_cells.py tests/test_scan.py tests/test_matrix_cells.py -q -rs -m "slow or not slow"
+python -m pytest tests/test_cells.py tests/test_scan.py tests/test_matrix_cells.py \
+    tests/test_fla_backend.py -q -rs -m "slow or not slow"
 python scripts/bench_cells.py --device cuda "$@"
 python scripts/bench_scan.py --device cuda --out outputs/bench_scan_cuda
 short=(trainer.accelerator=gpu trainer.max_steps=120 trainer.val_check_interval=40)
@@ -24,4 +26,11 @@ for cell in gdn mlstm; do
     python -m seqtrain +experiment=char_lm "${short[@]}" model.cell=$cell model.backend=modular \
         model.num_heads=4 trainer.precision=bf16-mixed hydra.run.dir=outputs/gpu_$cell
     python -m seqtrain.evaluate ckpt=outputs/gpu_$cell/checkpoints/best.ckpt device=cuda
+done
+# model.backend=fla (fla's Triton kernel): trains, then its checkpoint evaluates under modular
+python -m seqtrain +experiment=char_lm "${short[@]}" model.cell=gdn model.backend=fla \
+    model.num_heads=4 trainer.precision=bf16-mixed hydra.run.dir=outputs/gpu_gdn_fla
+for backend in fla modular; do
+    python -m seqtrain.evaluate ckpt=outputs/gpu_gdn_fla/checkpoints/best.ckpt device=cuda \
+        model.backend=$backend
 done

@@ -788,6 +788,12 @@ def config_cases() -> list[Case]:
         r("config dir missing", "--config-dir", "/no/such/conf", words="--config-dir"),
         r("unknown backend", "model.backend=cuda", words="model.backend=cuda"),
         r("unknown cell", "model.cell=rnn", words="model.cell=rnn"),
+        r(
+            "a CUDA-only backend on a CPU",
+            "model.cell=gdn",
+            "model.backend=fla",
+            words="model.backend=fla runs model.cell=gdn on cuda only",
+        ),
         r("cell plug-in not importable", "model.cell=no_such_mod:Cell", words="model.cell"),
         r("window zero", "tbptt.window=0", words="tbptt.window=0"),
         r("window negative", "tbptt.window=-3", words="tbptt.window=-3"),

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
+from seqtrain import cells
 from seqtrain.config import Config, from_dict, to_dict
 from seqtrain.data import DataSpec
 from seqtrain.errors import CheckpointError, ConfigError, first_line
@@ -109,10 +110,14 @@ def task_of(ckpt: dict, cfg: Config) -> Task:
     return build_task(cfg.task, spec_of(ckpt))
 
 
-def load_model(ckpt: dict, cfg: Config) -> RecurrentModel:
-    """Rebuild the model and load the weights evaluation reads: the training weights, or once a
-    weight average has started (optim.average) its mean. A shape or vocabulary mismatch is one
-    line."""
+def load_model(ckpt: dict, cfg: Config, device: str = "cpu") -> RecurrentModel:
+    """Rebuild the model on `device` and load the weights evaluation reads: the training weights,
+    or once a weight average has started (optim.average) its mean. A shape or vocabulary
+    mismatch, or a backend that cannot run there (model.backend=fla off CUDA), is one line."""
+    try:
+        cells.check_runnable(cfg.model.backend, cfg.model.cell, torch.device(device).type)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     model = build_model(cfg.model, task_of(ckpt, cfg))
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

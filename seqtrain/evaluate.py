@@ -85,7 +85,7 @@ def evaluate(args: EvaluateArgs, overrides: dict) -> dict:
     cfg = config_of(ckpt, overrides)
     if cfg.memory.host_cache:
         cache_host_memory()
-    model = load_model(ckpt, cfg).to(args.device)
+    model = load_model(ckpt, cfg, args.device)
     batch = args.batch_size or cfg.data.eval_batch_size
     saved = spec_of(ckpt)  # the run's tokenizer and the training split's figures (nMSE's variance)
     trained_on = "data" not in overrides  # else the command line names other text itself

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-from seqtrain import threads
+from seqtrain import cells, threads
 from seqtrain.config import Config
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.tasks import Task, build_model
@@ -39,6 +39,10 @@ def check_machine(cfg: Config) -> None:
             raise ConfigError("trainer.precision=bf16-mixed: this GPU has no bfloat16; use 32-true")
     if tr.accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: this machine has no MPS device; use cpu")
+    try:
+        cells.check_runnable(cfg.model.backend, cfg.model.cell, run_device(cfg))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_rank_environment()
     if tr.num_nodes > 1 and not ranks_started_elsewhere():
         raise ConfigError(
@@ -69,15 +73,26 @@ def check_rank_environment() -> None:
         )
 
 
-def available_memory(cfg: Config) -> tuple[int, str] | None:
-    """Bytes the run's weights can live in and where that figure comes from: the GPU's memory
-    when training on CUDA, else the host's MemAvailable; None when it cannot be known."""
+def run_device(cfg: Config) -> str:
+    """The device type the run trains on, as Lightning will choose it."""
     import torch
 
     tr = cfg.trainer
     if tr.accelerator in ("gpu", "cuda") or (
         tr.accelerator == "auto" and torch.cuda.is_available()
     ):
+        return "cuda"
+    if tr.accelerator == "mps" or (tr.accelerator == "auto" and torch.backends.mps.is_available()):
+        return "mps"
+    return "cpu"
+
+
+def available_memory(cfg: Config) -> tuple[int, str] | None:
+    """Bytes the run's weights can live in and where that figure comes from: the GPU's memory
+    when training on CUDA, else the host's MemAvailable; None when it cannot be known."""
+    import torch
+
+    if run_device(cfg) == "cuda":
         return torch.cuda.get_device_properties(0).total_memory, "GPU memory"  # no context
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

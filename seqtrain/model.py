@@ -53,7 +53,7 @@ BLOCKS = {
 
 @dataclass
 class ModelConfig:
-    backend: str = "cudnn"  # cell implementation: cudnn | jit | modular | compile
+    backend: str = "cudnn"  # cell implementation: cudnn | jit | modular | compile | fla (gdn)
     cell: str = "lstm"  # lstm | gru | mingru | minlstm | rglru | module:Name (docs/cells.md)
     embedding_size: int = 64  # E: byte embeddings (few symbols need few dimensions), or inputs
     hidden_size: int = 512  # H: state size per layer

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"ckpt={args.ckpt}: data.source={cfg.data.source} has no recall figure; "
                 f"it is for runs of data.source={' or '.join(SCORERS)}"
             )
-        model = load_model(ckpt, cfg).to(args.device)
+        model = load_model(ckpt, cfg, args.device)
         print(json.dumps(score(model, cfg.data, args.examples)))
     except SeqtrainError as err:
         fail(str(err))

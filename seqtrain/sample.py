@@ -52,7 +52,7 @@ def sample(args: SampleArgs, overrides: dict) -> str:
         raise ConfigError(
             f"top_k={args.top_k}: the vocabulary has {vocab} symbols; choose 1..{vocab}"
         )
-    model = load_model(ckpt, cfg).to(args.device)
+    model = load_model(ckpt, cfg, args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     return task.generate(
         model,

@@ -192,6 +192,12 @@ CASES = [
         lambda t, c: ["model.backend=cuda"],
         "model.backend=cuda: choose from cudnn, jit",
     ),
+    (
+        "a CUDA-only backend on a CPU",
+        lambda t, c: ["model.cell=gdn", "model.backend=fla"],
+        "model.backend=fla runs model.cell=gdn on cuda only; this run is on cpu: choose one of "
+        "modular, compile (the same parameters)",
+    ),
     ("unknown cell", lambda t, c: ["model.cell=rnn"], "model.cell=rnn: choose from lstm, gru"),
     ("window zero", lambda t, c: ["tbptt.window=0"], "tbptt.window=0: must be a positive integer"),
     (

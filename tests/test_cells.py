@@ -12,14 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells import BACKENDS, build_recurrent, check_options, compiled, kernel_name
+from seqtrain.cells import build_recurrent, check_options, compiled, kernel_name
 from seqtrain.cells import reference as ref_cells
 from seqtrain.cells.base import implementations
 
 from .conftest import assert_close, backend_flags
 
-# The cells with nn.LSTM / nn.GRU's layout, tested against them (scan cells: test_scan.py).
+# The cells with nn.LSTM / nn.GRU's layout, tested against them (scan cells: test_scan.py), and
+# every backend that runs them (not fla: it runs gdn only).
 CELLS = ("lstm", "gru")
+BACKENDS = tuple(implementations("lstm"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IN, H, B, T = 5, 7, 3, 6  # input, hidden, batch, time: small enough for every loop to be quick
 

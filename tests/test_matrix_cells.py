@@ -138,6 +138,27 @@ def test_reset_drops_exactly_the_carried_state(cell: str, form: str) -> None:
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_compile_backend_computes_the_modular_chunk_form(cell: str, caplog) -> None:
+    """model.backend=compile runs each chunk through torch.compile (one chunk shape, with resets,
+    to keep the compiling short): outputs, final states and gradients are modular's; it
+    deep-copies and pickles (the graphs live outside the module)."""
+    import logging
+
+    torch.manual_seed(0)
+    modular = cells.build_recurrent("modular", cell, 5, 8, 1, num_heads=2)
+    compiled = cells.build_recurrent("compile", cell, 5, 8, 1, num_heads=2)
+    compiled.load_state_dict(modular.state_dict())
+    x, state, resets = inputs(modular, 3, 16, torch.float32, True, True)
+    with caplog.at_level(logging.INFO, "seqtrain.cells"):
+        got = run(compiled, x, state, resets, "chunk", 8)
+    assert f"torch.compile: {cell} chunk ready" in caplog.text and "failed" not in caplog.text
+    assert_forms_agree(got, run(modular, x, state, resets, "chunk", 8), 1e-5, "compile")
+    assert "torch.compile'd chunks" in cells.kernel_name(compiled, torch.device("cpu"))
+    for twin in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+        assert_forms_agree(run(twin, x, state, resets, "chunk", 8), got, 0.0, "copy")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_carry_across_windows_equals_one_long_run(cell: str) -> None:
     stack = make(cell, torch.float64)
     stack.chunk = 4
@@ -345,7 +366,7 @@ def test_bad_matrix_cell_config_is_one_line(overrides: list[str], message: str) 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_matrix_cell_trains_resumes_exactly_evaluates_and_samples(
-    cell: str, tmp_path, monkeypatch
+    cell: str, tmp_path, monkeypatch, capsys
 ) -> None:
     """+debug=tiny with the cell: stopped by SIGUSR1 after update 3 and resumed, every step's
     loss equals the uninterrupted run's; evaluate and sample read its checkpoint."""
@@ -354,7 +375,7 @@ def test_a_matrix_cell_trains_resumes_exactly_evaluates_and_samples(
 
     from seqtrain import evaluate, sample, train
 
-    from .conftest import read_scalars
+    from .conftest import read_scalars, refusal
     from .test_reliability import on_updates, tiny_job
 
     args = [f"model.cell={cell}", "model.backend=modular", "model.num_heads=2"]
@@ -383,6 +404,9 @@ def test_a_matrix_cell_trains_resumes_exactly_evaluates_and_samples(
     assert figures["bpc"] == pytest.approx(reference["val_bpc"], abs=1e-4)
     text = sample.sample(sample.SampleArgs(ckpt=ckpt, prompt="def ", length=10), {})
     assert text.startswith("def ") and len(text) > 4
+    if cell == "gdn":  # the same weights under fla: one line off CUDA, before any reading
+        line = refusal(evaluate.main, [f"ckpt={ckpt}", "model.backend=fla"], capsys=capsys)
+        assert "model.backend=fla runs model.cell=gdn on cuda only" in line
 
 
 # --- peers: flash-linear-attention's and mlstm-kernels' pure-PyTorch references -----------------

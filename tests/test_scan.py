@@ -480,6 +480,30 @@ def test_compile_computes_the_modular_scan_and_copies(cell: str) -> None:
         assert_close(twin(x, None, resets)[0], outs[1][0], "copy", 0.0, scaled=True)
 
 
+def test_compile_fuses_the_residual_blocks_work_and_computes_the_same(caplog) -> None:
+    """model.backend=compile in residual blocks: the norms, the MLP and the adds run compiled
+    (no eager fallback), with the modular blocks' outputs and gradients."""
+    import logging
+
+    from seqtrain import cells
+
+    torch.manual_seed(0)
+    eager = cells.build_residual("modular", "mingru", 5, 6, 2)
+    compiled = cells.build_residual("compile", "mingru", 5, 6, 2)
+    compiled.load_state_dict(eager.state_dict())
+    assert all(b.fused for b in compiled.blocks) and not any(b.fused for b in eager.blocks)
+    x = torch.randn(3, 9, 5, requires_grad=True)
+    with caplog.at_level(logging.INFO, "seqtrain.cells"):
+        outs = [
+            torch.autograd.grad(m(x)[0].square().sum(), [x, *m.parameters()])
+            for m in (eager, compiled)
+        ]
+    assert "residual block's adds, norm and MLP ready" in caplog.text
+    assert "residual block's input norm ready" in caplog.text and "failed" not in caplog.text
+    for got, want in zip(outs[1], outs[0], strict=True):
+        assert_close(got, want, "compiled residual gradient", 1e-5, scaled=True)
+
+
 @pytest.mark.parametrize(
     ("backend", "cell"), [("cudnn", "lstm"), ("modular", "gru"), ("modular", "mingru")]
 )

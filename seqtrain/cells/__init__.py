@@ -21,7 +21,9 @@ Package layout, one module per family:
     matrix.py        what the matrix-state cells share: their stack, short convolution, chunk masks
     gdn.py           Gated DeltaNet: the gated delta rule, trained chunkwise (WY representation)
     mlstm.py         xLSTM's mLSTM: exponential gating stabilised in log space, trained chunkwise
-    blocks.py        pre-norm residual blocks around any one-layer stack (model.block=residual)
+    fla_backend.py   model.backend=fla: GDN's recurrence through flash-linear-attention (CUDA)
+    blocks.py        pre-norm residual blocks around any one-layer stack (model.block=residual),
+                     their elementwise work compiled under model.backend=compile
     onednn.py        oneDNN's private ops behind a once-per-process check with a public fallback
     flat_weights.py  nn.RNNBase._flat_weights behind the same kind of check
 
@@ -61,11 +63,12 @@ from seqtrain.cells.base import (
     State,
     backends,
     check_options,
+    check_runnable,
     implementations,
     with_defaults,
 )
 
-BACKENDS: tuple[str, ...] = backends()  # cudnn, jit, modular, compile
+BACKENDS: tuple[str, ...] = backends()  # cudnn, jit, modular, compile, fla
 CELLS = TABLE  # iterates the built-in names; `in` also accepts a module:Name path
 
 __all__ = [
@@ -77,6 +80,7 @@ __all__ = [
     "build_residual",
     "check_residual",
     "check_options",
+    "check_runnable",
     "kernel_name",
 ]
 
@@ -122,7 +126,10 @@ def build_residual(
     def core() -> nn.Module:
         return build_recurrent(backend, cell, hidden_size, hidden_size, 1, **options)
 
-    return blocks.residual_stack(core, input_size, hidden_size, num_layers, dropout=dropout)
+    fused = backend == "compile"  # compile fuses the blocks' own elementwise work too
+    return blocks.residual_stack(
+        core, input_size, hidden_size, num_layers, dropout=dropout, fused=fused
+    )
 
 
 def kernel_name(module: nn.Module, device: torch.device) -> str:

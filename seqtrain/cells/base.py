@@ -41,10 +41,14 @@ Builder = Callable[[str, int, int, int, dict[str, object]], nn.Module]
 
 
 class Implementation(NamedTuple):
-    """One (cell, backend) registration: how to build it and which options it runs."""
+    """One (cell, backend) registration: how to build it, which options it runs, the one device
+    type it runs on (None: any) and `ready`, which names what this install lacks to run it (a
+    package), or None."""
 
     build: Builder
     options: frozenset[str]
+    device: str | None = None
+    ready: Callable[[], str | None] | None = None
 
 
 # model.cell -> {backend -> Implementation}; a module:Name path resolves to the user's class.
@@ -53,8 +57,15 @@ TABLE: Registry[dict[str, Implementation]] = Registry("model.cell")
 CUSTOM: dict[str, Implementation] = {}
 
 
-def register(cell: str, backend: str, options: Iterable[str]) -> Callable[[Builder], Builder]:
-    """Declare that `backend` runs built-in `cell` with `options` (besides their off values)."""
+def register(
+    cell: str,
+    backend: str,
+    options: Iterable[str],
+    device: str | None = None,
+    ready: Callable[[], str | None] | None = None,
+) -> Callable[[Builder], Builder]:
+    """Declare that `backend` runs built-in `cell` with `options` (besides their off values), on
+    `device` only when given, once `ready()` finds nothing missing."""
 
     def add(build: Builder) -> Builder:
         if cell not in TABLE.names():
@@ -62,7 +73,7 @@ def register(cell: str, backend: str, options: Iterable[str]) -> Callable[[Build
         backends = TABLE.get(cell)
         if backend in backends:
             raise ValueError(f"model.cell={cell}: backend '{backend}' is registered twice")
-        backends[backend] = Implementation(build, frozenset(options))
+        backends[backend] = Implementation(build, frozenset(options), device, ready)
         return build
 
     return add
@@ -81,6 +92,23 @@ def implementations(cell: str) -> dict[str, Implementation]:
         TABLE.get(cell)
         return CUSTOM
     return TABLE.get(cell)
+
+
+def check_runnable(backend: str, cell: str, device: str) -> None:
+    """One-line ValueError when `backend` cannot run `cell` on this `device` type or install
+    (a kernel for one device only, a package it needs)."""
+    impl = implementations(cell).get(backend)
+    if impl is None:
+        return
+    if impl.device is not None and impl.device != device:
+        others = [b for b, i in implementations(cell).items() if i.device in (None, device)]
+        raise ValueError(
+            f"model.backend={backend} runs model.cell={cell} on {impl.device} only; this run is "
+            f"on {device}: choose one of {', '.join(others)} (the same parameters)"
+        )
+    missing = impl.ready() if impl.ready is not None else None
+    if missing:
+        raise ValueError(f"model.backend={backend} needs {missing}")
 
 
 def _shown(value: object) -> object:

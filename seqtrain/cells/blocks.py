@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqtrain.cells.base import State
+from seqtrain.cells.compiled import CompiledStep, tensor_key
 
 EXPANSION = 3  # the gated MLP's hidden width over the block width (Griffin's)
 
@@ -39,7 +40,12 @@ class ResidualBlock(nn.Module):
     (y, state)``. ``resets`` is passed on only when given (cores without it still work)."""
 
     def __init__(
-        self, core: nn.Module, width: int, expansion: int = EXPANSION, dropout: float = 0.0
+        self,
+        core: nn.Module,
+        width: int,
+        expansion: int = EXPANSION,
+        dropout: float = 0.0,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.core = core
@@ -47,14 +53,41 @@ class ResidualBlock(nn.Module):
         self.norm_mlp = nn.RMSNorm(width)
         self.mlp = GatedMLP(width, expansion)
         self.dropout = dropout  # on the core's branch: model.dropout "between layers"
+        self.fused = fused  # the norms, the MLP's gate and the adds through torch.compile
 
     def forward(
         self, x: Tensor, state: State | None = None, resets: Tensor | None = None
     ) -> tuple[Tensor, State]:
         kwargs = {} if resets is None else {"resets": resets}
-        y, state = self.core(self.norm_core(x), state, **kwargs)  # (B, T, width)
-        x = x + F.dropout(y, self.dropout, self.training)
-        return x + self.mlp(self.norm_mlp(x)), state
+        before, after = (_fused_before, _fused_after) if self.fused else (_before, _after)
+        y, state = self.core(before(self, x), state, **kwargs)  # (B, T, width)
+        return after(self, x, F.dropout(y, self.dropout, self.training)), state
+
+
+def _before(block: ResidualBlock, x: Tensor) -> Tensor:
+    """The core's input: norm(x)."""
+    return block.norm_core(x)
+
+
+def _after(block: ResidualBlock, x: Tensor, y: Tensor) -> Tensor:
+    """The block's work after its core: x + y, then + mlp(norm(.))."""
+    x = x + y
+    return x + block.mlp(block.norm_mlp(x))
+
+
+_BEFORE = CompiledStep(_before, "residual block's input norm")
+_AFTER = CompiledStep(_after, "residual block's adds, norm and MLP")
+
+
+def _fused_before(block: ResidualBlock, x: Tensor) -> Tensor:
+    """`_before` compiled (inductor fuses the norm's passes), one graph per shape and mode."""
+    return _BEFORE.get(tensor_key(x))(block, x)
+
+
+def _fused_after(block: ResidualBlock, x: Tensor, y: Tensor) -> Tensor:
+    """`_after` compiled: the adds, the norm and the GeGLU's elementwise work fused around the
+    MLP's two GEMMs."""
+    return _AFTER.get(tensor_key(x, y))(block, x, y)
 
 
 class ResidualStack(nn.Module):
@@ -110,7 +143,11 @@ def residual_stack(
     num_layers: int,
     expansion: int = EXPANSION,
     dropout: float = 0.0,
+    fused: bool = False,
 ) -> ResidualStack:
-    """`num_layers` residual blocks around fresh cores, ``make_core() -> module`` width -> width."""
-    blocks = [ResidualBlock(make_core(), width, expansion, dropout) for _ in range(num_layers)]
+    """`num_layers` residual blocks around fresh cores, ``make_core() -> module`` width -> width;
+    `fused` compiles each block's work around its core (model.backend=compile)."""
+    blocks = [
+        ResidualBlock(make_core(), width, expansion, dropout, fused) for _ in range(num_layers)
+    ]
     return ResidualStack(input_size, blocks, width)

@@ -1,5 +1,6 @@
 """Gated DeltaNet (Yang, Kautz & Hatamizadeh, ICLR 2025): a matrix state written by the gated
-delta rule, registered as ``model.cell=gdn`` (backend ``modular``).
+delta rule, registered as ``model.cell=gdn`` (backends ``modular``, ``compile``, and ``fla`` on
+CUDA: fla_backend.py).
 
 Per head (head size d, S of shape (d_k, d_v) = (d, d)), from the layer input x_t:
 
@@ -34,13 +35,15 @@ nn.Linear's for the linears, A uniform in [1, 16], dt = softplus(dt_bias) log-un
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells.base import State, register
+from seqtrain.cells import fla_backend
+from seqtrain.cells.base import Builder, State, register
 from seqtrain.cells.matrix import (
     DEFAULT_HEADS,
     MatrixLayer,
@@ -58,10 +61,17 @@ DEFAULT_CONV = 4  # model.conv_size unset: fla's short convolution of 4 steps
 class GatedDeltaNet(MatrixLayer):
     """One Gated DeltaNet layer (module docstring)."""
 
+    RUNS = {**MatrixLayer.RUNS, "fla": "fla's Triton chunk kernel"}
+
     def __init__(
-        self, input_size: int, hidden_size: int, num_heads: int, conv_size: int = DEFAULT_CONV
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_heads: int,
+        conv_size: int = DEFAULT_CONV,
+        backend: str = "modular",
     ) -> None:
-        super().__init__(input_size, hidden_size, num_heads)
+        super().__init__(input_size, hidden_size, num_heads, backend)
         if conv_size < 1:
             raise ValueError(f"model.conv_size={conv_size} must be at least 1")
         H, N = hidden_size, num_heads
@@ -130,11 +140,11 @@ class GatedDeltaNet(MatrixLayer):
         S, tail = state
         u, beta, g = self._inputs(x)  # (B, T, 3H), (B, T, N) twice
         c, tail = self.conv(u, tail, resets)
-        q, k, v = (t.transpose(1, 2) for t in self._qkv(c))  # (B, N, T, d) each
-        beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, N, T)
+        q, k, v = self._qkv(c)  # (B, T, N, d) each
+        recurrence = RECURRENCES[self.backend]
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 or more
-            o, S = delta_rule_chunkwise(q, k, v, beta, g, S.to(u.dtype), resets, chunk)
-        return self._output(o.transpose(1, 2), x), (S, tail)
+            o, S = recurrence(q, k, v, beta, g, S.to(u.dtype), resets, chunk)  # (B, T, N, d)
+        return self._output(o, x), (S, tail)
 
 
 def delta_rule_step(
@@ -157,10 +167,51 @@ def delta_rule_chunkwise(
     S: Tensor,
     resets: Tensor | None,
     chunk: int,
+    compiled: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The gated delta rule over a window in chunks of `chunk` steps: q, k, v (B, N, T, d),
-    beta, g (B, N, T), S (B, N, d, d) the initial state, resets (B, T) -> o (B, N, T, d), S_T."""
-    return in_chunks(_chunk, (q, k, v, beta, g), S, resets, chunk)
+    beta, g (B, N, T), S (B, N, d, d) the initial state, resets (B, T) -> o (B, N, T, d), S_T.
+    `compiled`: each chunk through torch.compile (matrix.in_chunks)."""
+    return in_chunks(_chunk, (q, k, v, beta, g), S, resets, chunk, compiled)
+
+
+def _modular(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    S: Tensor,
+    resets: Tensor | None,
+    chunk: int,
+    compiled: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """delta_rule_chunkwise in the layer's (B, T, N, ...) layout."""
+    q, k, v, beta, g = (t.transpose(1, 2) for t in (q, k, v, beta, g))  # (B, N, T, ...)
+    o, S = delta_rule_chunkwise(q, k, v, beta, g, S, resets, chunk, compiled)
+    return o.transpose(1, 2), S
+
+
+def _fla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    S: Tensor,
+    resets: Tensor | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """fla's chunk kernel (its own chunk size, 64)."""
+    return fla_backend.gated_delta_rule(q, k, v, beta, g, S, resets)
+
+
+# model.backend -> the chunk form's recurrence: q, k, v (B, T, N, d), beta, g (B, T, N), S, resets
+RECURRENCES = {
+    "modular": _modular,
+    "compile": functools.partial(_modular, compiled=True),
+    "fla": _fla,
+}
 
 
 def _chunk(
@@ -186,17 +237,25 @@ def _chunk(
     return o, S
 
 
-def _build(
-    cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
-) -> MatrixStack:
-    """The registry's builder: model.num_heads and model.conv_size, the cell's defaults if unset."""
-    heads = int(options.get("num_heads") or DEFAULT_HEADS)
-    conv = int(options.get("conv_size") or DEFAULT_CONV)
+def _builder(backend: str) -> Builder:
+    def build(
+        cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
+    ) -> MatrixStack:
+        """model.num_heads and model.conv_size, the cell's defaults if unset."""
+        heads = int(options.get("num_heads") or DEFAULT_HEADS)
+        conv = int(options.get("conv_size") or DEFAULT_CONV)
 
-    def layer(i: int, h: int) -> GatedDeltaNet:
-        return GatedDeltaNet(i, h, heads, conv)
+        def layer(i: int, h: int) -> GatedDeltaNet:
+            return GatedDeltaNet(i, h, heads, conv, backend)
 
-    return MatrixStack(cell, layer, input_size, hidden_size, num_layers)
+        return MatrixStack(cell, layer, input_size, hidden_size, num_layers, backend=backend)
+
+    return build
 
 
-register("gdn", "modular", ("num_heads", "conv_size"))(_build)
+OPTIONS = ("num_heads", "conv_size")
+for _backend in ("modular", "compile"):
+    register("gdn", _backend, OPTIONS)(_builder(_backend))
+register("gdn", "fla", OPTIONS, device=fla_backend.DEVICE, ready=fla_backend.missing)(
+    _builder("fla")
+)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqtrain.cells.base import State, check_window
+from seqtrain.cells.compiled import CompiledStep, tensor_key
 
 FORMS = ("chunk", "step", "quadratic")
 DEFAULT_CHUNK = 64  # steps per chunk in training: (64, 64) matmuls, T / 64 carried states
@@ -68,19 +69,39 @@ def in_chunks(
     state: object,
     resets: Tensor | None,
     chunk: int,
+    compiled: bool = False,
 ) -> tuple[Tensor, object]:
     """A window as chunks of `chunk` steps: `chunk_fn(*inputs of the chunk, state, resets of the
     chunk) -> (outputs, state)`, the state carried from chunk to chunk. Time is dimension 2 of
     every input ((B, N, T, ...)); the outputs are joined along it. The inputs are split, not
     sliced: a slice's backward writes its gradient into a zero tensor of the whole window, a
-    split's joins the chunks' gradients once."""
+    split's joins the chunks' gradients once. `compiled` runs chunk_fn through torch.compile
+    (model.backend=compile), one graph per chunk shape; the loop over chunks stays eager."""
+    run = _compiled(chunk_fn) if compiled else chunk_fn
     out = []
     pieces = zip(*(t.split(chunk, 2) for t in inputs), strict=True)
     for a, chunk_inputs in zip(range(0, inputs[0].shape[2], chunk), pieces, strict=True):
         r = None if resets is None else resets[:, a : a + chunk]
-        o, state = chunk_fn(*chunk_inputs, state, r)
+        o, state = run(*chunk_inputs, state, r)
         out.append(o)
     return torch.cat(out, 2), state
+
+
+_COMPILED: dict[Callable[..., object], CompiledStep] = {}  # per process, not on the modules
+
+
+def _compiled(chunk_fn: Callable[..., tuple[Tensor, object]]) -> Callable[..., tuple]:
+    """chunk_fn compiled per shape, dtype, grad and autocast mode of its tensors, and per
+    whether the chunk has resets (compiled.CompiledStep: any number of shapes)."""
+    name = f"{chunk_fn.__module__.rsplit('.', 1)[-1]} chunk"
+    step = _COMPILED.setdefault(chunk_fn, CompiledStep(chunk_fn, name))
+
+    def run(*args: object) -> tuple[Tensor, object]:
+        flat = [t for a in args for t in (a if isinstance(a, tuple) else (a,))]
+        key = (tensor_key(*(t for t in flat if isinstance(t, Tensor))), args[-1] is None)
+        return step.get(key)(*args)
+
+    return run
 
 
 def pairwise_sums(g: Tensor) -> Tensor:
@@ -138,7 +159,11 @@ class MatrixLayer(nn.Module):
     reset)`` one step, ``window(x, state, resets, chunk)`` the chunk form, ``saved_per_step``
     the memory planner's estimate; ``forward(x, state, resets, form, chunk)`` picks the form."""
 
-    def __init__(self, input_size: int, hidden_size: int, num_heads: int) -> None:
+    RUNS = {"modular": "python", "compile": "torch.compile'd chunks"}  # for the startup log
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_heads: int, backend: str = "modular"
+    ) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(
@@ -146,6 +171,7 @@ class MatrixLayer(nn.Module):
             )
         self.input_size, self.hidden_size, self.num_heads = input_size, hidden_size, num_heads
         self.head_size = hidden_size // num_heads
+        self.backend, self.runs = backend, self.RUNS[backend]
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], ...]:
         raise NotImplementedError
@@ -221,7 +247,7 @@ class MatrixStack(nn.Module):
     def kernel(self, device: torch.device) -> str:
         """What runs, for the startup log (cells.kernel_name)."""
         size = f", {self.chunk} steps a chunk" if self.form == "chunk" else ""
-        return f"{self.cell}, {self.form} form{size}, python"
+        return f"{self.cell}, {self.form} form{size}, {self.layers[0].runs}"
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], ...]:
         """Each state tensor's shape: the layer's, behind the layer dimension."""

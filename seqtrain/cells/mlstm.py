@@ -1,5 +1,5 @@
 """xLSTM's mLSTM (Beck et al. 2024): a matrix memory with exponential input gates, stabilised in
-log space, registered as ``model.cell=mlstm`` (backend ``modular``).
+log space, registered as ``model.cell=mlstm`` (backends ``modular`` and ``compile``).
 
 Per head (head size d), from the layer input x_t, with i~ and f~ the gate pre-activations:
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells.base import State, register
+from seqtrain.cells.base import Builder, State, register
 from seqtrain.cells.matrix import (
     DEFAULT_HEADS,
     MatrixLayer,
@@ -55,8 +55,10 @@ EPS = 1e-6  # added to the normaliser's denominator (mlstm-kernels' default)
 class MLSTM(MatrixLayer):
     """One mLSTM layer (module docstring)."""
 
-    def __init__(self, input_size: int, hidden_size: int, num_heads: int) -> None:
-        super().__init__(input_size, hidden_size, num_heads)
+    def __init__(
+        self, input_size: int, hidden_size: int, num_heads: int, backend: str = "modular"
+    ) -> None:
+        super().__init__(input_size, hidden_size, num_heads, backend)
         H, N = hidden_size, num_heads
         self.proj = nn.Linear(input_size, 3 * H, bias=False)
         self.gates = nn.Linear(input_size, 2 * N)
@@ -105,7 +107,8 @@ class MLSTM(MatrixLayer):
         q, k, v, i, log_f = (t.transpose(1, 2) for t in self._inputs(x))  # (B, N, T[, d])
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 or more
             state = tuple(s.to(q.dtype) for s in state)
-            h, state = mlstm_chunkwise(q, k, v, i, log_f, state, resets, chunk)
+            compiled = self.backend == "compile"
+            h, state = mlstm_chunkwise(q, k, v, i, log_f, state, resets, chunk, compiled)
         return self._output(h.transpose(1, 2), x), state
 
 
@@ -132,10 +135,12 @@ def mlstm_chunkwise(
     state: State,
     resets: Tensor | None,
     chunk: int,
+    compiled: bool = False,
 ) -> tuple[Tensor, State]:
     """The mLSTM over a window in chunks of `chunk` steps: q (scaled), k, v (B, N, T, d), i~,
-    log f (B, N, T), state (C, n, m), resets (B, T) -> h~ (B, N, T, d) and the final state."""
-    return in_chunks(_chunk, (q, k, v, i, log_f), state, resets, chunk)
+    log f (B, N, T), state (C, n, m), resets (B, T) -> h~ (B, N, T, d) and the final state.
+    `compiled`: each chunk through torch.compile (matrix.in_chunks)."""
+    return in_chunks(_chunk, (q, k, v, i, log_f), state, resets, chunk, compiled)
 
 
 def _chunk(
@@ -164,16 +169,20 @@ def _chunk(
     return h, (C, n, m[..., -1])
 
 
-def _build(
-    cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
-) -> MatrixStack:
-    """The registry's builder: model.num_heads, the cell's default if unset."""
-    heads = int(options.get("num_heads") or DEFAULT_HEADS)
+def _builder(backend: str) -> Builder:
+    def build(
+        cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
+    ) -> MatrixStack:
+        """model.num_heads, the cell's default if unset."""
+        heads = int(options.get("num_heads") or DEFAULT_HEADS)
 
-    def layer(i: int, h: int) -> MLSTM:
-        return MLSTM(i, h, heads)
+        def layer(i: int, h: int) -> MLSTM:
+            return MLSTM(i, h, heads, backend)
 
-    return MatrixStack(cell, layer, input_size, hidden_size, num_layers)
+        return MatrixStack(cell, layer, input_size, hidden_size, num_layers, backend=backend)
+
+    return build
 
 
-register("mlstm", "modular", ("num_heads",))(_build)
+for _backend in ("modular", "compile"):
+    register("mlstm", _backend, ("num_heads",))(_builder(_backend))
