@@ -1,8 +1,9 @@
 """model.backend=fla (GDN through flash-linear-attention's Triton chunk kernel, CUDA only): on CPU
-the kernel is replaced by fla's own pure-PyTorch reference run piece by piece as fla documents its
-variable-length batches, which checks everything seqtrain adds (layout, scale, log decay, state in
-and out, resets packed as cu_seqlens, the shared parameters); scripts/gpu_check.sh runs the real
-kernel against the modular backend on CUDA. And the one-line refusals where it cannot run."""
+the kernel is replaced by fla's own pure-PyTorch reference (or, where fla is not installed, by
+seqtrain's step in its layout) run piece by piece as fla documents its variable-length batches,
+which checks everything seqtrain adds (layout, scale, log decay, state in and out, resets packed
+as cu_seqlens, the shared parameters); scripts/gpu_check.sh runs the real kernel against the
+modular backend on CUDA. And the one-line refusals where it cannot run."""
 
 from __future__ import annotations
 
@@ -19,22 +20,20 @@ from .test_matrix_cells import assert_forms_agree, inputs, run
 
 
 def reference_kernel(naive):
-    """fla's chunk_gated_delta_rule as its docstring specifies it, computed by its naive
-    recurrence: q, k, v (B, T, N, d), g, beta (B, T, N); with cu_seqlens (B = 1) each piece
-    [cu[i], cu[i + 1]) is a sequence of its own with initial_state[i], final state i."""
+    """fla's chunk_gated_delta_rule as its docstring specifies it, computed by a naive recurrence
+    with fla's naive_recurrent_gated_delta_rule's signature: q, k, v (B, T, N, d), g, beta
+    (B, T, N); with cu_seqlens (B = 1) each piece [cu[i], cu[i + 1]) is a sequence of its own
+    with initial_state[i], final state i."""
 
     def run_kernel(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens=None):
         assert output_final_state and scale == 1.0
         if cu_seqlens is None:
-            return naive.naive_recurrent_gated_delta_rule(
-                q, k, v, beta, g, scale, initial_state, True
-            )
+            return naive(q, k, v, beta, g, scale, initial_state, True)
         assert q.shape[0] == 1 and len(cu_seqlens) == initial_state.shape[0] + 1
         outs, finals = [], []
         for i, (a, b) in enumerate(itertools.pairwise(cu_seqlens.tolist())):
-            o, S = naive.naive_recurrent_gated_delta_rule(
-                *(t[:, a:b] for t in (q, k, v, beta, g)), scale, initial_state[i : i + 1], True
-            )
+            pieces = (t[:, a:b] for t in (q, k, v, beta, g))
+            o, S = naive(*pieces, scale, initial_state[i : i + 1], True)
             outs.append(o)
             finals.append(S)
         return torch.cat(outs, 1), torch.cat(finals)
@@ -42,10 +41,28 @@ def reference_kernel(naive):
     return run_kernel
 
 
-@pytest.fixture
-def fla_on_cpu(monkeypatch):
-    pytest.importorskip("triton", reason="fla's ops import triton (pip install -e '.[fla]')")
-    naive = pytest.importorskip("fla.ops.gated_delta_rule.naive", reason="pip install -e '.[fla]'")
+def step_by_step(q, k, v, beta, g, scale, initial_state, output_final_state):
+    """fla's naive recurrence's contract computed by gdn.delta_rule_step, for where fla is not
+    installed (CI): the packing is still checked against fla's documented cu_seqlens."""
+    from seqtrain.cells.gdn import delta_rule_step
+
+    S, out = initial_state, []
+    for t in range(q.shape[1]):
+        o, S = delta_rule_step(q[:, t] * scale, k[:, t], v[:, t], beta[:, t], g[:, t], S)
+        out.append(o)
+    return torch.stack(out, 1), S
+
+
+@pytest.fixture(params=["fla", "step_by_step"])
+def fla_on_cpu(request, monkeypatch):
+    """fla_backend on CPU, its kernel replaced by fla's naive recurrence (when fla is installed)
+    or by seqtrain's step (always)."""
+    naive = step_by_step
+    if request.param == "fla":
+        why = "pip install -e '.[fla]' adds fla and triton"
+        pytest.importorskip("triton", reason=why)
+        module = pytest.importorskip("fla.ops.gated_delta_rule.naive", reason=why)
+        naive = module.naive_recurrent_gated_delta_rule
     monkeypatch.setattr(fla_backend, "DEVICE", "cpu")
     monkeypatch.setattr(fla_backend, "kernel", lambda: reference_kernel(naive))
 
