@@ -99,10 +99,10 @@ def test_resets_become_pieces_of_one_packed_batch(fla_on_cpu, monkeypatch) -> No
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fla_backend, "kernel", lambda: spy)
-    B, T, N, d = 2, 10, 1, 4
+    B, N, T, d = 2, 1, 10, 4
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(B, T, N, d, generator=g) for _ in range(3))
-    beta, decay = torch.rand(B, T, N, generator=g), -torch.rand(B, T, N, generator=g)
+    q, k, v = (torch.randn(B, N, T, d, generator=g) for _ in range(3))
+    beta, decay = torch.rand(B, N, T, generator=g), -torch.rand(B, N, T, generator=g)
     S = torch.randn(B, N, d, d, generator=g)
     resets = torch.zeros(B, T, dtype=torch.bool)
     resets[0, 6] = True
@@ -112,9 +112,9 @@ def test_resets_become_pieces_of_one_packed_batch(fla_on_cpu, monkeypatch) -> No
     h0: Tensor = seen["initial_state"]
     assert torch.equal(h0[0], S[0]) and not h0[1:].any()
     tail = fla_backend.gated_delta_rule(
-        *(t[1:, 8:] for t in (q, k, v, beta, decay)), torch.zeros_like(S[1:]), None
+        *(t[1:, :, 8:] for t in (q, k, v, beta, decay)), torch.zeros_like(S[1:]), None
     )
-    torch.testing.assert_close(o[1:, 8:], tail[0])
+    torch.testing.assert_close(o[1:, :, 8:], tail[0])
     torch.testing.assert_close(final[1:], tail[1])
 
 

@@ -40,19 +40,29 @@ def kernel() -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def gated_delta_rule(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, S: Tensor, resets: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor,
+    S: Tensor,
+    resets: Tensor | None,
+    chunk: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """gdn.delta_rule_chunkwise in fla's layout: q (already scaled), k, v (B, T, N, d), beta, g
-    (B, T, N) (g the log decay), S (B, N, d, d) the initial state, resets (B, T) bool or None
-    -> o (B, T, N, d) and the final state (B, N, d, d)."""
+    """gdn.delta_rule_chunkwise through fla's kernel: q (already scaled), k, v (B, N, T, d),
+    beta, g (B, N, T) (g the log decay), S (B, N, d, d) the initial state, resets (B, T) bool or
+    None -> o (B, N, T, d) and the final state (B, N, d, d). `chunk` is ignored: the kernel
+    has its own (64 steps)."""
     if q.device.type != DEVICE:  # the config check refuses it first (cells.check_runnable)
         raise RuntimeError(
             f"model.backend=fla runs fla's Triton kernels, which need CUDA, not {q.device.type}: "
             "use model.backend=modular (the same parameters)"
         )
     run = kernel()
+    q, k, v, beta, g = (t.transpose(1, 2) for t in (q, k, v, beta, g))  # fla's (B, T, N, ...)
     if resets is None:
-        return run(q, k, v, g, beta, scale=1.0, initial_state=S, output_final_state=True)
+        o, final = run(q, k, v, g, beta, scale=1.0, initial_state=S, output_final_state=True)
+        return o.transpose(1, 2), final
     B, T = resets.shape
     starts = resets.clone()
     starts[:, 0] = True  # (B, T): where a piece starts
@@ -69,4 +79,4 @@ def gated_delta_rule(
         cu_seqlens=cu_seqlens,
     )
     last = starts.sum(1).cumsum(0) - 1  # (B,): each stream's last piece
-    return o[0].unflatten(0, (B, T)), finals[last]
+    return o[0].unflatten(0, (B, T)).transpose(1, 2), finals[last]

@@ -140,11 +140,12 @@ class GatedDeltaNet(MatrixLayer):
         S, tail = state
         u, beta, g = self._inputs(x)  # (B, T, 3H), (B, T, N) twice
         c, tail = self.conv(u, tail, resets)
-        q, k, v = self._qkv(c)  # (B, T, N, d) each
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(c))  # (B, N, T, d) each
+        beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, N, T)
         recurrence = RECURRENCES[self.backend]
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 or more
-            o, S = recurrence(q, k, v, beta, g, S.to(u.dtype), resets, chunk)  # (B, T, N, d)
-        return self._output(o, x), (S, tail)
+            o, S = recurrence(q, k, v, beta, g, S.to(u.dtype), resets, chunk)
+        return self._output(o.transpose(1, 2), x), (S, tail)
 
 
 def delta_rule_step(
@@ -175,42 +176,11 @@ def delta_rule_chunkwise(
     return in_chunks(_chunk, (q, k, v, beta, g), S, resets, chunk, compiled)
 
 
-def _modular(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor,
-    S: Tensor,
-    resets: Tensor | None,
-    chunk: int,
-    compiled: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """delta_rule_chunkwise in the layer's (B, T, N, ...) layout."""
-    q, k, v, beta, g = (t.transpose(1, 2) for t in (q, k, v, beta, g))  # (B, N, T, ...)
-    o, S = delta_rule_chunkwise(q, k, v, beta, g, S, resets, chunk, compiled)
-    return o.transpose(1, 2), S
-
-
-def _fla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor,
-    S: Tensor,
-    resets: Tensor | None,
-    chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """fla's chunk kernel (its own chunk size, 64)."""
-    return fla_backend.gated_delta_rule(q, k, v, beta, g, S, resets)
-
-
-# model.backend -> the chunk form's recurrence: q, k, v (B, T, N, d), beta, g (B, T, N), S, resets
+# model.backend -> the chunk form's recurrence (delta_rule_chunkwise's arguments)
 RECURRENCES = {
-    "modular": _modular,
-    "compile": functools.partial(_modular, compiled=True),
-    "fla": _fla,
+    "modular": delta_rule_chunkwise,
+    "compile": functools.partial(delta_rule_chunkwise, compiled=True),
+    "fla": fla_backend.gated_delta_rule,
 }
 
 
