@@ -43,16 +43,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqtrain.cells import fla_backend
-from seqtrain.cells.base import Builder, State, register
+from seqtrain.cells.base import State, register
 from seqtrain.cells.matrix import (
     DEFAULT_HEADS,
     MatrixLayer,
-    MatrixStack,
     ShortConv,
     at_least_float32,
     in_chunks,
     pairwise_sums,
     segments,
+    stack_builder,
 )
 
 DEFAULT_CONV = 4  # model.conv_size unset: fla's short convolution of 4 steps
@@ -207,25 +207,15 @@ def _chunk(
     return o, S
 
 
-def _builder(backend: str) -> Builder:
-    def build(
-        cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
-    ) -> MatrixStack:
-        """model.num_heads and model.conv_size, the cell's defaults if unset."""
-        heads = int(options.get("num_heads") or DEFAULT_HEADS)
-        conv = int(options.get("conv_size") or DEFAULT_CONV)
-
-        def layer(i: int, h: int) -> GatedDeltaNet:
-            return GatedDeltaNet(i, h, heads, conv, backend)
-
-        return MatrixStack(cell, layer, input_size, hidden_size, num_layers, backend=backend)
-
-    return build
+def _layer(i: int, h: int, options: dict[str, object], backend: str) -> GatedDeltaNet:
+    """One layer from model.num_heads and model.conv_size, the cell's defaults if unset."""
+    heads = int(options.get("num_heads") or DEFAULT_HEADS)
+    return GatedDeltaNet(i, h, heads, int(options.get("conv_size") or DEFAULT_CONV), backend)
 
 
 OPTIONS = ("num_heads", "conv_size")
 for _backend in ("modular", "compile"):
-    register("gdn", _backend, OPTIONS)(_builder(_backend))
+    register("gdn", _backend, OPTIONS)(stack_builder(_backend, _layer))
 register("gdn", "fla", OPTIONS, device=fla_backend.DEVICE, ready=fla_backend.missing)(
-    _builder("fla")
+    stack_builder("fla", _layer)
 )

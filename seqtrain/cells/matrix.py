@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells.base import State, check_window
+from seqtrain.cells.base import Builder, State, check_window
 from seqtrain.cells.compiled import CompiledStep, tensor_key
 
 FORMS = ("chunk", "step", "quadratic")
@@ -91,15 +91,14 @@ _COMPILED: dict[Callable[..., object], CompiledStep] = {}  # per process, not on
 
 
 def _compiled(chunk_fn: Callable[..., tuple[Tensor, object]]) -> Callable[..., tuple]:
-    """chunk_fn compiled per shape, dtype, grad and autocast mode of its tensors, and per
-    whether the chunk has resets (compiled.CompiledStep: any number of shapes)."""
+    """chunk_fn compiled per shape, dtype, grad and autocast mode of its tensors (a chunk with
+    resets has one tensor more: its own graph); compiled.CompiledStep takes any number."""
     name = f"{chunk_fn.__module__.rsplit('.', 1)[-1]} chunk"
     step = _COMPILED.setdefault(chunk_fn, CompiledStep(chunk_fn, name))
 
     def run(*args: object) -> tuple[Tensor, object]:
         flat = [t for a in args for t in (a if isinstance(a, tuple) else (a,))]
-        key = (tensor_key(*(t for t in flat if isinstance(t, Tensor))), args[-1] is None)
-        return step.get(key)(*args)
+        return step.get(tensor_key(*(t for t in flat if isinstance(t, Tensor))))(*args)
 
     return run
 
@@ -288,3 +287,20 @@ class MatrixStack(nn.Module):
             y, s = layer(y, tuple(s[k] for s in state), resets, form, self.chunk)
             finals.append(s)
         return y, tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
+
+
+def stack_builder(
+    backend: str, make_layer: Callable[[int, int, dict[str, object], str], MatrixLayer]
+) -> Builder:
+    """The registry's builder of a matrix-state cell for `backend`: ``make_layer(input size,
+    hidden size, options, backend)`` builds each layer from the model's options."""
+
+    def build(
+        cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
+    ) -> MatrixStack:
+        def layer(i: int, h: int) -> MatrixLayer:
+            return make_layer(i, h, options, backend)
+
+        return MatrixStack(cell, layer, input_size, hidden_size, num_layers, backend=backend)
+
+    return build

@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqtrain.cells.base import Builder, State, register
+from seqtrain.cells.base import State, register
 from seqtrain.cells.matrix import (
     DEFAULT_HEADS,
     MatrixLayer,
-    MatrixStack,
     at_least_float32,
     in_chunks,
     pairwise_sums,
     segments,
+    stack_builder,
 )
 
 EPS = 1e-6  # added to the normaliser's denominator (mlstm-kernels' default)
@@ -169,20 +169,10 @@ def _chunk(
     return h, (C, n, m[..., -1])
 
 
-def _builder(backend: str) -> Builder:
-    def build(
-        cell: str, input_size: int, hidden_size: int, num_layers: int, options: dict[str, object]
-    ) -> MatrixStack:
-        """model.num_heads, the cell's default if unset."""
-        heads = int(options.get("num_heads") or DEFAULT_HEADS)
-
-        def layer(i: int, h: int) -> MLSTM:
-            return MLSTM(i, h, heads, backend)
-
-        return MatrixStack(cell, layer, input_size, hidden_size, num_layers, backend=backend)
-
-    return build
+def _layer(i: int, h: int, options: dict[str, object], backend: str) -> MLSTM:
+    """One layer from model.num_heads, the cell's default if unset."""
+    return MLSTM(i, h, int(options.get("num_heads") or DEFAULT_HEADS), backend)
 
 
 for _backend in ("modular", "compile"):
-    register("mlstm", _backend, ("num_heads",))(_builder(_backend))
+    register("mlstm", _backend, ("num_heads",))(stack_builder(_backend, _layer))
